@@ -1,0 +1,61 @@
+/*
+ * config.h - every setting of outboxd, from one table.
+ *
+ * Each setting has a snake_case key, an OUTBOXD_<KEY> environment variable and a --kebab-case
+ * flag, all derived from the key, plus a type, a default, bounds and one line of help. The help
+ * text, the README's table and the validation all come from that table (config.c), so they
+ * cannot drift apart. Precedence: flag > environment > default.
+ */
+#ifndef OUTBOXD_CONFIG_H
+#define OUTBOXD_CONFIG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct Config {
+    /* connections */
+    char *pg_url;      /* libpq conninfo or URI; required */
+    char *nats_url;    /* comma-separated NATS server URLs */
+    /* what to relay */
+    char *slot;        /* logical replication slot name */
+    char *publication; /* publication name */
+    char *table;       /* outbox table, "schema.table" or "table" (schema public) */
+    char *subject;     /* subject template, "{column}" placeholders */
+    bool create;       /* create the publication, then the slot, when missing */
+    /* publishing */
+    int64_t max_inflight;       /* events published but not yet acknowledged, at most */
+    int64_t max_inflight_bytes; /* bytes of such events, at most */
+    int64_t ack_timeout_ms;     /* a publish not acknowledged by then has failed */
+    /* replication */
+    int64_t status_interval_ms;   /* standby status update period */
+    int64_t shutdown_timeout_ms;  /* on SIGTERM, how long to wait for outstanding acks */
+    /* logging */
+    char *log_level;  /* debug, info, warn, error */
+    char *log_format; /* text or json */
+} Config;
+
+/* Fills cfg with the defaults. Strings are heap copies owned by cfg. */
+void config_init(Config *cfg);
+
+/*
+ * Applies the environment (OUTBOXD_*) and then the flags in argv[0..argc) over cfg, and validates
+ * the result. argv holds options only (the subcommand already removed). "--help" is not handled
+ * here. Returns 0 on success; on a bad or missing setting returns -1 and writes one line into
+ * err saying which setting is wrong and how to fix it. cfg stays valid to deinit either way.
+ */
+int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen);
+
+void config_deinit(Config *cfg);
+
+/* Prints the settings table as --help text: flag, env var, default and help for each setting. */
+void config_print_help(FILE *out);
+
+/* Parses durations such as "500ms", "5s", "2m", "1h", or a bare number of milliseconds. */
+bool config_parse_duration_ms(const char *s, int64_t *out);
+/* Parses sizes such as "512", "64KiB", "8MiB", "1GiB" (also kB/MB/GB as powers of 1000). */
+bool config_parse_bytes(const char *s, int64_t *out);
+/* Parses true/false, yes/no, on/off, 1/0 (case-insensitive). */
+bool config_parse_bool(const char *s, bool *out);
+
+#endif

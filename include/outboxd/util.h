@@ -1,0 +1,59 @@
+/*
+ * util.h - allocation, growable buffers, clocks and LSN helpers shared by every module.
+ *
+ * Out-of-memory is not a recoverable condition for a relay: x*alloc() abort with a message, so
+ * callers never check for NULL.
+ */
+#ifndef OUTBOXD_UTIL_H
+#define OUTBOXD_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* printf pieces for an LSN: printf("at " LSN_FMT, LSN_ARGS(lsn)) prints "at 0/16B3748". */
+#define LSN_FMT "%X/%X"
+#define LSN_ARGS(lsn) (unsigned)((uint64_t)(lsn) >> 32), (unsigned)((uint64_t)(lsn) & 0xffffffffu)
+
+void *xmalloc(size_t n);
+void *xcalloc(size_t n, size_t size);
+void *xrealloc(void *p, size_t n);
+char *xstrdup(const char *s);
+char *xstrndup(const char *s, size_t n);
+
+/* A growable byte buffer, always NUL-terminated after data[len] once anything was appended. */
+typedef struct Buf {
+    char *data;
+    size_t len;
+    size_t cap;
+} Buf;
+
+void buf_init(Buf *b);
+void buf_deinit(Buf *b);
+void buf_reset(Buf *b);
+void buf_reserve(Buf *b, size_t extra);
+void buf_append(Buf *b, const void *p, size_t n);
+void buf_puts(Buf *b, const char *s);
+void buf_putc(Buf *b, char c);
+void buf_printf(Buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* CLOCK_MONOTONIC in microseconds: for deadlines and intervals. */
+int64_t now_mono_us(void);
+/* CLOCK_REALTIME in microseconds since the Unix epoch. */
+int64_t now_unix_us(void);
+
+/* PostgreSQL timestamps count microseconds since 2000-01-01 00:00:00 UTC. */
+#define PG_EPOCH_OFFSET_US INT64_C(946684800000000)
+
+/* Parses "X/X" (hex halves) into an LSN. Returns false on anything else. */
+bool lsn_parse(const char *s, uint64_t *out);
+/* Formats an LSN as "X/X" into out (at least 18 bytes); returns out. */
+char *lsn_format(uint64_t lsn, char out[static 18]);
+
+/* Formats a PostgreSQL timestamp (µs since 2000-01-01 UTC) as RFC 3339 UTC with microseconds,
+ * "2026-11-22T17:26:18.123456Z", into out (at least 32 bytes). */
+void pg_time_format_rfc3339(int64_t pg_us, char out[static 32]);
+
+#endif

@@ -1,0 +1,2 @@
+/* outbox.c - placeholder until the module lands */
+#include "outboxd/util.h"

@@ -1,0 +1,2 @@
+/* pgoutput.c - placeholder until the module lands */
+#include "outboxd/util.h"

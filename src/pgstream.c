@@ -1,0 +1,2 @@
+/* pgstream.c - placeholder until the module lands */
+#include "outboxd/util.h"

@@ -1,0 +1,2 @@
+/* publisher.c - placeholder until the module lands */
+#include "outboxd/util.h"

@@ -1,0 +1,2 @@
+/* relay.c - placeholder until the module lands */
+#include "outboxd/util.h"

@@ -1,0 +1,2 @@
+/* subject.c - placeholder until the module lands */
+#include "outboxd/util.h"
