@@ -169,6 +169,9 @@ void pg_time_format_rfc3339(int64_t pg_us, char out[static 32])
     int year = tm.tm_year + 1900;
     if (year < 0 || year > 9999)
         year = year < 0 ? 0 : 9999;
-    snprintf(out, 32, "%04d-%02d-%02dT%02d:%02d:%02d.%06d" "Z", year, (tm.tm_mon + 1) % 100,
-             tm.tm_mday % 100, tm.tm_hour % 100, tm.tm_min % 100, tm.tm_sec % 100, (int)frac);
+    char text[80];
+    snprintf(text, sizeof(text), "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ", year, tm.tm_mon + 1,
+             tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int)frac);
+    memcpy(out, text, 31);
+    out[31] = '\0';
 }
