@@ -1,2 +1,653 @@
-/* config.c - placeholder until the module lands */
+/*
+ * config.c - the settings table and everything derived from it.
+ *
+ * settings[] is the one place a setting is described. Its environment variable and flag are
+ * derived from the key ("max_inflight" -> OUTBOXD_MAX_INFLIGHT, --max-inflight); its default is
+ * text parsed by the same code as user input, so a default can never bypass a bound; --help is
+ * printed from it. Adding a setting is adding a Config field and a row.
+ *
+ * Every value is parsed and checked before it is stored, so after a failed config_parse() cfg
+ * still holds a valid value (or NULL) in every field and can be deinit'ed. A setting marked
+ * secret (pg_url may carry a password) is never echoed in a message; neither is anything after
+ * "=" in an unknown flag or environment variable.
+ */
+#include "outboxd/config.h"
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <unistd.h>
+
+#include "outboxd/subject.h"
 #include "outboxd/util.h"
+
+extern char **environ;
+
+#define ENV_PREFIX "OUTBOXD_"
+#define NAME_MAX_LEN 64 /* longest derived flag or env var name, with room to spare */
+
+#define SEC INT64_C(1000)
+#define MIN (60 * SEC)
+#define HOUR (60 * MIN)
+#define KiB INT64_C(1024)
+#define MiB (1024 * KiB)
+#define GiB (1024 * MiB)
+
+typedef enum SettingType {
+    SET_STRING,
+    SET_BOOL,
+    SET_INT,
+    SET_DURATION, /* stored in milliseconds */
+    SET_BYTES,
+    SET_CHOICE, /* stored as the table's spelling of the choice */
+} SettingType;
+
+/* Checks a string value. On failure writes what was expected ("expected ...") into why. */
+typedef bool StringCheck(const char *value, char *why, size_t whylen);
+
+typedef struct Setting {
+    const char *key;              /* snake_case */
+    SettingType type;
+    size_t offset;                /* of the field in Config */
+    const char *def;              /* default as user input; NULL: required, no default */
+    int64_t min, max;             /* SET_INT, SET_DURATION, SET_BYTES */
+    const char *const *choices;   /* SET_CHOICE: NULL-terminated */
+    StringCheck *check;           /* SET_STRING: NULL or extra validation */
+    const char *placeholder;      /* value name in --help */
+    bool secret;                  /* never echo the value */
+    const char *help;             /* one line */
+} Setting;
+
+static StringCheck check_nonempty, check_slot, check_name63, check_subject;
+
+static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
+static const char *const log_formats[] = {"text", "json", NULL};
+
+#define FIELD(f) offsetof(Config, f)
+
+static const Setting settings[] = {
+    {.key = "pg_url", .type = SET_STRING, .offset = FIELD(pg_url), .def = NULL,
+     .check = check_nonempty, .placeholder = "URL", .secret = true,
+     .help = "PostgreSQL connection string (libpq conninfo or URI); outboxd adds "
+             "replication=database"},
+    {.key = "nats_url", .type = SET_STRING, .offset = FIELD(nats_url),
+     .def = "nats://127.0.0.1:4222", .check = check_nonempty, .placeholder = "URLS",
+     .help = "NATS server URLs, comma-separated for a cluster"},
+    {.key = "slot", .type = SET_STRING, .offset = FIELD(slot), .def = "outboxd",
+     .check = check_slot, .placeholder = "NAME", .help = "logical replication slot to hold"},
+    {.key = "publication", .type = SET_STRING, .offset = FIELD(publication), .def = "outboxd",
+     .check = check_name63, .placeholder = "NAME",
+     .help = "publication that covers the outbox table"},
+    {.key = "table", .type = SET_STRING, .offset = FIELD(table), .def = "public.outbox",
+     .check = check_nonempty, .placeholder = "TABLE",
+     .help = "outbox table, as schema.table or table"},
+    {.key = "subject", .type = SET_STRING, .offset = FIELD(subject),
+     .def = "outbox.{aggregate_type}.{event_type}", .check = check_subject,
+     .placeholder = "TEMPLATE",
+     .help = "subject template; {column} is replaced by the row's escaped column value"},
+    {.key = "create", .type = SET_BOOL, .offset = FIELD(create), .def = "true",
+     .placeholder = "BOOL", .help = "create the publication, then the slot, when missing"},
+    {.key = "max_inflight", .type = SET_INT, .offset = FIELD(max_inflight), .def = "4096",
+     .min = 1, .max = 1048576, .placeholder = "N",
+     .help = "events published and not yet acknowledged, at most"},
+    {.key = "max_inflight_bytes", .type = SET_BYTES, .offset = FIELD(max_inflight_bytes),
+     .def = "16MiB", .min = 64 * KiB, .max = GiB, .placeholder = "BYTES",
+     .help = "bytes of unacknowledged events, at most"},
+    {.key = "ack_timeout", .type = SET_DURATION, .offset = FIELD(ack_timeout_ms), .def = "10s",
+     .min = 100, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "a publish not acknowledged within this time has failed"},
+    {.key = "status_interval", .type = SET_DURATION, .offset = FIELD(status_interval_ms),
+     .def = "10s", .min = 100, .max = HOUR, .placeholder = "DURATION",
+     .help = "how often to send a status update to PostgreSQL"},
+    {.key = "shutdown_timeout", .type = SET_DURATION, .offset = FIELD(shutdown_timeout_ms),
+     .def = "5s", .min = 0, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "on SIGTERM, how long to wait for outstanding acknowledgements"},
+    {.key = "log_level", .type = SET_CHOICE, .offset = FIELD(log_level), .def = "info",
+     .choices = log_levels, .placeholder = "LEVEL", .help = "least severe level to log"},
+    {.key = "log_format", .type = SET_CHOICE, .offset = FIELD(log_format), .def = "text",
+     .choices = log_formats, .placeholder = "FORMAT", .help = "format of log lines"},
+};
+
+/* ---- value checks for strings ---- */
+
+static bool check_nonempty(const char *value, char *why, size_t whylen)
+{
+    if (value[0] != '\0')
+        return true;
+    snprintf(why, whylen, "expected a non-empty value");
+    return false;
+}
+
+/* PostgreSQL's rule for replication slot names (ReplicationSlotValidateName). */
+static bool check_slot(const char *value, char *why, size_t whylen)
+{
+    size_t n = strlen(value);
+    bool ok = n >= 1 && n <= 63;
+    for (size_t i = 0; ok && i < n; i++) {
+        char c = value[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+    }
+    if (!ok)
+        snprintf(why, whylen, "expected 1 to 63 characters of a-z, 0-9 and _");
+    return ok;
+}
+
+/* NAMEDATALEN - 1: PostgreSQL would silently truncate a longer name. */
+static bool check_name63(const char *value, char *why, size_t whylen)
+{
+    size_t n = strlen(value);
+    if (n >= 1 && n <= 63)
+        return true;
+    snprintf(why, whylen, "expected a name of 1 to 63 bytes");
+    return false;
+}
+
+static bool check_subject(const char *value, char *why, size_t whylen)
+{
+    SubjectTemplate *t;
+    char msg[512];
+    if (subject_template_new(&t, value, msg, sizeof msg) == 0) {
+        subject_template_free(t);
+        return true;
+    }
+    /* The message repeats the template ("subject template '...': reason"), which the caller
+     * already echoes: keep only the reason. */
+    static const char head[] = "subject template '";
+    size_t hlen = strlen(head), vlen = strlen(value), skip = 0;
+    if (strncmp(msg, head, hlen) == 0 && strlen(msg) >= hlen + vlen + 3 &&
+        strncmp(msg + hlen, value, vlen) == 0 && strncmp(msg + hlen + vlen, "': ", 3) == 0)
+        skip = hlen + vlen + 3;
+    snprintf(why, whylen, "%s", msg + skip);
+    return false;
+}
+
+/* ---- number parsing ---- */
+
+/* Parses the leading decimal digits of s into *out; returns the end, or NULL on no digits or
+ * overflow. */
+static const char *parse_digits(const char *s, int64_t *out)
+{
+    int64_t v = 0;
+    const char *p = s;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        int d = *p - '0';
+        if (v > (INT64_MAX - d) / 10)
+            return NULL;
+        v = v * 10 + d;
+    }
+    if (p == s)
+        return NULL;
+    *out = v;
+    return p;
+}
+
+/* A non-negative decimal integer, digits only. */
+static bool parse_int(const char *s, int64_t *out)
+{
+    int64_t v = 0;
+    const char *end = parse_digits(s, &v);
+    if (!end || *end != '\0')
+        return false;
+    *out = v;
+    return true;
+}
+
+typedef struct Unit {
+    const char *name;
+    int64_t factor;
+} Unit;
+
+/* Parses "<digits><unit>" with unit one of units (compared case-sensitively unless nocase);
+ * no unit means a factor of 1. */
+static bool parse_with_unit(const char *s, const Unit *units, size_t nunits, bool nocase,
+                            int64_t *out)
+{
+    int64_t v = 0;
+    const char *end = s ? parse_digits(s, &v) : NULL;
+    if (!end)
+        return false;
+    int64_t factor = 1;
+    if (*end != '\0') {
+        size_t i;
+        for (i = 0; i < nunits; i++)
+            if (nocase ? strcasecmp(end, units[i].name) == 0 : strcmp(end, units[i].name) == 0)
+                break;
+        if (i == nunits)
+            return false;
+        factor = units[i].factor;
+    }
+    if (v > INT64_MAX / factor)
+        return false;
+    *out = v * factor;
+    return true;
+}
+
+bool config_parse_duration_ms(const char *s, int64_t *out)
+{
+    static const Unit units[] = {{"ms", 1}, {"s", SEC}, {"m", MIN}, {"h", HOUR}};
+    return parse_with_unit(s, units, ARRAY_SIZE(units), false, out);
+}
+
+bool config_parse_bytes(const char *s, int64_t *out)
+{
+    static const Unit units[] = {
+        {"B", 1},
+        {"KiB", KiB},
+        {"MiB", MiB},
+        {"GiB", GiB},
+        {"TiB", 1024 * GiB},
+        {"kB", 1000},
+        {"MB", 1000 * 1000},
+        {"GB", 1000 * 1000 * 1000},
+        {"TB", INT64_C(1000) * 1000 * 1000 * 1000},
+    };
+    return parse_with_unit(s, units, ARRAY_SIZE(units), true, out);
+}
+
+bool config_parse_bool(const char *s, bool *out)
+{
+    static const char *const yes[] = {"true", "yes", "on", "1"};
+    static const char *const no[] = {"false", "no", "off", "0"};
+    if (!s)
+        return false;
+    for (size_t i = 0; i < ARRAY_SIZE(yes); i++) {
+        if (strcasecmp(s, yes[i]) == 0) {
+            *out = true;
+            return true;
+        }
+        if (strcasecmp(s, no[i]) == 0) {
+            *out = false;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* ---- names derived from the key ---- */
+
+static void flag_name(const Setting *s, char out[NAME_MAX_LEN])
+{
+    size_t i = 0;
+    out[i++] = '-';
+    out[i++] = '-';
+    for (const char *k = s->key; *k && i < NAME_MAX_LEN - 1; k++)
+        out[i++] = *k == '_' ? '-' : *k;
+    out[i] = '\0';
+}
+
+static void env_name(const Setting *s, char out[NAME_MAX_LEN])
+{
+    size_t i = strlen(ENV_PREFIX);
+    memcpy(out, ENV_PREFIX, i);
+    for (const char *k = s->key; *k && i < NAME_MAX_LEN - 1; k++)
+        out[i++] = (*k >= 'a' && *k <= 'z') ? (char)(*k - 'a' + 'A') : *k;
+    out[i] = '\0';
+}
+
+/* The setting whose flag is "--" + name[0..len), or NULL. */
+static const Setting *find_by_flag(const char *name, size_t len)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        char flag[NAME_MAX_LEN];
+        flag_name(&settings[i], flag);
+        if (strlen(flag + 2) == len && memcmp(flag + 2, name, len) == 0)
+            return &settings[i];
+    }
+    return NULL;
+}
+
+/* The setting whose environment variable is name[0..len), or NULL. */
+static const Setting *find_by_env(const char *name, size_t len)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        char env[NAME_MAX_LEN];
+        env_name(&settings[i], env);
+        if (strlen(env) == len && memcmp(env, name, len) == 0)
+            return &settings[i];
+    }
+    return NULL;
+}
+
+/* ---- formatting ---- */
+
+static void format_duration(int64_t ms, char *out, size_t n)
+{
+    if (ms == 0)
+        snprintf(out, n, "0s");
+    else if (ms % HOUR == 0)
+        snprintf(out, n, "%lldh", (long long)(ms / HOUR));
+    else if (ms % MIN == 0)
+        snprintf(out, n, "%lldm", (long long)(ms / MIN));
+    else if (ms % SEC == 0)
+        snprintf(out, n, "%llds", (long long)(ms / SEC));
+    else
+        snprintf(out, n, "%lldms", (long long)ms);
+}
+
+static void format_bytes(int64_t b, char *out, size_t n)
+{
+    if (b != 0 && b % GiB == 0)
+        snprintf(out, n, "%lldGiB", (long long)(b / GiB));
+    else if (b != 0 && b % MiB == 0)
+        snprintf(out, n, "%lldMiB", (long long)(b / MiB));
+    else if (b != 0 && b % KiB == 0)
+        snprintf(out, n, "%lldKiB", (long long)(b / KiB));
+    else
+        snprintf(out, n, "%lld", (long long)b);
+}
+
+static void format_number(const Setting *s, int64_t v, char *out, size_t n)
+{
+    if (s->type == SET_DURATION)
+        format_duration(v, out, n);
+    else if (s->type == SET_BYTES)
+        format_bytes(v, out, n);
+    else
+        snprintf(out, n, "%lld", (long long)v);
+}
+
+static void join_choices(const Setting *s, char *out, size_t n)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    for (size_t i = 0; s->choices[i] && used < n; i++) {
+        int w = snprintf(out + used, n - used, "%s%s", i ? ", " : "", s->choices[i]);
+        if (w < 0)
+            break;
+        used += (size_t)w;
+    }
+}
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || errlen == 0)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Copies value for an error message: control bytes become '?' (the message stays one line)
+ * and a long value is cut with "...". */
+static void quote_value(const char *value, char *out, size_t n)
+{
+    size_t len = strlen(value), i = 0;
+    bool cut = len > n - 1;
+    size_t keep = cut ? n - 4 : len;
+    for (; i < keep; i++)
+        out[i] = ((unsigned char)value[i] < 0x20 || value[i] == 0x7f) ? '?' : value[i];
+    if (cut) {
+        memcpy(out + i, "...", 3);
+        i += 3;
+    }
+    out[i] = '\0';
+}
+
+/* ---- applying a value ---- */
+
+/* The Config field of setting s. */
+static void *field_ptr(Config *cfg, const Setting *s)
+{
+    return (char *)cfg + s->offset;
+}
+
+static void store_string(Config *cfg, const Setting *s, const char *value)
+{
+    char **field = field_ptr(cfg, s);
+    char *copy = xstrdup(value);
+    free(*field);
+    *field = copy;
+}
+
+/*
+ * Parses value for setting s and stores it in cfg. On a bad value returns -1 with a message
+ * naming the flag and the environment variable; cfg is unchanged then.
+ */
+static int apply(Config *cfg, const Setting *s, const char *value, char *err, size_t errlen)
+{
+    char why[256];
+    why[0] = '\0';
+    void *field = field_ptr(cfg, s);
+
+    switch (s->type) {
+    case SET_STRING:
+        if (s->check && !s->check(value, why, sizeof why))
+            goto bad;
+        store_string(cfg, s, value);
+        return 0;
+    case SET_BOOL: {
+        bool b;
+        if (!config_parse_bool(value, &b)) {
+            snprintf(why, sizeof why, "expected true or false (or yes/no, on/off, 1/0)");
+            goto bad;
+        }
+        *(bool *)field = b;
+        return 0;
+    }
+    case SET_INT:
+    case SET_DURATION:
+    case SET_BYTES: {
+        int64_t v;
+        bool ok = s->type == SET_DURATION ? config_parse_duration_ms(value, &v)
+                  : s->type == SET_BYTES  ? config_parse_bytes(value, &v)
+                                          : parse_int(value, &v);
+        if (!ok) {
+            snprintf(why, sizeof why, "%s",
+                     s->type == SET_DURATION ? "expected a duration such as 500ms, 10s or 2m"
+                     : s->type == SET_BYTES  ? "expected a size such as 512KiB, 16MiB or 1GiB"
+                                             : "expected a whole number");
+            goto bad;
+        }
+        if (v < s->min || v > s->max) {
+            char lo[32], hi[32];
+            format_number(s, s->min, lo, sizeof lo);
+            format_number(s, s->max, hi, sizeof hi);
+            snprintf(why, sizeof why, "must be between %s and %s", lo, hi);
+            goto bad;
+        }
+        *(int64_t *)field = v;
+        return 0;
+    }
+    case SET_CHOICE: {
+        for (size_t i = 0; s->choices[i]; i++) {
+            if (strcasecmp(value, s->choices[i]) == 0) {
+                store_string(cfg, s, s->choices[i]);
+                return 0;
+            }
+        }
+        char list[128];
+        join_choices(s, list, sizeof list);
+        snprintf(why, sizeof why, "expected one of %s", list);
+        goto bad;
+    }
+    }
+
+bad:;
+    char flag[NAME_MAX_LEN], env[NAME_MAX_LEN];
+    flag_name(s, flag);
+    env_name(s, env);
+    if (s->secret) {
+        set_err(err, errlen, "invalid value for %s (%s): %s", flag, env, why);
+    } else {
+        char shown[128];
+        quote_value(value, shown, sizeof shown);
+        set_err(err, errlen, "invalid value '%s' for %s (%s): %s", shown, flag, env, why);
+    }
+    return -1;
+}
+
+/* ---- public ---- */
+
+void config_init(Config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        const Setting *s = &settings[i];
+        if (!s->def)
+            continue;
+        char err[512];
+        if (apply(cfg, s, s->def, err, sizeof err) < 0) {
+            /* A bad default is a bug in the table above, found by the first test run. */
+            fprintf(stderr, "outboxd: bad default: %s\n", err);
+            abort();
+        }
+    }
+}
+
+void config_deinit(Config *cfg)
+{
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        const Setting *s = &settings[i];
+        if (s->type == SET_STRING || s->type == SET_CHOICE) {
+            char **field = field_ptr(cfg, s);
+            free(*field);
+            *field = NULL;
+        }
+    }
+}
+
+/* Fails on an OUTBOXD_* variable that names no setting, most likely a typo. */
+static int check_unknown_env(char *err, size_t errlen)
+{
+    size_t plen = strlen(ENV_PREFIX);
+    for (char **e = environ; e && *e; e++) {
+        if (strncmp(*e, ENV_PREFIX, plen) != 0)
+            continue;
+        const char *eq = strchr(*e, '=');
+        size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
+        if (!find_by_env(*e, len)) {
+            set_err(err, errlen, "unknown environment variable %.*s (see outboxd --help)",
+                    (int)len, *e);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
+{
+    if (check_unknown_env(err, errlen) < 0)
+        return -1;
+
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        char env[NAME_MAX_LEN];
+        env_name(&settings[i], env);
+        const char *value = getenv(env);
+        if (value && apply(cfg, &settings[i], value, err, errlen) < 0)
+            return -1;
+    }
+
+    for (int i = 0; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "--") == 0) {
+            /* Only options are taken; anything after "--" is a stray argument. */
+            if (i + 1 < argc) {
+                set_err(err, errlen, "unexpected argument '%s' (see outboxd --help)", argv[i + 1]);
+                return -1;
+            }
+            break;
+        }
+        if (arg[0] != '-' || arg[1] == '\0') {
+            set_err(err, errlen, "unexpected argument '%s' (see outboxd --help)", arg);
+            return -1;
+        }
+        if (arg[1] != '-') {
+            set_err(err, errlen, "unknown option %s (see outboxd --help)", arg);
+            return -1;
+        }
+
+        const char *name = arg + 2;
+        const char *eq = strchr(name, '=');
+        size_t len = eq ? (size_t)(eq - name) : strlen(name);
+        const char *value = eq ? eq + 1 : NULL;
+
+        const Setting *s = find_by_flag(name, len);
+        bool negated = false;
+        if (!s && len > 3 && strncmp(name, "no-", 3) == 0) {
+            const Setting *b = find_by_flag(name + 3, len - 3);
+            if (b && b->type == SET_BOOL) {
+                s = b;
+                negated = true;
+            }
+        }
+        if (!s) {
+            /* Only the name: what follows "=" may be a password given to a mistyped flag. */
+            set_err(err, errlen, "unknown option --%.*s (see outboxd --help)", (int)len, name);
+            return -1;
+        }
+
+        if (negated) {
+            if (value) {
+                set_err(err, errlen, "option --%.*s takes no value", (int)len, name);
+                return -1;
+            }
+            value = "false";
+        } else if (s->type == SET_BOOL) {
+            if (!value)
+                value = "true"; /* a bool flag never takes the next argument */
+        } else if (!value) {
+            /* "--slot --create" is a forgotten value, not a slot named "--create"; a value
+             * that starts with "--" can still be given as --slot=--x. */
+            if (i + 1 >= argc || strncmp(argv[i + 1], "--", 2) == 0) {
+                set_err(err, errlen, "option --%.*s needs a value", (int)len, name);
+                return -1;
+            }
+            value = argv[++i];
+        }
+        if (apply(cfg, s, value, err, errlen) < 0)
+            return -1;
+    }
+
+    if (!cfg->pg_url) {
+        set_err(err, errlen,
+                "missing setting: --pg-url or OUTBOXD_PG_URL (the PostgreSQL connection string, "
+                "e.g. postgresql://user@host/db)");
+        return -1;
+    }
+    return 0;
+}
+
+/* "--flag VALUE", or "--flag[=BOOL]" for a bool. */
+static void usage_left(const Setting *s, char *out, size_t n)
+{
+    char flag[NAME_MAX_LEN];
+    flag_name(s, flag);
+    if (s->type == SET_BOOL)
+        snprintf(out, n, "%s[=%s]", flag, s->placeholder);
+    else
+        snprintf(out, n, "%s %s", flag, s->placeholder);
+}
+
+void config_print_help(FILE *out)
+{
+    int width = 0;
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        char left[128];
+        usage_left(&settings[i], left, sizeof left);
+        if ((int)strlen(left) > width)
+            width = (int)strlen(left);
+    }
+
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        const Setting *s = &settings[i];
+        char left[128], env[NAME_MAX_LEN], list[128];
+        usage_left(s, left, sizeof left);
+        env_name(s, env);
+        fprintf(out, "  %-*s   %s (", width, left, s->help);
+        if (s->type == SET_CHOICE) {
+            join_choices(s, list, sizeof list);
+            fprintf(out, "one of %s; ", list);
+        }
+        if (s->def)
+            fprintf(out, "default: %s)\n", s->def);
+        else
+            fprintf(out, "required)\n");
+        fprintf(out, "      env: %s\n", env);
+    }
+}
