@@ -26,14 +26,16 @@ typedef enum PgCopyKind {
 typedef struct PgCopyMsg {
     PgCopyKind kind;
     uint64_t wal_start;     /* 'w': the message's own LSN (0/0 for Relation and Type) */
-    uint64_t wal_end;       /* 'w': server WAL end; 'k': the server's sent position */
+    uint64_t wal_end;       /* 'w': same as wal_start for logical decoding; 'k': the server's
+                               sent position */
     int64_t send_time;      /* µs since 2000-01-01 */
     int reply_requested;    /* 'k' only */
     const char *data;       /* 'w': the pgoutput message */
     size_t len;
 } PgCopyMsg;
 
-/* Decodes one CopyData message. Returns 0, or -1 with a reason in err. */
+/* Decodes one CopyData message. Returns 0, or -1 with a reason in err; out is written only on
+ * success. A 'w' payload is the rest of the frame (possibly empty: pgoutput_decode rejects it). */
 int pgcopy_decode(const char *buf, size_t len, PgCopyMsg *out, char *err, size_t errlen);
 
 /* Encodes a standby status update ('r', 34 bytes) into out. now_unix_us is Unix time in µs. */
@@ -104,9 +106,11 @@ typedef struct PgoMessage {
 
 /*
  * Decodes one pgoutput (protocol version 1) message. For PGO_RELATION fills msg->cols, for
- * PGO_INSERT fills msg->values (the new tuple). Returns 0, or -1 with a one-line reason in err
- * naming the message type and what was wrong ("insert: column 3 length 4096 runs past the end of
- * a 57-byte message"). An unknown message type is an error.
+ * PGO_INSERT fills msg->values (the new tuple). Update and Delete tuples are checked but not
+ * returned. Returns 0, or -1 with a one-line reason in err naming the message type and what was
+ * wrong ("insert: column 3: length 4096 runs past the end of a 57-byte message"); on failure
+ * *msg is partly overwritten. An unknown message type, and any byte after the end of a message's
+ * layout, is an error.
  */
 int pgoutput_decode(const char *buf, size_t len, PgoMessage *msg, char *err, size_t errlen);
 
