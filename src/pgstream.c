@@ -1,2 +1,549 @@
-/* pgstream.c - placeholder until the module lands */
+/*
+ * pgstream.c - the replication connection to PostgreSQL.
+ *
+ * One connection with replication=database serves both the catalog checks (simple queries
+ * are allowed on it) and the CopyBoth stream. Session settings are pinned the way PostgreSQL's
+ * own subscriber pins them, so a timestamptz always reads "2026-11-22 17:26:18+00" and a bytea
+ * always reads "\x..." whatever the server's defaults.
+ *
+ * Every PGresult is cleared on every path; only the simple query protocol is used (the
+ * extended protocol is refused on replication connections), so literals and identifiers are
+ * quoted with libpq's escaping functions.
+ */
+#include "outboxd/pgstream.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libpq-fe.h>
+
+#include "outboxd/log.h"
+#include "outboxd/pgoutput.h"
 #include "outboxd/util.h"
+
+struct PgStream {
+    PGconn *conn;
+    char *copybuf; /* the last message from PQgetCopyData, freed on the next read */
+};
+
+static const char session_options[] = "-c datestyle=ISO -c intervalstyle=postgres "
+                                      "-c extra_float_digits=3 -c TimeZone=UTC "
+                                      "-c bytea_output=hex";
+
+/* libpq messages end in a newline and may span lines; keep them to one line. */
+static void set_pg_error(char *err, size_t errlen, const char *prefix, const char *pgmsg)
+{
+    char msg[1024];
+    snprintf(msg, sizeof(msg), "%s", pgmsg ? pgmsg : "unknown error");
+    for (char *p = msg; *p; p++)
+        if (*p == '\n' || *p == '\r' || *p == '\t')
+            *p = ' ';
+    size_t n = strlen(msg);
+    while (n > 0 && msg[n - 1] == ' ')
+        msg[--n] = '\0';
+    snprintf(err, errlen, "%s: %s", prefix, msg);
+}
+
+int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t errlen)
+{
+    const char *keys[] = {"dbname",  "replication", "client_encoding",
+                          "options", "fallback_application_name", NULL};
+    const char *vals[] = {conninfo, "database", "UTF8", session_options, "outboxd", NULL};
+    PGconn *conn = PQconnectdbParams(keys, vals, 1);
+    if (PQstatus(conn) != CONNECTION_OK) {
+        const char *msg = PQerrorMessage(conn);
+        if (strstr(msg, "must be superuser or replication role")) {
+            const char *user = PQuser(conn);
+            snprintf(err, errlen,
+                     "role \"%s\" lacks the REPLICATION attribute: run ALTER ROLE %s REPLICATION "
+                     "as a superuser, or connect as a role that has it",
+                     user ? user : "?", user ? user : "...");
+        } else {
+            set_pg_error(err, errlen, "could not connect to PostgreSQL", msg);
+        }
+        PQfinish(conn);
+        return PGSTREAM_CHECK_FAILED;
+    }
+    PgStream *s = xcalloc(1, sizeof(*s));
+    s->conn = conn;
+    *out = s;
+    return 0;
+}
+
+void pgstream_free(PgStream *s)
+{
+    if (!s)
+        return;
+    if (s->copybuf)
+        PQfreemem(s->copybuf);
+    PQfinish(s->conn);
+    free(s);
+}
+
+int pgstream_socket(const PgStream *s)
+{
+    return PQsocket(s->conn);
+}
+
+/* Runs a query that returns tuples. Returns the result or NULL with err set. */
+static PGresult *query(PgStream *s, const char *sql, char *err, size_t errlen)
+{
+    PGresult *res = PQexec(s->conn, sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        set_pg_error(err, errlen, "could not query PostgreSQL", PQerrorMessage(s->conn));
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
+/* Runs a command. Returns 0, or -1 with err set; *sqlstate (if given) gets the error code. */
+static int command(PgStream *s, const char *sql, const char *what, char *sqlstate, char *err,
+                   size_t errlen)
+{
+    PGresult *res = PQexec(s->conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
+        PQclear(res);
+        return 0;
+    }
+    if (sqlstate) {
+        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        snprintf(sqlstate, 6, "%s", code ? code : "");
+    }
+    set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
+    PQclear(res);
+    return -1;
+}
+
+int pgstream_identify(PgStream *s, PgSystem *sys, char *err, size_t errlen)
+{
+    PGresult *res = query(s, "IDENTIFY_SYSTEM", err, errlen);
+    if (!res)
+        return -1;
+    int rc = -1;
+    if (PQntuples(res) != 1 || PQnfields(res) < 4) {
+        snprintf(err, errlen, "could not identify system: unexpected reply (%d rows, %d fields)",
+                 PQntuples(res), PQnfields(res));
+        goto done;
+    }
+    snprintf(sys->system_id, sizeof(sys->system_id), "%s", PQgetvalue(res, 0, 0));
+    sys->timeline = (uint32_t)strtoul(PQgetvalue(res, 0, 1), NULL, 10);
+    if (!lsn_parse(PQgetvalue(res, 0, 2), &sys->xlogpos)) {
+        snprintf(err, errlen, "could not identify system: bad xlogpos \"%s\"",
+                 PQgetvalue(res, 0, 2));
+        goto done;
+    }
+    snprintf(sys->dbname, sizeof(sys->dbname), "%s", PQgetvalue(res, 0, 3));
+    rc = 0;
+done:
+    PQclear(res);
+    return rc;
+}
+
+/* Appends a quoted literal; false (with err set) if libpq refuses (bad encoding). */
+static bool put_literal(PgStream *s, Buf *b, const char *v, char *err, size_t errlen)
+{
+    char *lit = PQescapeLiteral(s->conn, v, strlen(v));
+    if (!lit) {
+        set_pg_error(err, errlen, "could not quote a value", PQerrorMessage(s->conn));
+        return false;
+    }
+    buf_puts(b, lit);
+    PQfreemem(lit);
+    return true;
+}
+
+static bool put_ident(PgStream *s, Buf *b, const char *v, char *err, size_t errlen)
+{
+    char *id = PQescapeIdentifier(s->conn, v, strlen(v));
+    if (!id) {
+        set_pg_error(err, errlen, "could not quote a name", PQerrorMessage(s->conn));
+        return false;
+    }
+    buf_puts(b, id);
+    PQfreemem(id);
+    return true;
+}
+
+static int check_wal_level(PgStream *s, char *err, size_t errlen)
+{
+    PGresult *res = query(s, "SHOW wal_level", err, errlen);
+    if (!res)
+        return -1;
+    int rc = 0;
+    const char *level = PQntuples(res) == 1 ? PQgetvalue(res, 0, 0) : "";
+    if (strcmp(level, "logical") != 0) {
+        snprintf(err, errlen,
+                 "wal_level is \"%s\", but outboxd needs \"logical\": set wal_level = logical in "
+                 "postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL",
+                 level);
+        rc = PGSTREAM_CHECK_FAILED;
+    }
+    PQclear(res);
+    return rc;
+}
+
+static int check_table(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
+                       char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    buf_puts(&sql, "SELECT a.attname FROM pg_catalog.pg_class c "
+                   "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                   "LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+                   "AND NOT a.attisdropped "
+                   "WHERE c.relkind IN ('r', 'p') AND n.nspname = ");
+    int rc = -1;
+    PGresult *res = NULL;
+    if (!put_literal(s, &sql, setup->schema, err, errlen))
+        goto done;
+    buf_puts(&sql, " AND c.relname = ");
+    if (!put_literal(s, &sql, setup->table, err, errlen))
+        goto done;
+    buf_puts(&sql, " ORDER BY a.attnum");
+    res = query(s, sql.data, err, errlen);
+    if (!res)
+        goto done;
+    int n = PQntuples(res);
+    if (n == 0) {
+        snprintf(err, errlen,
+                 "outbox table %s does not exist: create it (scripts/outbox.sql has the default "
+                 "table) or point --table at yours",
+                 setup->qualified);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto done;
+    }
+    const char **names = xcalloc((size_t)n, sizeof(char *));
+    size_t count = 0;
+    for (int i = 0; i < n; i++)
+        if (!PQgetisnull(res, i, 0))
+            names[count++] = PQgetvalue(res, i, 0);
+    rc = check_columns(arg, names, count, err, errlen) < 0 ? PGSTREAM_CHECK_FAILED : 0;
+    free(names);
+done:
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
+}
+
+static int setup_publication(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    int rc = -1;
+    PGresult *res = NULL;
+    buf_puts(&sql, "SELECT pubinsert, EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t "
+                   "WHERE t.pubname = p.pubname AND t.schemaname = ");
+    if (!put_literal(s, &sql, setup->schema, err, errlen))
+        goto done;
+    buf_puts(&sql, " AND t.tablename = ");
+    if (!put_literal(s, &sql, setup->table, err, errlen))
+        goto done;
+    buf_puts(&sql, ") FROM pg_catalog.pg_publication p WHERE p.pubname = ");
+    if (!put_literal(s, &sql, setup->publication, err, errlen))
+        goto done;
+    res = query(s, sql.data, err, errlen);
+    if (!res)
+        goto done;
+
+    if (PQntuples(res) == 0) {
+        if (!setup->create) {
+            snprintf(err, errlen,
+                     "publication \"%s\" does not exist: create it with CREATE PUBLICATION %s "
+                     "FOR TABLE %s WITH (publish = 'insert'), or run with --create",
+                     setup->publication, setup->publication, setup->qualified);
+            rc = PGSTREAM_CHECK_FAILED;
+            goto done;
+        }
+        buf_reset(&sql);
+        buf_puts(&sql, "CREATE PUBLICATION ");
+        if (!put_ident(s, &sql, setup->publication, err, errlen))
+            goto done;
+        buf_puts(&sql, " FOR TABLE ");
+        if (!put_ident(s, &sql, setup->schema, err, errlen))
+            goto done;
+        buf_putc(&sql, '.');
+        if (!put_ident(s, &sql, setup->table, err, errlen))
+            goto done;
+        buf_puts(&sql, " WITH (publish = 'insert')");
+        if (command(s, sql.data, "could not create publication", NULL, err, errlen) < 0)
+            goto done;
+        log_info("created publication \"%s\" for %s (inserts only)", setup->publication,
+                 setup->qualified);
+        rc = 0;
+        goto done;
+    }
+    if (strcmp(PQgetvalue(res, 0, 1), "t") != 0) {
+        snprintf(err, errlen,
+                 "publication \"%s\" does not cover %s: run ALTER PUBLICATION %s ADD TABLE %s",
+                 setup->publication, setup->qualified, setup->publication, setup->qualified);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto done;
+    }
+    if (strcmp(PQgetvalue(res, 0, 0), "t") != 0) {
+        snprintf(err, errlen,
+                 "publication \"%s\" does not publish inserts: run ALTER PUBLICATION %s SET "
+                 "(publish = 'insert')",
+                 setup->publication, setup->publication);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto done;
+    }
+    rc = 0;
+done:
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
+}
+
+static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    int rc = -1;
+    PGresult *res = NULL;
+    *created = false;
+    buf_puts(&sql, "SELECT plugin, slot_type, database = current_database() "
+                   "FROM pg_catalog.pg_replication_slots WHERE slot_name = ");
+    if (!put_literal(s, &sql, setup->slot, err, errlen))
+        goto done;
+    res = query(s, sql.data, err, errlen);
+    if (!res)
+        goto done;
+    if (PQntuples(res) == 1) {
+        if (strcmp(PQgetvalue(res, 0, 1), "logical") != 0 ||
+            strcmp(PQgetvalue(res, 0, 0), "pgoutput") != 0) {
+            snprintf(err, errlen,
+                     "replication slot \"%s\" exists but is not a logical slot of plugin "
+                     "pgoutput (it is %s/%s): choose another --slot",
+                     setup->slot, PQgetvalue(res, 0, 1), PQgetvalue(res, 0, 0));
+            rc = PGSTREAM_CHECK_FAILED;
+        } else if (strcmp(PQgetvalue(res, 0, 2), "t") != 0) {
+            snprintf(err, errlen,
+                     "replication slot \"%s\" belongs to another database: connect to that "
+                     "database or choose another --slot",
+                     setup->slot);
+            rc = PGSTREAM_CHECK_FAILED;
+        } else {
+            rc = 0;
+        }
+        goto done;
+    }
+    if (!setup->create) {
+        snprintf(err, errlen,
+                 "replication slot \"%s\" does not exist: create it with SELECT "
+                 "pg_create_logical_replication_slot('%s', 'pgoutput'), or run with --create",
+                 setup->slot, setup->slot);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto done;
+    }
+    buf_reset(&sql);
+    buf_puts(&sql, "CREATE_REPLICATION_SLOT ");
+    if (!put_ident(s, &sql, setup->slot, err, errlen))
+        goto done;
+    buf_puts(&sql, " LOGICAL pgoutput (SNAPSHOT 'nothing')");
+    log_info("creating replication slot \"%s\" (this waits for running transactions to end)",
+             setup->slot);
+    char sqlstate[6] = "";
+    if (command(s, sql.data, "could not create replication slot", sqlstate, err, errlen) < 0) {
+        if (strcmp(sqlstate, "42710") != 0) /* created meanwhile by another relay: fine */
+            goto done;
+    } else {
+        *created = true;
+        log_info("created replication slot \"%s\"", setup->slot);
+    }
+    rc = 0;
+done:
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
+}
+
+int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
+                   bool *created_slot, char *err, size_t errlen)
+{
+    int rc;
+    *created_slot = false;
+    if ((rc = check_wal_level(s, err, errlen)) != 0)
+        return rc;
+    if ((rc = check_table(s, setup, check_columns, arg, err, errlen)) != 0)
+        return rc;
+    if ((rc = setup_publication(s, setup, err, errlen)) != 0)
+        return rc;
+    return setup_slot(s, setup, created_slot, err, errlen);
+}
+
+int pgstream_slot_confirmed(PgStream *s, const char *slot, uint64_t *out, char *err,
+                            size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    int rc = -1;
+    PGresult *res = NULL;
+    buf_puts(&sql, "SELECT coalesce(confirmed_flush_lsn, '0/0') FROM "
+                   "pg_catalog.pg_replication_slots WHERE slot_name = ");
+    if (!put_literal(s, &sql, slot, err, errlen))
+        goto done;
+    res = query(s, sql.data, err, errlen);
+    if (!res)
+        goto done;
+    if (PQntuples(res) != 1 || !lsn_parse(PQgetvalue(res, 0, 0), out)) {
+        snprintf(err, errlen, "replication slot \"%s\" disappeared", slot);
+        goto done;
+    }
+    rc = 0;
+done:
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
+}
+
+int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen)
+{
+    PGresult *res = query(s, "SELECT setting::bigint FROM pg_catalog.pg_settings "
+                             "WHERE name = 'wal_sender_timeout'", err, errlen);
+    if (!res)
+        return -1;
+    *out = PQntuples(res) == 1 ? strtoll(PQgetvalue(res, 0, 0), NULL, 10) : 60000;
+    PQclear(res);
+    return 0;
+}
+
+/* Appends s with every quote character doubled. */
+static void put_doubled(Buf *b, const char *s, char quote)
+{
+    for (; *s; s++) {
+        if (*s == quote)
+            buf_putc(b, quote);
+        buf_putc(b, *s);
+    }
+}
+
+int pgstream_start(PgStream *s, const char *slot, const char *publication, uint64_t start_lsn,
+                   char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    buf_puts(&sql, "START_REPLICATION SLOT ");
+    int rc = -1;
+    if (!put_ident(s, &sql, slot, err, errlen))
+        goto done;
+    /* publication_names is a string literal holding a list of quoted identifiers. */
+    buf_printf(&sql, " LOGICAL " LSN_FMT " (proto_version '1', publication_names '\"",
+               LSN_ARGS(start_lsn));
+    Buf ident;
+    buf_init(&ident);
+    put_doubled(&ident, publication, '"');
+    put_doubled(&sql, ident.data, '\'');
+    buf_deinit(&ident);
+    buf_puts(&sql, "\"')");
+
+    PGresult *res = PQexec(s->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_COPY_BOTH) {
+        set_pg_error(err, errlen, "could not start replication", PQerrorMessage(s->conn));
+        PQclear(res);
+        goto done;
+    }
+    PQclear(res);
+    rc = 0;
+done:
+    buf_deinit(&sql);
+    return rc;
+}
+
+/* After the copy stream ended: the final result carries the server's error, if any. */
+static int stream_ended(PgStream *s, char *err, size_t errlen)
+{
+    PGresult *res = PQgetResult(s->conn);
+    if (res && PQresultStatus(res) != PGRES_COMMAND_OK)
+        set_pg_error(err, errlen, "replication stream failed", PQresultErrorMessage(res));
+    else
+        snprintf(err, errlen, "replication stream ended: the server closed it");
+    while (res) {
+        PQclear(res);
+        res = PQgetResult(s->conn);
+    }
+    return -1;
+}
+
+int pgstream_read(PgStream *s, const char **buf, size_t *len, char *err, size_t errlen)
+{
+    if (s->copybuf) {
+        PQfreemem(s->copybuf);
+        s->copybuf = NULL;
+    }
+    char *data = NULL;
+    int n = PQgetCopyData(s->conn, &data, 1);
+    if (n > 0) {
+        s->copybuf = data;
+        *buf = data;
+        *len = (size_t)n;
+        return 1;
+    }
+    if (n == 0)
+        return 0;
+    if (n == -1)
+        return stream_ended(s, err, errlen);
+    set_pg_error(err, errlen, "could not read from the replication stream",
+                 PQerrorMessage(s->conn));
+    return -1;
+}
+
+int pgstream_consume(PgStream *s, char *err, size_t errlen)
+{
+    if (!PQconsumeInput(s->conn)) {
+        set_pg_error(err, errlen, "lost the connection to PostgreSQL", PQerrorMessage(s->conn));
+        return -1;
+    }
+    return 0;
+}
+
+int pgstream_send_status(PgStream *s, uint64_t write_lsn, uint64_t flush_lsn, bool reply,
+                         char *err, size_t errlen)
+{
+    char msg[34];
+    pgcopy_encode_status(msg, write_lsn, flush_lsn, flush_lsn, now_unix_us(), reply);
+    if (PQputCopyData(s->conn, msg, sizeof(msg)) <= 0 || PQflush(s->conn) < 0) {
+        set_pg_error(err, errlen, "could not send a status update to PostgreSQL",
+                     PQerrorMessage(s->conn));
+        return -1;
+    }
+    return 0;
+}
+
+int pgstream_finish(PgStream *s, char *err, size_t errlen)
+{
+    if (PQputCopyEnd(s->conn, NULL) <= 0 || PQflush(s->conn) < 0) {
+        set_pg_error(err, errlen, "could not end the replication stream",
+                     PQerrorMessage(s->conn));
+        return -1;
+    }
+    /* Drain what the server still sends until it acknowledges the end, within a bound. */
+    int64_t deadline = now_mono_us() + 2000000;
+    for (;;) {
+        const char *buf;
+        size_t len;
+        int r = pgstream_read(s, &buf, &len, err, errlen);
+        if (r < 0) {
+            /* -1 after CopyDone is the normal end: the final result says whether it was clean */
+            return strncmp(err, "replication stream ended", 24) == 0 ? 0 : -1;
+        }
+        if (r > 0)
+            continue;
+        int64_t left = deadline - now_mono_us();
+        if (left <= 0) {
+            snprintf(err, errlen, "PostgreSQL did not confirm the end of the stream in time");
+            return -1;
+        }
+        struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
+        if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) {
+            snprintf(err, errlen, "could not wait for PostgreSQL: %s", strerror(errno));
+            return -1;
+        }
+        if (pgstream_consume(s, err, errlen) < 0)
+            return -1;
+    }
+}

@@ -1,0 +1,93 @@
+/*
+ * pgstream.h - the libpq replication connection: connect with pinned session settings, the
+ * start-up checks that PostgreSQL can answer, slot and publication creation, START_REPLICATION,
+ * the CopyBoth read loop and standby status updates.
+ *
+ * Owned and used by one thread. Functions that can fail return 0 on success and -1 with a
+ * one-line message in err; PGO_CHECK_FAILED (a positive code) marks a failed start-up check,
+ * which the caller reports with its own exit code.
+ */
+#ifndef OUTBOXD_PGSTREAM_H
+#define OUTBOXD_PGSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define PGSTREAM_CHECK_FAILED 1
+
+typedef struct PgStream PgStream;
+
+typedef struct PgSystem {
+    char system_id[32];
+    uint32_t timeline;
+    uint64_t xlogpos;
+    char dbname[64];
+} PgSystem;
+
+/* What the relay asks of the database at start-up. */
+typedef struct PgSetup {
+    const char *slot;
+    const char *publication;
+    const char *schema;
+    const char *table;
+    const char *qualified; /* "schema.table" for messages */
+    bool create;           /* create the publication and the slot when missing */
+} PgSetup;
+
+/*
+ * Connects with replication=database and the session settings that fix how values are
+ * rendered (UTF8, ISO dates, UTC, hex bytea, exact floats). Returns 0, or
+ * PGSTREAM_CHECK_FAILED with "could not connect to PostgreSQL: ..." in err (the message never
+ * contains the password).
+ */
+int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t errlen);
+void pgstream_free(PgStream *s);
+
+/* IDENTIFY_SYSTEM. */
+int pgstream_identify(PgStream *s, PgSystem *sys, char *err, size_t errlen);
+
+/*
+ * The start-up checks and setup, in the order that matters: wal_level, the role's REPLICATION
+ * attribute, the table and its columns (column names handed to check_columns), then the
+ * publication (created first when allowed) covering the table, then the slot (created after
+ * the publication when allowed; a slot made first would fail on the changes in between).
+ * Returns 0, -1 on an unexpected error, or PGSTREAM_CHECK_FAILED with the failed check in err.
+ * *created_slot tells whether this call created the slot.
+ */
+typedef int (*PgColumnCheck)(void *arg, const char *const *names, size_t n, char *err,
+                             size_t errlen);
+int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
+                   bool *created_slot, char *err, size_t errlen);
+
+/* The slot's confirmed_flush_lsn (0 when the slot has never confirmed anything). */
+int pgstream_slot_confirmed(PgStream *s, const char *slot, uint64_t *out, char *err,
+                            size_t errlen);
+
+/* The server's wal_sender_timeout in milliseconds (0 = disabled). */
+int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen);
+
+/* START_REPLICATION SLOT slot LOGICAL start (proto_version 1, the publication). */
+int pgstream_start(PgStream *s, const char *slot, const char *publication, uint64_t start_lsn,
+                   char *err, size_t errlen);
+
+/*
+ * Reads the next CopyData message without blocking. Returns 1 with buf and len set (valid until
+ * the next call), 0 when nothing is buffered (wait for the socket, then pgstream_consume), or
+ * -1 when the stream ended or failed (err says why).
+ */
+int pgstream_read(PgStream *s, const char **buf, size_t *len, char *err, size_t errlen);
+
+/* Reads what the socket has into the buffer of libpq. */
+int pgstream_consume(PgStream *s, char *err, size_t errlen);
+
+int pgstream_socket(const PgStream *s);
+
+/* Sends a standby status update and flushes it. */
+int pgstream_send_status(PgStream *s, uint64_t write_lsn, uint64_t flush_lsn, bool reply,
+                         char *err, size_t errlen);
+
+/* Ends the CopyBoth session (CopyDone) and reads the server's final results. */
+int pgstream_finish(PgStream *s, char *err, size_t errlen);
+
+#endif
