@@ -1,0 +1,953 @@
+"""Test servers and helpers for the outboxd integration tests.
+
+Everything here starts real processes: a throwaway PostgreSQL cluster (PgServer), a nats-server with
+JetStream (NatsServer), the relay itself (Relay), and talks to JetStream through the jstool binary
+built next to the relay (JetStream). Every process is stopped by its PID by whoever started it
+(the fixtures in conftest.py), and a last-resort sweep at interpreter exit kills anything still
+registered. Every wait is a poll of a condition with a deadline (wait_until), never a bare sleep.
+
+All files go under one temporary directory per test session (TempRoot), removed at the end unless
+OUTBOXD_KEEP_TMP=1.
+
+Environment:
+  OUTBOXD_BUILD_DIR  meson build directory (default <repo>/build; relative paths are taken from the
+                     repository root)
+  OUTBOXD_BIN        the relay binary (default <build>/outboxd)
+  OUTBOXD_JSTOOL     the jstool binary (default <build>/tests/jstool)
+  OUTBOXD_KEEP_TMP   1 keeps the temporary directory for a post-mortem
+"""
+
+import atexit
+import base64
+import datetime as dt
+import json
+import os
+import pwd
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psycopg2
+import psycopg2.extras
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build_dir():
+    d = Path(os.environ.get("OUTBOXD_BUILD_DIR", "build"))
+    return d if d.is_absolute() else REPO / d
+
+
+def relay_bin():
+    return Path(os.environ.get("OUTBOXD_BIN") or build_dir() / "outboxd")
+
+
+def jstool_bin():
+    return Path(os.environ.get("OUTBOXD_JSTOOL") or build_dir() / "tests" / "jstool")
+
+
+def pg_bindir():
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        d = Path(out.stdout.strip())
+        if (d / "initdb").exists():
+            return d
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / "initdb").exists():
+            return d
+    raise RuntimeError("PostgreSQL server binaries not found (pg_config --bindir); run scripts/install-deps")
+
+
+def nats_server_bin():
+    p = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not os.path.exists(p):
+        raise RuntimeError("nats-server not found; run scripts/install-deps")
+    return p
+
+
+# ---- waiting ------------------------------------------------------------------------------------
+
+
+def wait_until(fn, timeout, what, interval=0.05, detail=None):
+    """Polls fn() until it returns something truthy, and returns that.
+
+    Raises AssertionError naming `what` after `timeout` seconds; detail(), if given, is called then
+    and its result added to the message (e.g. the last value seen). Exceptions from fn propagate.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            msg = f"timed out after {timeout:g}s waiting for {what}"
+            if detail is not None:
+                try:
+                    msg += f" ({detail()})"
+                except Exception as e:  # noqa: BLE001 - best effort context
+                    msg += f" (detail unavailable: {e!r})"
+            raise AssertionError(msg)
+        time.sleep(interval)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_open(port, host="127.0.0.1"):
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def lsn_int(text):
+    """'16/B374D848' -> int. None stays None."""
+    if text is None:
+        return None
+    hi, lo = str(text).split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def lsn_text(n):
+    return f"{n >> 32:X}/{n & 0xFFFFFFFF:X}"
+
+
+def log_tail(path, nbytes=6000):
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - nbytes))
+            return f.read().decode("utf-8", "replace")
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+# ---- processes ----------------------------------------------------------------------------------
+
+_live = set()
+_live_lock = threading.Lock()
+
+
+def _register(proc):
+    with _live_lock:
+        _live.add(proc)
+
+
+def _unregister(proc):
+    with _live_lock:
+        _live.discard(proc)
+
+
+@atexit.register
+def _kill_leftovers():
+    with _live_lock:
+        procs = list(_live)
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.kill()
+                p.wait(5)
+            except Exception:  # noqa: BLE001 - last resort
+                pass
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=20.0):
+    """Sends sig to proc (by PID) and waits; SIGKILLs it if still alive after timeout. Returns rc."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    _unregister(proc)
+    return proc.returncode
+
+
+def _clean_env(extra=None):
+    """The environment for child processes: no OUTBOXD_* or libpq PG* settings leak in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOXD_", "PG"))}
+    env.setdefault("LC_ALL", "C.UTF-8")
+    if extra:
+        env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class TempRoot:
+    """One temporary directory for a test session, readable by the postgres user."""
+
+    def __init__(self):
+        self.path = Path(tempfile.mkdtemp(prefix="outboxd-it-", dir="/tmp"))
+        os.chmod(self.path, 0o755)
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def mkdir(self, name):
+        with self._lock:
+            self._n += 1
+            n = self._n
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
+        d = self.path / f"{n:03d}-{safe}"
+        d.mkdir(mode=0o755)
+        os.chmod(d, 0o755)
+        return d
+
+    def cleanup(self):
+        if os.environ.get("OUTBOXD_KEEP_TMP") == "1":
+            print(f"\nkeeping test files in {self.path}")
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------
+
+
+class PgServer:
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, run as `postgres` when we are root.
+
+    pg_hba: local trust; authuser needs a scram password over TCP; everyone else trusted over TCP.
+    """
+
+    AUTH_USER = "authuser"
+    AUTH_PASSWORD = "right-password"
+
+    def __init__(self, root_dir, wal_level="logical", extra_conf=None):
+        self.dir = Path(root_dir)
+        self.datadir = self.dir / "data"
+        self.sockdir = self.dir / "sock"
+        self.logfile = self.dir / "postgres.log"
+        self.wal_level = wal_level
+        self.extra_conf = dict(extra_conf or {})
+        self.port = free_port()
+        self.proc = None
+        self._conn = None
+        self._bindir = pg_bindir()
+        self._as_root = os.geteuid() == 0
+        if self._as_root:
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError("running as root needs a 'postgres' user to run the server "
+                                   "(install postgresql-15)") from None
+            self._uid, self._gid = pw.pw_uid, pw.pw_gid
+
+    # -- process handling
+
+    def _popen_kw(self):
+        kw = {"cwd": str(self.dir), "env": _clean_env()}
+        if self._as_root:
+            kw.update(user=self._uid, group=self._gid, extra_groups=[])
+        return kw
+
+    def _own(self, path):
+        if self._as_root:
+            os.chown(path, self._uid, self._gid)
+
+    def init(self):
+        self.sockdir.mkdir(mode=0o700, exist_ok=True)
+        self._own(self.dir)
+        self._own(self.sockdir)
+        cmd = [str(self._bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+               "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]
+        r = subprocess.run(cmd, capture_output=True, text=True, **self._popen_kw())
+        if r.returncode != 0:
+            raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.sockdir}'",
+            "wal_level": self.wal_level,
+            "fsync": "off",
+            "max_wal_senders": "20",
+            "max_replication_slots": "20",
+            "max_connections": "100",
+            "timezone": "'UTC'",
+            "log_timezone": "'UTC'",
+            "log_line_prefix": "'%m [%p] %q%u@%d '",
+        }
+        conf.update(self.extra_conf)
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# outboxd integration tests\n")
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+        with open(self.datadir / "pg_hba.conf", "w") as f:
+            f.write("local all all trust\n"
+                    f"host all {self.AUTH_USER} 127.0.0.1/32 scram-sha-256\n"
+                    "host all all 127.0.0.1/32 trust\n")
+        return self
+
+    def start(self, timeout=60):
+        assert self.proc is None or self.proc.poll() is not None, "PostgreSQL already running"
+        log = open(self.logfile, "ab")
+        try:
+            self.proc = subprocess.Popen([str(self._bindir / "postgres"), "-D", str(self.datadir)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         **self._popen_kw())
+        finally:
+            log.close()
+        _register(self.proc)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"postgres exited with {self.proc.returncode}:\n{log_tail(self.logfile)}")
+            try:
+                psycopg2.connect(self.dsn, connect_timeout=2).close()
+                return True
+            except psycopg2.OperationalError:
+                return False
+
+        wait_until(ready, timeout, f"PostgreSQL on port {self.port} to accept connections", interval=0.1)
+        return self
+
+    def stop(self, mode="fast", timeout=30):
+        """Stops the server by PID: mode fast (SIGINT), smart (SIGTERM) or immediate (SIGQUIT)."""
+        self._close_conn()
+        sig = {"fast": signal.SIGINT, "smart": signal.SIGTERM, "immediate": signal.SIGQUIT}[mode]
+        stop_process(self.proc, sig, timeout)
+
+    def kill(self):
+        self._close_conn()
+        stop_process(self.proc, signal.SIGKILL, 10)
+
+    def restart(self, mode="fast"):
+        self.stop(mode)
+        return self.start()
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- connecting
+
+    @property
+    def dsn(self):
+        """A libpq conninfo the relay can use (it adds replication=database itself)."""
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def dsn_for(self, user, password=None, dbname="postgres"):
+        s = f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}"
+        if password is not None:
+            s += f" password={password}"
+        return s
+
+    @property
+    def url(self):
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def connect(self, autocommit=True, **kw):
+        conn = psycopg2.connect(self.dsn, connect_timeout=5, **kw)
+        conn.autocommit = autocommit
+        return conn
+
+    def _close_conn(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._conn = None
+
+    def sql(self, query, *args):
+        """Runs one statement on a shared autocommit connection; returns all rows ([] if none)."""
+        for attempt in (0, 1):
+            if self._conn is None or self._conn.closed:
+                self._conn = self.connect()
+            try:
+                with self._conn.cursor() as cur:
+                    cur.execute(query, args if args else None)
+                    return cur.fetchall() if cur.description is not None else []
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                # The server was restarted under us: reconnect once.
+                self._close_conn()
+                if attempt == 1:
+                    raise
+        return []
+
+    def scalar(self, query, *args):
+        rows = self.sql(query, *args)
+        return rows[0][0] if rows else None
+
+    # -- replication helpers
+
+    def current_lsn(self):
+        return lsn_int(self.scalar("SELECT pg_current_wal_lsn()::text"))
+
+    def slot(self, name):
+        """The slot's row as a dict, or None."""
+        rows = self.sql("SELECT slot_name, plugin, slot_type, active, active_pid, restart_lsn::text, "
+                        "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", name)
+        if not rows:
+            return None
+        keys = ("slot_name", "plugin", "slot_type", "active", "active_pid", "restart_lsn", "confirmed_flush_lsn")
+        return dict(zip(keys, rows[0]))
+
+    def confirmed_flush(self, slot):
+        s = self.slot(slot)
+        return lsn_int(s["confirmed_flush_lsn"]) if s else None
+
+    def drop_slot(self, name, timeout=15):
+        """Drops the slot if it exists, terminating a walsender that still holds it."""
+        def try_drop():
+            s = self.slot(name)
+            if s is None:
+                return True
+            if s["active"]:
+                if s["active_pid"]:
+                    self.sql("SELECT pg_terminate_backend(%s)", s["active_pid"])
+                return False
+            try:
+                self.sql("SELECT pg_drop_replication_slot(%s)", name)
+            except psycopg2.errors.ObjectInUse:
+                return False
+            except psycopg2.errors.UndefinedObject:
+                pass
+            return True
+
+        wait_until(try_drop, timeout, f"replication slot {name} to be dropped", interval=0.1)
+
+    def peek_probe(self, slot):
+        """Reads a test_decoding slot without consuming it: a list of (lsn:int, xid:str, data:str)."""
+        rows = self.sql("SELECT lsn::text, xid::text, data FROM pg_logical_slot_peek_changes("
+                        "%s, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')", slot)
+        return [(lsn_int(lsn), xid, data) for lsn, xid, data in rows]
+
+    def probe_transactions(self, slot, table):
+        """Transactions that inserted into `table` ("schema.name"), in commit order, from a
+        test_decoding slot: dicts {xid, event_ids (in insert order), end_lsn}.
+
+        test_decoding reports a COMMIT with the commit record's end LSN in the lsn column.
+        """
+        prefix = f"table {table}: INSERT: "
+        id_re = re.compile(r"event_id\[uuid\]:'([0-9a-f-]{36})'")
+        txs, cur = [], None
+        for lsn, xid, data in self.peek_probe(slot):
+            if data.startswith("BEGIN"):
+                cur = {"xid": xid, "event_ids": [], "end_lsn": None}
+            elif data.startswith("COMMIT"):
+                if cur is not None and cur["event_ids"]:
+                    cur["end_lsn"] = lsn
+                    txs.append(cur)
+                cur = None
+            elif data.startswith(prefix) and cur is not None:
+                m = id_re.search(data)
+                assert m, f"no event_id in test_decoding row: {data[:200]}"
+                cur["event_ids"].append(m.group(1))
+        return txs
+
+
+# ---- NATS ---------------------------------------------------------------------------------------
+
+
+def nats_request(port, subject, payload=b"", timeout=2.0):
+    """A minimal NATS request over a raw socket. Returns (headers_block or None, payload) of the
+    reply, or None when nothing answered in time. Used for readiness checks without libnats."""
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        s.settimeout(timeout)
+        f = s.makefile("rb")
+        if not f.readline().startswith(b"INFO"):
+            return None
+        inbox = f"_INBOX.{uuid.uuid4().hex}"
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n'
+                  + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode() + payload + b"\r\n")
+        while True:
+            line = f.readline()
+            if not line:
+                return None
+            if line.startswith(b"PING"):
+                s.sendall(b"PONG\r\n")
+            elif line.startswith(b"MSG "):
+                n = int(line.split()[-1])
+                body = f.read(n + 2)[:n]
+                return None, body
+            elif line.startswith(b"HMSG "):
+                parts = line.split()
+                hlen, tlen = int(parts[-2]), int(parts[-1])
+                blob = f.read(tlen + 2)[:tlen]
+                return blob[:hlen], blob[hlen:]
+            elif line.startswith(b"-ERR"):
+                return None
+    except OSError:
+        return None
+    finally:
+        s.close()
+
+
+class NatsServer:
+    """nats-server on 127.0.0.1:<port chosen once>, so that stop() + start() keeps the address and
+    the JetStream store directory."""
+
+    def __init__(self, root_dir, jetstream=True):
+        self.dir = Path(root_dir)
+        self.storedir = self.dir / "jetstream"
+        self.logfile = self.dir / "nats-server.log"
+        self.jetstream = jetstream
+        self.port = free_port()
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _js_ready(self):
+        r = nats_request(self.port, "$JS.API.INFO", b"", timeout=1.0)
+        if r is None:
+            return False
+        hdrs, body = r
+        if hdrs is not None and b"503" in hdrs.split(b"\r\n", 1)[0]:
+            return False  # no responders yet
+        try:
+            return "error" not in json.loads(body)
+        except ValueError:
+            return False
+
+    def start(self, timeout=30):
+        assert self.proc is None or self.proc.poll() is not None, "nats-server already running"
+        cmd = [nats_server_bin(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            cmd += ["-js", "-sd", str(self.storedir)]
+        log = open(self.logfile, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=str(self.dir), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=_clean_env())
+        finally:
+            log.close()
+        _register(self.proc)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nats-server exited with {self.proc.returncode}:\n{log_tail(self.logfile)}")
+            if not tcp_open(self.port):
+                return False
+            return self._js_ready() if self.jetstream else True
+
+        wait_until(ready, timeout, f"nats-server on port {self.port} to be ready", interval=0.05)
+        return self
+
+    def stop(self, timeout=20):
+        """Graceful stop (SIGTERM), by PID."""
+        stop_process(self.proc, signal.SIGTERM, timeout)
+
+    def kill(self):
+        stop_process(self.proc, signal.SIGKILL, 10)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+
+class JetStream:
+    """JetStream as seen through jstool."""
+
+    def __init__(self, url):
+        self.url = url
+        self.tool = jstool_bin()
+        if not os.access(self.tool, os.X_OK):
+            raise RuntimeError(f"{self.tool} not found: build it (meson compile -C {build_dir()}) "
+                               "or set OUTBOXD_BUILD_DIR / OUTBOXD_JSTOOL")
+
+    def run(self, *args, timeout=60, check=True):
+        r = subprocess.run([str(self.tool), *args, f"--url={self.url}"], capture_output=True,
+                           timeout=timeout, env=_clean_env())
+        if check and r.returncode != 0:
+            raise AssertionError(f"jstool {' '.join(args)} failed ({r.returncode}): "
+                                 f"{r.stderr.decode('utf-8', 'replace').strip()}")
+        return r
+
+    def add_stream(self, name, subjects=("outbox.>",), dupe_window=120, storage="file", max_msg_size=None):
+        args = ["add-stream", f"--name={name}", f"--dupe-window={int(dupe_window)}", f"--storage={storage}"]
+        args += [f"--subjects={s}" for s in subjects]
+        if max_msg_size is not None:
+            args.append(f"--max-msg-size={int(max_msg_size)}")
+        self.run(*args)
+
+    def delete_stream(self, name):
+        self.run("delete-stream", f"--name={name}")
+
+    def info(self, name):
+        return json.loads(self.run("info", f"--stream={name}").stdout)
+
+    def count(self, name):
+        return self.info(name)["messages"]
+
+    def dump(self, name):
+        """Every message in sequence order: dicts with seq, subject, headers, data (bytes)."""
+        out = self.run("dump", f"--stream={name}", timeout=120).stdout
+        msgs = []
+        for line in out.splitlines():
+            m = json.loads(line)
+            m["data"] = base64.b64decode(m.pop("data_b64"))
+            msgs.append(m)
+        return msgs
+
+    def msg_ids(self, name):
+        return [m["headers"].get("Nats-Msg-Id") for m in self.dump(name)]
+
+    def publish(self, subject, data, msg_id=None):
+        args = ["publish", f"--subject={subject}", f"--data={data}"]
+        if msg_id is not None:
+            args.append(f"--msg-id={msg_id}")
+        return json.loads(self.run(*args).stdout)
+
+    def wait_count(self, name, n, timeout, what=None):
+        """Waits until the stream holds at least n messages; returns the count."""
+        last = [None]
+
+        def enough():
+            last[0] = self.count(name)
+            return last[0] >= n
+
+        wait_until(enough, timeout, what or f"stream {name} to hold {n} messages", interval=0.1,
+                   detail=lambda: f"it holds {last[0]}")
+        return last[0]
+
+
+# ---- the relay ----------------------------------------------------------------------------------
+
+
+class Relay:
+    """One `outboxd run` configuration, startable several times. Output (stdout and stderr) of every
+    run is appended to one log file; log lookups only look at the current run."""
+
+    def __init__(self, log_dir, args, env=None, name="relay"):
+        self.bin = relay_bin()
+        self.args = list(args)
+        self.env = dict(env or {})
+        self.dir = Path(log_dir)
+        self.logfile = self.dir / f"{name}.log"
+        self.proc = None
+        self.runs = 0
+        self._offset = 0
+
+    def start(self):
+        assert self.proc is None or self.proc.poll() is not None, "relay already running"
+        if not os.access(self.bin, os.X_OK):
+            raise AssertionError(f"relay binary {self.bin} not found or not executable "
+                                 "(build it, or set OUTBOXD_BUILD_DIR / OUTBOXD_BIN)")
+        self.runs += 1
+        with open(self.logfile, "ab") as log:
+            log.write(f"==== harness: run {self.runs}: {self.bin} run {' '.join(self.args)}\n".encode())
+            log.flush()
+            self._offset = log.tell()
+            self.proc = subprocess.Popen([str(self.bin), "run", *self.args], cwd=str(self.dir),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=_clean_env(self.env))
+        _register(self.proc)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self, all_runs=False):
+        """The log text of the current run (or of all runs)."""
+        try:
+            with open(self.logfile, "rb") as f:
+                if not all_runs:
+                    f.seek(self._offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def tail(self, nbytes=6000):
+        return log_tail(self.logfile, nbytes)
+
+    def wait_for_log(self, pattern, timeout=30):
+        """Waits until the current run's log matches pattern (a substring, or a compiled regex).
+        Returns the re.Match (regex) or True (substring). Fails early if the relay exits first."""
+        rx = pattern if isinstance(pattern, re.Pattern) else None
+
+        def found():
+            text = self.logs()
+            hit = rx.search(text) if rx else (pattern in text)
+            if hit:
+                return hit
+            if self.proc.poll() is not None:
+                text = self.logs()  # the last lines may have landed just before the exit
+                hit = rx.search(text) if rx else (pattern in text)
+                if hit:
+                    return hit
+                raise AssertionError(
+                    f"relay exited with code {self.proc.returncode} before logging "
+                    f"{getattr(pattern, 'pattern', pattern)!r}; its log:\n{self.logs()[-4000:]}")
+            return None
+
+        return wait_until(found, timeout, f"relay log line {getattr(pattern, 'pattern', pattern)!r}",
+                          interval=0.05, detail=lambda: "log tail:\n" + self.logs()[-2000:])
+
+    def wait_streaming(self, slot=None, timeout=30):
+        """Waits for `streaming from slot "S" at X/X`; returns the LSN as int."""
+        name = re.escape(slot) if slot else r"[^\"]+"
+        m = self.wait_for_log(re.compile(rf'streaming from slot "{name}" at ([0-9A-Fa-f]+/[0-9A-Fa-f]+)'),
+                              timeout)
+        return lsn_int(m.group(1))
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def kill(self):
+        """SIGKILL by PID; returns once it is gone."""
+        return stop_process(self.proc, signal.SIGKILL, 10)
+
+    def wait(self, timeout):
+        """Waits for the relay to exit; returns the exit code (negative: killed by that signal).
+        Raises AssertionError if it is still running after timeout."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"relay still running {timeout:g}s later; log tail:\n"
+                                 f"{self.logs()[-2000:]}") from None
+        _unregister(self.proc)
+        return rc
+
+    def run_to_exit(self, timeout=20):
+        """Starts the relay and waits for it to exit by itself; returns (exit code, log of this run)."""
+        self.start()
+        rc = self.wait(timeout)
+        return rc, self.logs()
+
+    def stop(self, timeout=10):
+        """SIGTERM, then SIGKILL after timeout. Returns the exit code."""
+        return stop_process(self.proc, signal.SIGTERM, timeout)
+
+
+# ---- the outbox ---------------------------------------------------------------------------------
+
+OUTBOX_SQL = REPO / "scripts" / "outbox.sql"
+
+# Values that exercise the subject escaping: dots, NATS wildcards, spaces, non-ASCII, '%', empty.
+AGGREGATE_TYPES = ["order", "order", "order", "customer", "customer", "invoice", "Order-Line_2",
+                   "a.b", "caf\u00e9", "x y", "*", ">", "50%", "", "r&d(1)+[x]|y^z~!@#$:/?;=,'"]
+EVENT_TYPES = ["created", "created", "updated", "shipped", "cancelled", "PaymentReceived", "v1.0",
+               "\u65e5\u672c", "tab\there", "_"]
+
+# Bytes kept as they are in a subject token; everything else becomes %XX (upper-case hex).
+_SUBJECT_SAFE = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_~!@#$&'()+,;=:/?[]^|")
+
+
+def subject_token(value):
+    """The relay's escaping of one template value (the contract): NULL or empty becomes '_'."""
+    if value is None or value == "":
+        return "_"
+    return "".join(chr(b) if b in _SUBJECT_SAFE else f"%{b:02X}" for b in value.encode("utf-8"))
+
+
+def header_value(value):
+    """A column value as the relay writes it into a header: control bytes (below 0x20, and 0x7F)
+    become %XX, since CR or LF would end the header; everything else is kept byte for byte. An
+    empty value gets no header (None here), since libnats 3.4 misreads empty header values."""
+    if value == "":
+        return None
+    return "".join(f"%{ord(c):02X}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in value)
+
+
+def expected_subject(aggregate_type, event_type, prefix="outbox"):
+    return f"{prefix}.{subject_token(aggregate_type)}.{subject_token(event_type)}"
+
+
+def create_outbox(pg, table="public.outbox"):
+    """Creates public.outbox from scripts/outbox.sql and, for another name, a table like it."""
+    pg.sql(OUTBOX_SQL.read_text())
+    if table != "public.outbox":
+        pg.sql(f"CREATE TABLE {table} (LIKE public.outbox INCLUDING ALL)")
+    return table
+
+
+def mixed_sizes(total, ntx, lo, hi, rng):
+    """ntx transaction sizes in [lo, hi] that add up to total, in random order."""
+    assert lo * ntx <= total <= hi * ntx, "impossible sizes"
+    sizes = [lo] * ntx
+    extra = total - lo * ntx
+    open_ = list(range(ntx))
+    while extra > 0:
+        i = rng.randrange(len(open_))
+        k = open_[i]
+        sizes[k] += 1
+        extra -= 1
+        if sizes[k] == hi:
+            open_[i] = open_[-1]
+            open_.pop()
+    return sizes
+
+
+def random_sizes(total, lo, hi, rng):
+    """Random transaction sizes in [lo, hi] adding up to total (the last may be smaller)."""
+    sizes = []
+    while total > 0:
+        n = min(total, rng.randint(lo, hi))
+        sizes.append(n)
+        total -= n
+    return sizes
+
+
+class OutboxWriter:
+    """Writes events into an outbox table over its own connection. Transactions commit one after
+    the other, so the order of `event_ids` (and of `transactions`) is the commit order."""
+
+    COLUMNS = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload", "trace_id")
+
+    def __init__(self, pg, table="public.outbox", seed=None):
+        self.pg = pg
+        self.table = table
+        self.rng = random.Random(seed)
+        self.conn = pg.connect(autocommit=False)
+        self.transactions = []  # event ids per committed transaction, in commit order
+        self._thread = None
+        self._error = None
+        self._stop = threading.Event()
+        self._seq = 0
+
+    @property
+    def event_ids(self):
+        return [e for tx in self.transactions for e in tx]
+
+    def make_event(self, **over):
+        """One event as a dict of column values (payload as a Python object)."""
+        rng = self.rng
+        self._seq += 1
+        ev = {
+            "event_id": str(uuid.uuid4()),
+            "aggregate_type": rng.choice(AGGREGATE_TYPES),
+            "aggregate_id": f"agg-{rng.randrange(1000)}",
+            "event_type": rng.choice(EVENT_TYPES),
+            "payload": {
+                "seq": self._seq,
+                "zeta": rng.random(),
+                "alpha": [1, 2.5, None, True, "s\u00fc\u00df \"quoted\" \\ back"],
+                "nested": {"b": rng.randrange(10 ** 12), "a": "x" * rng.randrange(0, 200)},
+                "emoji": "\U0001F680",
+            },
+            "trace_id": None if rng.random() < 0.3 else uuid.uuid4().hex,
+        }
+        ev.update(over)
+        return ev
+
+    def insert_rows(self, cur, events):
+        """INSERTs events through cursor cur, inside whatever transaction is open there."""
+        rows = [(e["event_id"], e["aggregate_type"], e["aggregate_id"], e["event_type"],
+                 psycopg2.extras.Json(e["payload"]), e["trace_id"]) for e in events]
+        psycopg2.extras.execute_values(
+            cur, f"INSERT INTO {self.table} ({', '.join(self.COLUMNS)}) VALUES %s", rows,
+            template="(%s, %s, %s, %s, %s::jsonb, %s)", page_size=1000)
+
+    def insert_txn(self, events=None, n=None, before_commit=None):
+        """Inserts events (or n new ones) in one transaction and commits. before_commit(cursor),
+        if given, runs after the inserts and before COMMIT; its result is returned with the ids.
+        Returns the event ids (or (ids, before_commit result))."""
+        if events is None:
+            events = [self.make_event() for _ in range(n)]
+        res = None
+        try:
+            with self.conn.cursor() as cur:
+                self.insert_rows(cur, events)
+                if before_commit is not None:
+                    res = before_commit(cur)
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        ids = [e["event_id"] for e in events]
+        self.transactions.append(ids)
+        return ids if before_commit is None else (ids, res)
+
+    def write(self, sizes, pause=0.0):
+        """One transaction per size, sequentially. Returns the ids written by this call."""
+        ids = []
+        for n in sizes:
+            if self._stop.is_set():
+                break
+            ids += self.insert_txn(n=n)
+            if pause:
+                time.sleep(pause)  # pacing a burst, not synchronisation
+        return ids
+
+    def start_background(self, sizes, pause=0.0):
+        """Writes the transactions on a thread; wait() joins it."""
+        assert self._thread is None, "a background write is already running"
+
+        def run():
+            try:
+                self.write(sizes, pause)
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="outbox-writer", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def busy(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout=120):
+        """Waits for the background writer; re-raises its exception."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise AssertionError(f"background writer still running after {timeout}s")
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
+
+    def rows(self):
+        """The table's rows as dicts keyed by event_id, rendered by PostgreSQL (payload::text)."""
+        with self.pg.connect() as c, c.cursor() as cur:
+            cur.execute(f"SELECT event_id::text, aggregate_type, aggregate_id, event_type, payload::text, "
+                        f"occurred_at, schema_version, trace_id FROM {self.table}")
+            keys = ("event_id", "aggregate_type", "aggregate_id", "event_type", "payload",
+                    "occurred_at", "schema_version", "trace_id")
+            out = {r[0]: dict(zip(keys, r)) for r in cur.fetchall()}
+        c.close()
+        return out
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def parse_rfc3339(s):
+    """Parses the relay's RFC 3339 UTC timestamps (Z suffix, 0..6 fraction digits)."""
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", s), f"not RFC 3339 UTC: {s!r}"
+    base, _, frac = s[:-1].partition(".")
+    t = dt.datetime.strptime(base, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc)
+    if frac:
+        t += dt.timedelta(microseconds=int((frac + "000000")[:6]))
+    return t
