@@ -372,7 +372,9 @@ int outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *t
     buf_putc(&ev->hvals, '\0');
     for (size_t i = 0; i < ARRAY_SIZE(column_headers); i++) {
         const PgoValue *cv = VAL(column_headers[i].col);
-        if (!PRESENT(cv))
+        /* No header for a NULL or empty value: libnats up to 3.9 reads "Key: \r\n" as
+         * taking the next header line for its value, so consumers would misread the rest. */
+        if (!PRESENT(cv) || cv->len == 0)
             continue;
         add_header(ev, column_headers[i].header, ev->hvals.len);
         if (b->col_type[column_headers[i].col] == OID_TIMESTAMPTZ)

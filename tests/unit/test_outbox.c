@@ -140,6 +140,7 @@ static void test_columns_by_name_and_bytea(void)
     CHECK_MEM(ev.body, ev.body_len, "\x00\xff\x10", 3);
     CHECK_STR(ev.subject.data, "ev._");
     CHECK(outbox_event_header(&ev, OUTBOX_HDR_EVENT_TYPE) == NULL);
+    CHECK(outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID) == NULL); /* empty: no header */
     cols[1].value = "\\x0g";
     insert(5, cols, 4);
     CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
