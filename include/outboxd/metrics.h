@@ -1,0 +1,86 @@
+/*
+ * metrics.h - the relay's counters and gauges, and their Prometheus text rendering.
+ *
+ * One Metrics object per process. The relay's thread and nats.c's threads update it with
+ * relaxed atomics (no locks on the hot path); the HTTP thread reads it when scraped. Values
+ * that are ages are stored as timestamps and turned into ages at scrape time, so a stalled
+ * relay still shows a rising oldest pending age.
+ */
+#ifndef OUTBOXD_METRICS_H
+#define OUTBOXD_METRICS_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "outboxd/util.h"
+
+/* Why a publish failed: the {reason} label of outboxd_publish_errors_total. */
+typedef enum PublishError {
+    PUBERR_TIMEOUT,       /* "timeout": no ack within --ack-timeout */
+    PUBERR_NO_RESPONDERS, /* "no_responders": no stream took the subject (or it is recovering) */
+    PUBERR_REJECTED,      /* "rejected": JetStream answered with an error */
+    PUBERR_CONNECTION,    /* "connection": not connected, or the publish call failed */
+    PUBERR_COUNT
+} PublishError;
+
+/* Why an event went to the dead-letter subject: the {reason} label of
+ * outboxd_dead_letter_total. */
+typedef enum DeadLetterReason {
+    DLR_INVALID_EVENT_ID, /* "invalid_event_id": null or unusable as a Nats-Msg-Id */
+    DLR_NULL_PAYLOAD,     /* "null_payload" */
+    DLR_TOO_LARGE,        /* "too_large": over the server's max_payload */
+    DLR_INVALID_SUBJECT,  /* "invalid_subject" */
+    DLR_REJECTED,         /* "rejected": JetStream refused it for good */
+    DLR_COUNT
+} DeadLetterReason;
+
+/* Upper bounds (seconds) of the outboxd_commit_to_ack_seconds histogram buckets; +Inf is
+ * implied. */
+#define METRICS_LATENCY_BUCKETS 14
+extern const double metrics_latency_bounds[METRICS_LATENCY_BUCKETS];
+
+typedef struct Metrics {
+    _Atomic uint64_t events_published;  /* acked and stored (duplicates not included) */
+    _Atomic uint64_t events_duplicate;  /* acked as duplicate by JetStream */
+    _Atomic uint64_t publish_errors[PUBERR_COUNT];
+    _Atomic uint64_t publish_retries;   /* events sent again after a failure */
+    _Atomic uint64_t dead_letter[DLR_COUNT];
+    _Atomic int64_t in_flight;          /* published, not yet acknowledged */
+    _Atomic int64_t oldest_pending_unix_us; /* commit time of the oldest unacked event; 0 = none */
+    _Atomic uint64_t confirmed_lsn;     /* flush position last reported to PostgreSQL */
+    _Atomic uint64_t server_wal_lsn;    /* the server's current WAL position, as last seen */
+    _Atomic int64_t last_commit_unix_us; /* commit time of the newest relayed transaction */
+    _Atomic uint64_t latency_buckets[METRICS_LATENCY_BUCKETS + 1]; /* last = +Inf */
+    _Atomic uint64_t latency_count;
+    _Atomic uint64_t latency_sum_us;
+    _Atomic int pg_connected;   /* 1 while the replication stream runs */
+    _Atomic int nats_connected; /* 1 while connected to NATS */
+    _Atomic int standby;        /* 1 while waiting for the slot held by another relay */
+    _Atomic int64_t heartbeat_mono_us; /* the relay loop's last turn (CLOCK_MONOTONIC) */
+} Metrics;
+
+/* The process's metrics. */
+extern Metrics metrics;
+
+void metrics_publish_error(PublishError reason);
+void metrics_dead_letter(DeadLetterReason reason);
+/* Records one commit-to-ack latency in microseconds. */
+void metrics_observe_latency(int64_t us);
+
+const char *metrics_publish_error_name(PublishError reason);
+const char *metrics_dead_letter_name(DeadLetterReason reason);
+
+/*
+ * Appends the Prometheus text exposition (version 0.0.4) of m to out: HELP and TYPE lines,
+ * every metric listed in the README, outboxd_build_info{version="..."} 1. now_unix_us is
+ * used to turn stored timestamps into ages.
+ */
+void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out);
+
+/* /readyz: the slot is held (streaming), NATS is connected and this relay is not on standby. */
+bool metrics_ready(const Metrics *m);
+/* /healthz: the relay loop turned within the last stale_us microseconds. */
+bool metrics_alive(const Metrics *m, int64_t now_mono_us, int64_t stale_us);
+
+#endif
