@@ -60,10 +60,12 @@ typedef struct Setting {
     const char *help;             /* one line */
 } Setting;
 
-static StringCheck check_nonempty, check_slot, check_name63, check_subject;
+static StringCheck check_nonempty, check_slot, check_name63, check_subject, check_plain_subject,
+    check_kv_bucket;
 
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"text", "json", NULL};
+static const char *const poison_actions[] = {"dead-letter", "stop", NULL};
 
 #define FIELD(f) offsetof(Config, f)
 
@@ -104,6 +106,32 @@ static const Setting settings[] = {
     {.key = "shutdown_timeout", .type = SET_DURATION, .offset = FIELD(shutdown_timeout_ms),
      .def = "5s", .min = 0, .max = 10 * MIN, .placeholder = "DURATION",
      .help = "on SIGTERM, how long to wait for outstanding acknowledgements"},
+    {.key = "strict_order", .type = SET_BOOL, .offset = FIELD(strict_order), .def = "true",
+     .placeholder = "BOOL",
+     .help = "chain each publish to the previous one (Nats-Expected-Last-Msg-Id) so the stream "
+             "keeps commit order through failures; needs outboxd to be the stream's only writer"},
+    {.key = "on_poison", .type = SET_CHOICE, .offset = FIELD(on_poison), .def = "dead-letter",
+     .choices = poison_actions, .placeholder = "ACTION",
+     .help = "what to do with an event that can never be published"},
+    {.key = "dead_letter_subject", .type = SET_STRING, .offset = FIELD(dead_letter_subject),
+     .def = "outbox.dead_letter", .check = check_plain_subject, .placeholder = "SUBJECT",
+     .help = "subject for events that can never be published, with headers saying why"},
+    {.key = "checkpoint_bucket", .type = SET_STRING, .offset = FIELD(checkpoint_bucket),
+     .def = "outboxd", .check = check_kv_bucket, .placeholder = "NAME",
+     .help = "JetStream key-value bucket holding the durable checkpoint (the last acknowledged "
+             "LSN per database system and slot)"},
+    {.key = "checkpoint_interval", .type = SET_DURATION, .offset = FIELD(checkpoint_interval_ms),
+     .def = "1s", .min = 100, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "how often to store the checkpoint when it moved"},
+    {.key = "retry_min", .type = SET_DURATION, .offset = FIELD(retry_min_ms), .def = "100ms",
+     .min = 10, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "first delay before reconnecting or publishing again after a failure"},
+    {.key = "retry_max", .type = SET_DURATION, .offset = FIELD(retry_max_ms), .def = "10s",
+     .min = 10, .max = HOUR, .placeholder = "DURATION",
+     .help = "longest such delay; delays double up to it, with full jitter"},
+    {.key = "http_addr", .type = SET_STRING, .offset = FIELD(http_addr), .def = ":9847",
+     .check = check_nonempty, .placeholder = "ADDR",
+     .help = "where to serve /metrics, /healthz and /readyz (host:port, :port, or off)"},
     {.key = "log_level", .type = SET_CHOICE, .offset = FIELD(log_level), .def = "info",
      .choices = log_levels, .placeholder = "LEVEL", .help = "least severe level to log"},
     {.key = "log_format", .type = SET_CHOICE, .offset = FIELD(log_format), .def = "text",
@@ -161,6 +189,32 @@ static bool check_subject(const char *value, char *why, size_t whylen)
         skip = hlen + vlen + 3;
     snprintf(why, whylen, "%s", msg + skip);
     return false;
+}
+
+/* A concrete subject (no template, no wildcards). */
+static bool check_plain_subject(const char *value, char *why, size_t whylen)
+{
+    if (!subject_is_valid(value, strlen(value)) || strchr(value, '{') || strchr(value, '}')) {
+        snprintf(why, whylen, "expected a subject such as outbox.dead_letter (tokens separated "
+                              "by '.', no wildcards or placeholders)");
+        return false;
+    }
+    return true;
+}
+
+/* JetStream key-value bucket names: letters, digits, '-' and '_'. */
+static bool check_kv_bucket(const char *value, char *why, size_t whylen)
+{
+    size_t n = strlen(value);
+    bool ok = n > 0 && n <= 64;
+    for (size_t i = 0; ok && i < n; i++) {
+        char c = value[i];
+        ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+             c == '-' || c == '_';
+    }
+    if (!ok)
+        snprintf(why, whylen, "expected 1 to 64 letters, digits, '-' or '_'");
+    return ok;
 }
 
 /* ---- number parsing ---- */
@@ -608,6 +662,12 @@ int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
         set_err(err, errlen,
                 "missing setting: --pg-url or OUTBOXD_PG_URL (the PostgreSQL connection string, "
                 "e.g. postgresql://user@host/db)");
+        return -1;
+    }
+    if (cfg->retry_min_ms > cfg->retry_max_ms) {
+        set_err(err, errlen,
+                "--retry-min (OUTBOXD_RETRY_MIN) must not be longer than --retry-max "
+                "(OUTBOXD_RETRY_MAX)");
         return -1;
     }
     return 0;

@@ -30,6 +30,16 @@ typedef struct Config {
     /* replication */
     int64_t status_interval_ms;   /* standby status update period */
     int64_t shutdown_timeout_ms;  /* on SIGTERM, how long to wait for outstanding acks */
+    /* failures */
+    bool strict_order;          /* chain publishes with Nats-Expected-Last-Msg-Id */
+    char *on_poison;            /* "dead-letter" or "stop" */
+    char *dead_letter_subject;
+    char *checkpoint_bucket;    /* JetStream KV bucket for the durable checkpoint */
+    int64_t checkpoint_interval_ms;
+    int64_t retry_min_ms;       /* backoff for reconnects and publish retries */
+    int64_t retry_max_ms;
+    /* observability */
+    char *http_addr;            /* "host:port", ":port" or "off" */
     /* logging */
     char *log_level;  /* debug, info, warn, error */
     char *log_format; /* text or json */

@@ -119,6 +119,13 @@ static void test_defaults(void)
     CHECK(cfg.shutdown_timeout_ms == 5000);
     CHECK_STR(cfg.log_level, "info");
     CHECK_STR(cfg.log_format, "text");
+    CHECK(cfg.strict_order == true);
+    CHECK_STR(cfg.on_poison, "dead-letter");
+    CHECK_STR(cfg.dead_letter_subject, "outbox.dead_letter");
+    CHECK_STR(cfg.checkpoint_bucket, "outboxd");
+    CHECK(cfg.checkpoint_interval_ms == 1000);
+    CHECK(cfg.retry_min_ms == 100 && cfg.retry_max_ms == 10000);
+    CHECK_STR(cfg.http_addr, ":9847");
     config_deinit(&cfg);
     CHECK(cfg.slot == NULL && cfg.log_level == NULL);
     config_deinit(&cfg); /* twice is harmless */
@@ -477,6 +484,29 @@ static void test_secret_not_echoed(void)
 }
 
 /* A failed parse leaves the last good values, and replacing strings does not leak (valgrind). */
+static void test_failure_settings(void)
+{
+    Config cfg;
+    CHECK(parse(&cfg, PG, "--on-poison=stop", "--strict-order=false", "--retry-min=1s",
+                "--retry-max=1s", "--dead-letter-subject=dlq.events", (char *)NULL) == 0);
+    CHECK_STR(cfg.on_poison, "stop");
+    CHECK(cfg.strict_order == false);
+    CHECK(cfg.retry_min_ms == 1000 && cfg.retry_max_ms == 1000);
+    CHECK_STR(cfg.dead_letter_subject, "dlq.events");
+    config_deinit(&cfg);
+
+    const char *e = FAILS(PG, "--on-poison=drop");
+    CHECK(strstr(e, "--on-poison") && strstr(e, "dead-letter") && strstr(e, "stop"));
+    e = FAILS(PG, "--retry-min=5s", "--retry-max=1s");
+    CHECK(strstr(e, "--retry-min") && strstr(e, "--retry-max"));
+    e = FAILS(PG, "--dead-letter-subject=dlq.>");
+    CHECK(strstr(e, "--dead-letter-subject") && strstr(e, "no wildcards"));
+    e = FAILS(PG, "--dead-letter-subject=dlq.{event_type}");
+    CHECK(strstr(e, "--dead-letter-subject") != NULL);
+    e = FAILS(PG, "--checkpoint-bucket=a.b");
+    CHECK(strstr(e, "--checkpoint-bucket") && strstr(e, "letters, digits"));
+}
+
 static void test_failed_parse_keeps_cfg(void)
 {
     Config cfg;
@@ -538,6 +568,7 @@ static void test_help(void)
     /* two lines per setting, help columns aligned */
     int lines = 0;
     long col = -1;
+    int nflags = 0;
     bool aligned = true;
     for (char *line = text; line && *line;) {
         char *nl = strchr(line, '\n');
@@ -552,9 +583,12 @@ static void test_help(void)
             aligned = aligned && c == col;
         }
         lines++;
+        if (strncmp(line, "  --", 4) == 0)
+            nflags++;
         line = nl ? nl + 1 : NULL;
     }
-    CHECK(lines == 28);
+    CHECK(nflags >= 20);
+    CHECK(lines == 2 * nflags); /* a flag line and an env line per setting */
     CHECK(aligned);
     free(text);
 }
@@ -563,6 +597,7 @@ int main(void)
 {
     clear_env();
     test_defaults();
+    test_failure_settings();
     test_env_and_flags();
     test_bool_forms();
     test_durations_bytes();
