@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "outboxd/subject.h"
 
 /* Type OIDs that change how a value is turned into bytes. */
@@ -67,6 +69,7 @@ struct OutboxMapper {
     size_t nbindings;
     size_t cap;
     SubjectValue *tmpl_values;
+    Buf scratch; /* subjects of rejected rows */
 };
 
 void outbox_event_init(OutboxEvent *ev)
@@ -127,6 +130,7 @@ void outbox_mapper_free(OutboxMapper *m)
         free(m->bindings[i].tmpl_col);
     free(m->bindings);
     free(m->tmpl_values);
+    buf_deinit(&m->scratch);
     subject_template_free(m->tmpl);
     free(m->schema);
     free(m->table);
@@ -319,14 +323,30 @@ static bool valid_msg_id(const char *p, size_t n)
     return true;
 }
 
-int outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
-                      OutboxEvent *ev, char *err, size_t errlen)
+/* Expands the subject template over a row into out. */
+static void expand_subject(OutboxMapper *m, const Binding *b, const PgoMessage *ins, Buf *out)
+{
+    size_t nt = subject_template_ncolumns(m->tmpl);
+    uint16_t ncols = ins->u.insert.ncols;
+    for (size_t t = 0; t < nt; t++) {
+        int c = b->tmpl_col[t];
+        const PgoValue *tv = c >= 0 && c < ncols ? &ins->values[c] : NULL;
+        bool present = tv && (tv->kind == 't' || tv->kind == 'b');
+        m->tmpl_values[t].data = present ? tv->data : NULL;
+        m->tmpl_values[t].len = present ? tv->len : 0;
+    }
+    buf_reset(out);
+    subject_template_expand(m->tmpl, m->tmpl_values, out);
+}
+
+OutboxReject outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
+                               OutboxEvent *ev, char *err, size_t errlen)
 {
     const Binding *b = binding_for(m, ins->u.insert.relid);
     if (!b || !b->is_outbox) {
         snprintf(err, errlen, "insert into relation %u, which is not a known outbox table",
                  ins->u.insert.relid);
-        return -1;
+        return OUTBOX_UNKNOWN_RELATION;
     }
     const PgoValue *v = ins->values;
     uint16_t ncols = ins->u.insert.ncols;
@@ -336,24 +356,24 @@ int outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *t
     const PgoValue *id = VAL(COL_EVENT_ID);
     if (!PRESENT(id)) {
         snprintf(err, errlen, "event_id is null");
-        return -1;
+        return OUTBOX_INVALID_EVENT_ID;
     }
     if (!valid_msg_id(id->data, id->len)) {
         snprintf(err, errlen,
                  "event_id is not usable as a Nats-Msg-Id (it must be 1 to %d printable ASCII "
                  "characters without spaces)",
                  OUTBOX_MAX_EVENT_ID);
-        return -1;
+        return OUTBOX_INVALID_EVENT_ID;
     }
     const PgoValue *payload = VAL(COL_PAYLOAD);
     if (!PRESENT(payload)) {
         snprintf(err, errlen, "payload is null");
-        return -1;
+        return OUTBOX_NULL_PAYLOAD;
     }
     if (b->col_type[COL_PAYLOAD] == OID_BYTEA) {
         if (decode_bytea(&ev->body_buf, payload->data, payload->len) < 0) {
             snprintf(err, errlen, "payload is bytea but not in hex format");
-            return -1;
+            return OUTBOX_NULL_PAYLOAD;
         }
         ev->body = ev->body_buf.data;
         ev->body_len = ev->body_buf.len;
@@ -393,16 +413,103 @@ int outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *t
     buf_putc(&ev->hvals, '\0');
     ev->msg_id = ev->hvals.data;
 
-    size_t nt = subject_template_ncolumns(m->tmpl);
-    for (size_t t = 0; t < nt; t++) {
-        int c = b->tmpl_col[t];
-        const PgoValue *tv = c >= 0 && c < ncols ? &v[c] : NULL;
-        m->tmpl_values[t].data = PRESENT(tv) ? tv->data : NULL;
-        m->tmpl_values[t].len = PRESENT(tv) ? tv->len : 0;
+    expand_subject(m, b, ins, &ev->subject);
+    if (ev->subject.len > OUTBOX_MAX_SUBJECT) {
+        snprintf(err, errlen,
+                 "the subject is %zu bytes long, more than the %d a NATS publish allows for it",
+                 ev->subject.len, OUTBOX_MAX_SUBJECT);
+        return OUTBOX_INVALID_SUBJECT;
     }
-    buf_reset(&ev->subject);
-    subject_template_expand(m->tmpl, m->tmpl_values, &ev->subject);
 #undef VAL
 #undef PRESENT
-    return 0;
+    return OUTBOX_OK;
+}
+
+void outbox_describe_row(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
+                         uint32_t index, DeadLetter *dl)
+{
+    memset(dl, 0, sizeof(*dl));
+    dl->table = m->qualified;
+    dl->commit_lsn = txn->commit_lsn;
+    dl->commit_time = txn->commit_time;
+    dl->index = index;
+    const Binding *b = binding_for(m, ins->u.insert.relid);
+    if (!b || !b->is_outbox)
+        return;
+    uint16_t ncols = ins->u.insert.ncols;
+    int c = b->col[COL_EVENT_ID];
+    if (c >= 0 && c < ncols && ins->values[c].data) {
+        dl->event_id = ins->values[c].data;
+        dl->event_id_len = ins->values[c].len;
+    }
+    c = b->col[COL_PAYLOAD];
+    if (c >= 0 && c < ncols && ins->values[c].data) {
+        dl->body = ins->values[c].data;
+        dl->body_len = ins->values[c].len;
+    }
+    expand_subject(m, b, ins, &m->scratch);
+    dl->subject = m->scratch.data;
+}
+
+static void add_text_header(OutboxEvent *ev, const char *name, const char *value, size_t len)
+{
+    if (!value || len == 0) /* see the note on empty values in outbox_map_insert */
+        return;
+    add_header(ev, name, ev->hvals.len);
+    append_header_value(&ev->hvals, value, len);
+    buf_putc(&ev->hvals, '\0');
+}
+
+void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLetter *dl,
+                        size_t max_body)
+{
+    char lsn[18], when[32];
+    lsn_format(dl->commit_lsn, lsn);
+    pg_time_format_rfc3339(dl->commit_time, when);
+
+    out->nheaders = 0;
+    buf_reset(&out->hvals);
+    add_header(out, OUTBOX_HDR_MSG_ID, out->hvals.len);
+    if (dl->event_id && valid_msg_id(dl->event_id, dl->event_id_len)) {
+        buf_puts(&out->hvals, "dlq-");
+        buf_append(&out->hvals, dl->event_id, dl->event_id_len);
+    } else {
+        buf_printf(&out->hvals, "dlq-%X-%X-%u", LSN_ARGS(dl->commit_lsn), dl->index);
+    }
+    buf_putc(&out->hvals, '\0');
+    add_text_header(out, OUTBOX_HDR_DL_REASON, dl->reason, dl->reason ? strlen(dl->reason) : 0);
+    add_text_header(out, OUTBOX_HDR_DL_DETAIL, dl->detail, dl->detail ? strlen(dl->detail) : 0);
+    add_text_header(out, OUTBOX_HDR_ORIGINAL_SUBJECT, dl->subject,
+                    dl->subject ? strlen(dl->subject) : 0);
+    add_text_header(out, OUTBOX_HDR_EVENT_ID, dl->event_id, dl->event_id_len);
+    add_text_header(out, OUTBOX_HDR_TABLE, dl->table, dl->table ? strlen(dl->table) : 0);
+    add_text_header(out, OUTBOX_HDR_COMMIT_LSN, lsn, strlen(lsn));
+    add_text_header(out, OUTBOX_HDR_COMMIT_TIME, when, strlen(when));
+    out->msg_id = out->hvals.data;
+    out->commit_lsn = dl->commit_lsn;
+    out->commit_time = dl->commit_time;
+    buf_reset(&out->subject);
+    buf_puts(&out->subject, dlq_subject);
+
+    if (dl->body && dl->body_len <= max_body) {
+        /* The caller's body may live in out->body_buf already: then it stays where it is. */
+        out->body = dl->body;
+        out->body_len = dl->body_len;
+        return;
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "table", json_string(dl->table ? dl->table : ""));
+    if (dl->event_id)
+        json_object_set_new(o, "event_id", json_stringn_nocheck(dl->event_id, dl->event_id_len));
+    json_object_set_new(o, "commit_lsn", json_string(lsn));
+    json_object_set_new(o, "reason", json_string(dl->reason ? dl->reason : ""));
+    json_object_set_new(o, "detail", json_string(dl->detail ? dl->detail : ""));
+    json_object_set_new(o, "body_bytes", json_integer((json_int_t)dl->body_len));
+    char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(o);
+    buf_reset(&out->body_buf);
+    buf_puts(&out->body_buf, text ? text : "{}");
+    free(text);
+    out->body = out->body_buf.data;
+    out->body_len = out->body_buf.len;
 }

@@ -376,23 +376,28 @@ int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_column
     return setup_slot(s, setup, created_slot, err, errlen);
 }
 
-int pgstream_slot_confirmed(PgStream *s, const char *slot, uint64_t *out, char *err,
-                            size_t errlen)
+int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,
+                       size_t errlen)
 {
     Buf sql;
     buf_init(&sql);
     int rc = -1;
     PGresult *res = NULL;
-    buf_puts(&sql, "SELECT coalesce(confirmed_flush_lsn, '0/0') FROM "
+    buf_puts(&sql, "SELECT coalesce(active_pid, 0), coalesce(confirmed_flush_lsn, '0/0') FROM "
                    "pg_catalog.pg_replication_slots WHERE slot_name = ");
     if (!put_literal(s, &sql, slot, err, errlen))
         goto done;
     res = query(s, sql.data, err, errlen);
     if (!res)
         goto done;
-    if (PQntuples(res) != 1 || !lsn_parse(PQgetvalue(res, 0, 0), out)) {
-        snprintf(err, errlen, "replication slot \"%s\" disappeared", slot);
-        goto done;
+    memset(info, 0, sizeof(*info));
+    if (PQntuples(res) == 1) {
+        info->exists = true;
+        info->active_pid = atoi(PQgetvalue(res, 0, 0));
+        if (!lsn_parse(PQgetvalue(res, 0, 1), &info->confirmed)) {
+            snprintf(err, errlen, "could not read the position of slot \"%s\"", slot);
+            goto done;
+        }
     }
     rc = 0;
 done:
@@ -443,7 +448,10 @@ int pgstream_start(PgStream *s, const char *slot, const char *publication, uint6
 
     PGresult *res = PQexec(s->conn, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {
+        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         set_pg_error(err, errlen, "could not start replication", PQerrorMessage(s->conn));
+        if (code && strcmp(code, "55006") == 0) /* object_in_use: the slot is active */
+            rc = PGSTREAM_SLOT_BUSY;
         PQclear(res);
         goto done;
     }

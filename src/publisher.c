@@ -1,5 +1,5 @@
 /*
- * publisher.c - JetStream publishing with our own ack routing.
+ * publisher.c - JetStream publishing with our own ack routing, and recovery from failures.
  *
  * A JetStream publish is a core NATS publish with a reply subject: the stream's leader answers
  * on it with a PubAck ({"stream":"S","seq":N} or {"error":{...}}), or the server answers "no
@@ -11,6 +11,16 @@
  * which only compare-and-swaps the slot's state word and, when the relay sleeps, pokes an
  * eventfd. The state word packs (seq, attempt, error code, state), so an answer for an event
  * whose slot was already reused, or for an earlier attempt, fails the swap and is ignored.
+ *
+ * Recovery is go-back-N: a timeout does not mean "not stored", and later publishes can succeed
+ * while earlier ones fail, so retrying one event alone would reorder the stream. Instead the
+ * publisher pauses, waits a backoff (doubling from retry_min to retry_max, full jitter), and
+ * sends every unacknowledged event again in sequence order with its Nats-Msg-Id, so JetStream
+ * drops what it already holds. With strict order each event also carries
+ * Nats-Expected-Last-Msg-Id = the previous event's id: a gap makes every later publish fail
+ * until the go-back-N refills it, so the stream can never hold a later event before an earlier
+ * one. When the oldest unacknowledged event fails that check although everything before it is
+ * stored, someone else wrote to the stream: the chain restarts from the stream's last message.
  */
 #include "outboxd/publisher.h"
 
@@ -27,15 +37,20 @@
 #include <nats/nats.h>
 
 #include "outboxd/log.h"
+#include "outboxd/metrics.h"
 #include "outboxd/util.h"
 
 enum { ST_INFLIGHT = 0, ST_ACKED = 1, ST_DUPLICATE = 2, ST_FAILED = 3 };
 
 /* Error codes beside JetStream's own err_code values (10000 and up). */
 enum { CODE_NONE = 0, CODE_NO_RESPONDERS = 1, CODE_BAD_REPLY = 2 };
+/* JetStream err_code values that decide what happens next. */
+enum { JS_WRONG_LAST_MSG_ID = 10070, JS_MESSAGE_TOO_LARGE = 10054 };
 
 #define SEQ_BITS 40
 #define SEQ_MASK ((UINT64_C(1) << SEQ_BITS) - 1)
+/* Room left for a dead letter's headers below max_payload. */
+#define DEAD_LETTER_HEADER_ROOM 4096
 
 static inline uint64_t state_word(uint64_t seq, unsigned attempt, unsigned code, unsigned st)
 {
@@ -55,17 +70,21 @@ static inline unsigned word_code(uint64_t w)
 
 typedef struct Slot {
     _Atomic uint64_t state;
-    natsMsg *msg;          /* kept until acknowledged, so it can be sent again */
+    natsMsg *msg;        /* kept until acknowledged, so it can be sent again */
     uint64_t seq;
     unsigned attempt;
-    int64_t sent_at;       /* CLOCK_MONOTONIC µs */
-    int64_t commit_time;   /* µs since 2000-01-01 */
+    bool dead_letter;    /* not chained into the stream order */
+    int64_t sent_at;     /* CLOCK_MONOTONIC µs */
+    int64_t commit_time; /* µs since 2000-01-01 */
     size_t bytes;
 } Slot;
 
 struct Publisher {
     natsConnection *nc;
     natsSubscription *sub;
+    jsCtx *js;
+    kvStore *kv;
+    char kv_bucket[80];
     char inbox[64];
     Slot *ring;
     uint64_t mask;
@@ -75,14 +94,61 @@ struct Publisher {
     int64_t max_bytes;
     int64_t bytes;
     int64_t ack_timeout_us;
-    uint64_t acked;
-    uint64_t duplicates;
+    bool strict;
+    char chain_last[256]; /* Nats-Msg-Id the next chained event expects as the stream's last */
+    char *dead_letter_subject;
+    char stream[256];
+    /* recovery */
+    int64_t retry_min_us, retry_max_us;
+    bool paused;
+    bool reseed;         /* restart the chain from the stream's last message before resending */
+    int64_t resume_at;
+    unsigned failures;   /* consecutive pauses without progress, for the backoff */
+    unsigned seen_epoch;
+    atomic_uint conn_epoch; /* incremented by every disconnect */
+    atomic_bool connected;
+    bool fatal;
+    char fatal_msg[512];
+    OutboxEvent dlq;     /* scratch for dead letters built from a refused message */
     int wake_fd;
     atomic_bool wake_armed;
-    atomic_bool closed;
     atomic_bool closing; /* we are closing the connection ourselves */
-    char urls[512]; /* without credentials, for messages */
+    char urls[512];      /* without credentials, for messages */
 };
+
+/* ---- small helpers ------------------------------------------------------------------------- */
+
+/* xorshift64*: jitter needs no more, and each thread keeps its own state. */
+static uint64_t random_u64(void)
+{
+    static _Thread_local uint64_t x;
+    if (x == 0)
+        x = (uint64_t)now_mono_us() * UINT64_C(0x9E3779B97F4A7C15) | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return x * UINT64_C(0x2545F4914F6CDD1D);
+}
+
+/* Full jitter: a uniform delay in [0, min(max, base * 2^attempt)]. */
+static int64_t backoff_us(int64_t base, int64_t max, unsigned attempt)
+{
+    int64_t cap = base;
+    for (unsigned i = 0; i < attempt && cap < max; i++)
+        cap *= 2;
+    if (cap > max)
+        cap = max;
+    return (int64_t)(random_u64() % (uint64_t)(cap + 1));
+}
+
+static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
+{
+    const char *last = nats_GetLastError(NULL);
+    bool extra = last && *last && strcmp(last, natsStatus_GetText(s)) != 0;
+    snprintf(err, errlen, "%s: %s%s%s", what, natsStatus_GetText(s), extra ? ": " : "",
+             extra ? last : "");
+    return -1;
+}
 
 /* ---- the reply thread ---------------------------------------------------------------------- */
 
@@ -111,7 +177,7 @@ static unsigned classify_reply(natsMsg *msg, unsigned *code)
         c = json_integer_value(json_object_get(e, "err_code"));
         if (c == 0)
             c = json_integer_value(json_object_get(e, "code"));
-        log_debug("publish rejected by JetStream: %s (err_code %lld)",
+        log_debug("publish refused by JetStream: %s (err_code %lld)",
                   json_string_value(json_object_get(e, "description")) ?: "no description",
                   (long long)c);
     }
@@ -120,50 +186,73 @@ static unsigned classify_reply(natsMsg *msg, unsigned *code)
     return ST_FAILED;
 }
 
+/* Parses "<seq>.<attempt>" at the end of subj. */
+static bool parse_reply_subject(const char *subj, uint64_t *seq, unsigned *attempt)
+{
+    const char *dot2 = strrchr(subj, '.');
+    const char *dot1 = dot2 ? memrchr(subj, '.', (size_t)(dot2 - subj)) : NULL;
+    if (!dot1 || dot1[1] < '0' || dot1[1] > '9' || dot2[1] < '0' || dot2[1] > '9')
+        return false;
+    char *end;
+    *seq = strtoull(dot1 + 1, &end, 10);
+    if (end != dot2)
+        return false;
+    *attempt = (unsigned)strtoul(dot2 + 1, &end, 10);
+    return *end == '\0';
+}
+
 static void on_reply(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
 {
     Publisher *p = closure;
-    /* The subject ends in ".<seq>.<attempt>". */
-    const char *subj = natsMsg_GetSubject(msg);
-    const char *dot2 = strrchr(subj, '.');
-    const char *dot1 = dot2 ? memrchr(subj, '.', (size_t)(dot2 - subj)) : NULL;
-    if (dot1) {
-        char *end;
-        uint64_t seq = strtoull(dot1 + 1, &end, 10);
-        unsigned attempt = (unsigned)strtoul(dot2 + 1, NULL, 10);
-        if (end == dot2) {
-            unsigned code;
-            unsigned st = classify_reply(msg, &code);
-            Slot *slot = &p->ring[seq & p->mask];
-            uint64_t expect = state_word(seq, attempt, 0, ST_INFLIGHT);
-            atomic_compare_exchange_strong(&slot->state, &expect,
-                                           state_word(seq, attempt, code, st));
-            if (atomic_exchange(&p->wake_armed, false)) {
-                uint64_t one = 1;
-                ssize_t ignored = write(p->wake_fd, &one, sizeof(one));
-                (void)ignored;
-            }
+    uint64_t seq;
+    unsigned attempt;
+    if (parse_reply_subject(natsMsg_GetSubject(msg), &seq, &attempt)) {
+        unsigned code;
+        unsigned st = classify_reply(msg, &code);
+        Slot *slot = &p->ring[seq & p->mask];
+        uint64_t expect = state_word(seq, attempt, 0, ST_INFLIGHT);
+        atomic_compare_exchange_strong(&slot->state, &expect, state_word(seq, attempt, code, st));
+        if (atomic_exchange(&p->wake_armed, false)) {
+            uint64_t one = 1;
+            ssize_t ignored = write(p->wake_fd, &one, sizeof(one));
+            (void)ignored;
         }
     }
+    /* Anything else (a checkpoint write's answer) needs no handling. */
     natsMsg_Destroy(msg);
 }
 
 static void on_disconnected(natsConnection *nc, void *closure)
 {
     Publisher *p = closure;
+    atomic_store(&p->connected, false);
+    atomic_store(&metrics.nats_connected, 0);
+    atomic_fetch_add(&p->conn_epoch, 1);
     if (!atomic_load(&p->closing))
-        log_warn("disconnected from NATS");
+        log_warn("disconnected from NATS; reconnecting");
+    uint64_t one = 1;
+    ssize_t ignored = write(p->wake_fd, &one, sizeof(one));
+    (void)ignored;
 }
 
 static void on_reconnected(natsConnection *nc, void *closure)
 {
-    log_info("reconnected to NATS");
+    Publisher *p = closure;
+    char url[256] = "";
+    natsConnection_GetConnectedUrl(nc, url, sizeof(url));
+    log_info("reconnected to NATS at %s", url);
+    atomic_store(&p->connected, true);
+    atomic_store(&metrics.nats_connected, 1);
+    uint64_t one = 1;
+    ssize_t ignored = write(p->wake_fd, &one, sizeof(one));
+    (void)ignored;
 }
 
-static void on_closed(natsConnection *nc, void *closure)
+static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
 {
     Publisher *p = closure;
-    atomic_store(&p->closed, true);
+    return backoff_us(p->retry_min_us, p->retry_max_us, (unsigned)(attempts > 0 ? attempts - 1 : 0)) /
+           1000;
 }
 
 /* ---- set-up -------------------------------------------------------------------------------- */
@@ -195,15 +284,6 @@ static void redact_urls(const char *urls, char *out, size_t outlen)
     buf_deinit(&b);
 }
 
-static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
-{
-    const char *last = nats_GetLastError(NULL);
-    snprintf(err, errlen, "%s: %s%s%s", what, natsStatus_GetText(s),
-             last && *last && strcmp(last, natsStatus_GetText(s)) != 0 ? ": " : "",
-             last && *last && strcmp(last, natsStatus_GetText(s)) != 0 ? last : "");
-    return -1;
-}
-
 /* Sends a JetStream API request; returns the parsed JSON reply or NULL with err set. On no
  * responders sets *no_responders. */
 static json_t *js_api(Publisher *p, const char *subject, const char *body, bool *no_responders,
@@ -222,8 +302,8 @@ static json_t *js_api(Publisher *p, const char *subject, const char *body, bool 
         return NULL;
     }
     json_error_t jerr;
-    json_t *root = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0,
-                              &jerr);
+    json_t *root =
+        json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, &jerr);
     natsMsg_Destroy(reply);
     if (!root)
         snprintf(err, errlen, "JetStream sent an unreadable reply to %s: %s", subject, jerr.text);
@@ -235,80 +315,15 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     Publisher *p = xcalloc(1, sizeof(*p));
     p->wake_fd = -1;
     redact_urls(opts->urls, p->urls, sizeof(p->urls));
+    outbox_event_init(&p->dlq);
+    p->retry_min_us = opts->retry_min_ms * 1000;
+    p->retry_max_us = opts->retry_max_ms * 1000;
+    p->strict = opts->strict_order;
+    p->dead_letter_subject = opts->dead_letter_subject ? xstrdup(opts->dead_letter_subject) : NULL;
     int rc = -1;
     natsOptions *no = NULL;
     char **servers = NULL;
     int nservers = 0;
-
-    /* The server list: split on commas, trim spaces. */
-    char *copy = xstrdup(opts->urls);
-    for (char *tok = strtok(copy, ","); tok; tok = strtok(NULL, ",")) {
-        while (*tok == ' ')
-            tok++;
-        if (!*tok)
-            continue;
-        servers = xrealloc(servers, sizeof(char *) * (size_t)(nservers + 1));
-        servers[nservers++] = tok;
-    }
-    natsStatus s = natsOptions_Create(&no);
-    if (s == NATS_OK)
-        s = natsOptions_SetServers(no, (const char **)servers, nservers);
-    if (s == NATS_OK)
-        s = natsOptions_SetName(no, "outboxd");
-    if (s == NATS_OK)
-        s = natsOptions_SetTimeout(no, 5000);
-    if (s == NATS_OK)
-        s = natsOptions_SetMaxReconnect(no, -1);
-    if (s == NATS_OK)
-        s = natsOptions_SetReconnectWait(no, 500);
-    if (s == NATS_OK)
-        s = natsOptions_SetReconnectJitter(no, 500, 1000);
-    if (s == NATS_OK)
-        s = natsOptions_SetDisconnectedCB(no, on_disconnected, p);
-    if (s == NATS_OK)
-        s = natsOptions_SetReconnectedCB(no, on_reconnected, p);
-    if (s == NATS_OK)
-        s = natsOptions_SetClosedCB(no, on_closed, p);
-    if (s != NATS_OK) {
-        nats_fail(err, errlen, "could not set NATS options", s);
-        goto done;
-    }
-    s = natsConnection_Connect(&p->nc, no);
-    if (s != NATS_OK) {
-        char why[512];
-        nats_fail(why, sizeof(why), "connect", s);
-        snprintf(err, errlen,
-                 "could not connect to NATS at %s: %s (is nats-server running there? set "
-                 "--nats-url)",
-                 p->urls, why + strlen("connect: "));
-        rc = PUBLISH_CHECK_FAILED;
-        goto done;
-    }
-
-    bool no_responders;
-    json_t *info = js_api(p, "$JS.API.INFO", "", &no_responders, err, errlen);
-    json_t *jerr = info ? json_object_get(info, "error") : NULL;
-    if (no_responders || (jerr && (json_integer_value(json_object_get(jerr, "err_code")) == 10039 ||
-                                   json_integer_value(json_object_get(jerr, "err_code")) == 10076))) {
-        snprintf(err, errlen,
-                 "JetStream is not enabled on the NATS server at %s: start nats-server with -js "
-                 "(or a jetstream block in its configuration)",
-                 p->urls);
-        json_decref(info);
-        rc = PUBLISH_CHECK_FAILED;
-        goto done;
-    }
-    json_decref(info);
-    if (!info)
-        goto done;
-
-    natsInbox *inbox = NULL;
-    if ((s = natsInbox_Create(&inbox)) != NATS_OK) {
-        nats_fail(err, errlen, "could not create an inbox", s);
-        goto done;
-    }
-    snprintf(p->inbox, sizeof(p->inbox), "%s", (const char *)inbox);
-    natsInbox_Destroy(inbox);
 
     uint64_t cap = 1;
     while ((int64_t)cap < opts->max_inflight)
@@ -328,6 +343,85 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     }
     atomic_init(&p->wake_armed, true);
 
+    /* The server list: split on commas, trim spaces. */
+    char *copy = xstrdup(opts->urls);
+    for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ')
+            tok++;
+        if (!*tok)
+            continue;
+        servers = xrealloc(servers, sizeof(char *) * (size_t)(nservers + 1));
+        servers[nservers++] = tok;
+    }
+    natsStatus s = natsOptions_Create(&no);
+    if (s == NATS_OK)
+        s = natsOptions_SetServers(no, (const char **)servers, nservers);
+    if (s == NATS_OK)
+        s = natsOptions_SetName(no, "outboxd");
+    if (s == NATS_OK)
+        s = natsOptions_SetTimeout(no, 5000);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxReconnect(no, -1);
+    if (s == NATS_OK)
+        s = natsOptions_SetCustomReconnectDelay(no, reconnect_delay, p);
+    if (s == NATS_OK) /* while disconnected nothing new is published: a small buffer is enough */
+        s = natsOptions_SetReconnectBufSize(no, 8 * 1024 * 1024);
+    if (s == NATS_OK)
+        s = natsOptions_SetDisconnectedCB(no, on_disconnected, p);
+    if (s == NATS_OK)
+        s = natsOptions_SetReconnectedCB(no, on_reconnected, p);
+    if (s != NATS_OK) {
+        nats_fail(err, errlen, "could not set NATS options", s);
+        free(copy);
+        goto done;
+    }
+    s = natsConnection_Connect(&p->nc, no);
+    free(copy);
+    if (s != NATS_OK) {
+        char why[512];
+        nats_fail(why, sizeof(why), "connect", s);
+        snprintf(err, errlen,
+                 "could not connect to NATS at %s: %s (is nats-server running there? set "
+                 "--nats-url)",
+                 p->urls, why + strlen("connect: "));
+        rc = PUBLISH_CHECK_FAILED;
+        goto done;
+    }
+    atomic_store(&p->connected, true);
+    atomic_store(&metrics.nats_connected, 1);
+
+    bool no_responders;
+    json_t *info = js_api(p, "$JS.API.INFO", "", &no_responders, err, errlen);
+    json_t *jerr = info ? json_object_get(info, "error") : NULL;
+    json_int_t jcode = jerr ? json_integer_value(json_object_get(jerr, "err_code")) : 0;
+    json_decref(info);
+    if (no_responders || jcode == 10039 || jcode == 10076) {
+        snprintf(err, errlen,
+                 "JetStream is not enabled on the NATS server at %s: start nats-server with -js "
+                 "(or a jetstream block in its configuration)",
+                 p->urls);
+        rc = PUBLISH_CHECK_FAILED;
+        goto done;
+    }
+    if (!info)
+        goto done;
+    jsOptions jo;
+    jsOptions_Init(&jo);
+    jo.Wait = 2000; /* checkpoint writes at shutdown must not hold up a stop for long */
+    if ((s = natsConnection_JetStream(&p->js, p->nc, &jo)) != NATS_OK) {
+        nats_fail(err, errlen, "could not use JetStream", s);
+        goto done;
+    }
+
+    natsInbox *inbox = NULL;
+    if ((s = natsInbox_Create(&inbox)) != NATS_OK) {
+        nats_fail(err, errlen, "could not create an inbox", s);
+        goto done;
+    }
+    snprintf(p->inbox, sizeof(p->inbox), "%s", (const char *)inbox);
+    natsInbox_Destroy(inbox);
+
     char wildcard[80];
     snprintf(wildcard, sizeof(wildcard), "%s.>", p->inbox);
     s = natsConnection_Subscribe(&p->sub, p->nc, wildcard, on_reply, p);
@@ -343,7 +437,6 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
 done:
     natsOptions_Destroy(no);
     free(servers);
-    free(copy);
     if (rc == 0)
         *out = p;
     else
@@ -355,12 +448,14 @@ void publisher_free(Publisher *p)
 {
     if (!p)
         return;
+    atomic_store(&p->closing, true);
+    kvStore_Destroy(p->kv);
+    jsCtx_Destroy(p->js);
     if (p->sub) {
         natsSubscription_Unsubscribe(p->sub);
         natsSubscription_Destroy(p->sub);
     }
     if (p->nc) {
-        atomic_store(&p->closing, true);
         natsConnection_Close(p->nc);
         natsConnection_Destroy(p->nc);
     }
@@ -371,11 +466,13 @@ void publisher_free(Publisher *p)
     }
     if (p->wake_fd >= 0)
         close(p->wake_fd);
+    outbox_event_deinit(&p->dlq);
+    free(p->dead_letter_subject);
     free(p);
 }
 
-int publisher_check_stream(Publisher *p, const char *filter, char *stream, size_t streamlen,
-                           char *err, size_t errlen)
+/* Names of the streams capturing subjects that match filter; NULL with err set on failure. */
+static json_t *streams_for(Publisher *p, const char *filter, char *err, size_t errlen)
 {
     json_t *req = json_pack("{s:s}", "subject", filter);
     char *body = json_dumps(req, JSON_COMPACT);
@@ -383,21 +480,123 @@ int publisher_check_stream(Publisher *p, const char *filter, char *stream, size_
     bool no_responders;
     json_t *reply = js_api(p, "$JS.API.STREAM.NAMES", body, &no_responders, err, errlen);
     free(body);
+    return reply;
+}
+
+/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
+static int read_msg_id(Publisher *p, const char *stream, uint64_t seq, char *out, size_t outlen,
+                       char *err, size_t errlen)
+{
+    out[0] = '\0';
+    if (seq == 0)
+        return 0;
+    char subject[320], body[64];
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
+    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
+    bool no_responders;
+    json_t *reply = js_api(p, subject, body, &no_responders, err, errlen);
+    if (!reply)
+        return -1;
+    /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". */
+    const char *b64 = json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
+    if (b64) {
+        static const char alphabet[] =
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        Buf raw;
+        buf_init(&raw);
+        uint32_t acc = 0;
+        int bits = 0;
+        for (const char *c = b64; *c && *c != '='; c++) {
+            const char *pos = strchr(alphabet, *c);
+            if (!pos)
+                continue;
+            acc = acc << 6 | (uint32_t)(pos - alphabet);
+            bits += 6;
+            if (bits >= 8) {
+                bits -= 8;
+                buf_putc(&raw, (char)(acc >> bits & 0xff));
+            }
+        }
+        const char *key = raw.data ? strstr(raw.data, "\r\n" OUTBOX_HDR_MSG_ID ":") : NULL;
+        if (key) {
+            const char *v = key + 2 + strlen(OUTBOX_HDR_MSG_ID) + 1;
+            while (*v == ' ')
+                v++;
+            size_t n = strcspn(v, "\r\n");
+            snprintf(out, outlen, "%.*s", (int)n, v);
+        }
+        buf_deinit(&raw);
+    }
+    json_decref(reply);
+    return 0;
+}
+
+/* Reads the stream's configuration and state into info. */
+static int read_stream(Publisher *p, const char *name, StreamInfo *info, char *err, size_t errlen)
+{
+    char subject[320];
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.INFO.%s", name);
+    bool no_responders;
+    json_t *reply = js_api(p, subject, "", &no_responders, err, errlen);
+    if (!reply)
+        return -1;
+    json_t *config = json_object_get(reply, "config");
+    json_t *state = json_object_get(reply, "state");
+    if (!config || !state) {
+        snprintf(err, errlen, "could not read stream %s: unexpected reply", name);
+        json_decref(reply);
+        return -1;
+    }
+    snprintf(info->name, sizeof(info->name), "%s", name);
+    info->replicas = (int)json_integer_value(json_object_get(config, "num_replicas"));
+    if (info->replicas < 1)
+        info->replicas = 1;
+    info->duplicate_window_ms = json_integer_value(json_object_get(config, "duplicate_window")) /
+                                1000000;
+    info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
+    uint64_t messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
+    json_decref(reply);
+    return read_msg_id(p, name, messages ? info->last_seq : 0, info->last_msg_id,
+                       sizeof(info->last_msg_id), err, errlen);
+}
+
+int publisher_bind_stream(Publisher *p, const char *filter, StreamInfo *info, char *err,
+                          size_t errlen)
+{
+    json_t *reply = streams_for(p, filter, err, errlen);
     if (!reply)
         return -1;
     json_t *names = json_object_get(reply, "streams");
-    int rc = 0;
     if (!json_is_array(names) || json_array_size(names) == 0) {
         snprintf(err, errlen,
                  "no JetStream stream captures subjects %s: create one whose subjects cover them "
                  "(for the default template, a stream with subjects \"outbox.>\")",
                  filter);
-        rc = PUBLISH_CHECK_FAILED;
-    } else {
-        snprintf(stream, streamlen, "%s", json_string_value(json_array_get(names, 0)) ?: "?");
+        json_decref(reply);
+        return PUBLISH_CHECK_FAILED;
     }
+    snprintf(p->stream, sizeof(p->stream), "%s", json_string_value(json_array_get(names, 0)));
     json_decref(reply);
-    return rc;
+    if (read_stream(p, p->stream, info, err, errlen) < 0)
+        return -1;
+    snprintf(p->chain_last, sizeof(p->chain_last), "%s", info->last_msg_id);
+
+    if (p->dead_letter_subject) {
+        reply = streams_for(p, p->dead_letter_subject, err, errlen);
+        if (!reply)
+            return -1;
+        names = json_object_get(reply, "streams");
+        bool captured = json_is_array(names) && json_array_size(names) > 0;
+        json_decref(reply);
+        if (!captured) {
+            snprintf(err, errlen,
+                     "no JetStream stream captures the dead-letter subject %s: add it to a "
+                     "stream's subjects, or set --dead-letter-subject (or --on-poison=stop)",
+                     p->dead_letter_subject);
+            return PUBLISH_CHECK_FAILED;
+        }
+    }
+    return 0;
 }
 
 /* ---- publishing ---------------------------------------------------------------------------- */
@@ -409,140 +608,359 @@ uint64_t publisher_next_seq(const Publisher *p)
 
 bool publisher_has_room(const Publisher *p)
 {
+    /* While disconnected nothing new is taken: it would only pile up in nats.c's reconnect
+     * buffer and time out there. The WAL keeps it. */
     int64_t n = (int64_t)(p->next - p->head);
-    return n < p->max_inflight && (p->bytes < p->max_bytes || n == 0);
+    return !p->paused && !p->fatal && atomic_load(&p->connected) && n < p->max_inflight &&
+           (p->bytes < p->max_bytes || n == 0);
+}
+
+size_t publisher_max_body(const Publisher *p)
+{
+    int64_t max = natsConnection_GetMaxPayload(p->nc);
+    return max > DEAD_LETTER_HEADER_ROOM ? (size_t)(max - DEAD_LETTER_HEADER_ROOM) : 0;
 }
 
 static size_t event_size(const OutboxEvent *ev)
 {
-    /* What goes over the wire: NATS/1.0 line, "Key: value\r\n" per header, blank line, body. */
-    size_t n = 12 + ev->body_len;
+    /* What goes over the wire: NATS/1.0 line, "Key: value\r\n" per header (the expected-last
+     * header included), blank line, body. */
+    size_t n = 12 + ev->body_len + sizeof(OUTBOX_HDR_EXPECTED_LAST) + 4 + OUTBOX_MAX_EVENT_ID;
     for (size_t i = 0; i < ev->nheaders; i++)
         n += strlen(ev->headers[i].name) + 4 + strlen(ev->hvals.data + ev->headers[i].off);
     return n;
 }
 
-static natsStatus send_slot(Publisher *p, Slot *slot)
+static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, char *out,
+                          size_t outlen)
 {
-    natsStatus s = natsConnection_PublishMsg(p->nc, slot->msg);
-    slot->sent_at = now_mono_us();
-    return s;
+    snprintf(out, outlen, "%s.%" PRIu64 ".%u", p->inbox, seq, attempt & 0xff);
 }
 
-int publisher_publish(Publisher *p, const OutboxEvent *ev, uint64_t *seq_out, char *err,
-                      size_t errlen)
+/* Builds a message for ev; expected (may be NULL) becomes Nats-Expected-Last-Msg-Id. */
+static natsStatus build_msg(const OutboxEvent *ev, const char *reply, const char *expected,
+                            natsMsg **out)
+{
+    natsMsg *msg = NULL;
+    natsStatus s = natsMsg_Create(&msg, ev->subject.data, reply, ev->body, (int)ev->body_len);
+    for (size_t i = 0; s == NATS_OK && i < ev->nheaders; i++)
+        s = natsMsgHeader_Set(msg, ev->headers[i].name, ev->hvals.data + ev->headers[i].off);
+    if (s == NATS_OK && expected && *expected)
+        s = natsMsgHeader_Set(msg, OUTBOX_HDR_EXPECTED_LAST, expected);
+    if (s != NATS_OK) {
+        natsMsg_Destroy(msg);
+        return s;
+    }
+    *out = msg;
+    return NATS_OK;
+}
+
+/* A copy of src with another reply subject, for sending it again. */
+static natsStatus copy_msg(natsMsg *src, const char *reply, natsMsg **out)
+{
+    natsMsg *msg = NULL;
+    natsStatus s = natsMsg_Create(&msg, natsMsg_GetSubject(src), reply, natsMsg_GetData(src),
+                                  natsMsg_GetDataLength(src));
+    const char **keys = NULL;
+    int n = 0;
+    if (s == NATS_OK && natsMsgHeader_Keys(src, &keys, &n) == NATS_OK) {
+        for (int i = 0; s == NATS_OK && i < n; i++) {
+            const char *v = NULL;
+            if (natsMsgHeader_Get(src, keys[i], &v) == NATS_OK && v)
+                s = natsMsgHeader_Set(msg, keys[i], v);
+        }
+        free((void *)keys);
+    }
+    if (s != NATS_OK) {
+        natsMsg_Destroy(msg);
+        return s;
+    }
+    *out = msg;
+    return NATS_OK;
+}
+
+/* Puts msg into the slot for seq (taking ownership) and sends it. A failed send leaves the
+ * event in flight: it fails by timeout or disconnect and is sent again, never lost. */
+static void send_in_slot(Publisher *p, Slot *slot, natsMsg *msg, unsigned attempt)
+{
+    natsMsg_Destroy(slot->msg);
+    slot->msg = msg;
+    slot->attempt = attempt;
+    atomic_store(&slot->state, state_word(slot->seq, attempt, 0, ST_INFLIGHT));
+    slot->sent_at = now_mono_us();
+    natsStatus s = natsConnection_PublishMsg(p->nc, msg);
+    if (s != NATS_OK)
+        log_debug("publish of seq %" PRIu64 " failed at once: %s", slot->seq,
+                  natsStatus_GetText(s));
+}
+
+int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uint64_t *seq_out,
+                      char *err, size_t errlen)
 {
     size_t size = event_size(ev);
     int64_t max_payload = natsConnection_GetMaxPayload(p->nc);
     if (max_payload > 0 && (int64_t)size > max_payload) {
         snprintf(err, errlen,
-                 "event is %zu bytes with its headers, more than the NATS server's max_payload "
-                 "of %" PRId64 " bytes",
+                 "the event is %zu bytes with its headers, more than the NATS server's "
+                 "max_payload of %" PRId64 " bytes",
                  size, max_payload);
         return PUBLISH_UNPUBLISHABLE;
     }
     uint64_t seq = p->next;
     char reply[96];
-    snprintf(reply, sizeof(reply), "%s.%" PRIu64 ".0", p->inbox, seq);
-    natsMsg *msg = NULL;
-    natsStatus s = natsMsg_Create(&msg, ev->subject.data, reply, ev->body, (int)ev->body_len);
-    for (size_t i = 0; s == NATS_OK && i < ev->nheaders; i++)
-        s = natsMsgHeader_Set(msg, ev->headers[i].name, ev->hvals.data + ev->headers[i].off);
-    if (s != NATS_OK) {
-        natsMsg_Destroy(msg);
+    reply_subject(p, seq, 0, reply, sizeof(reply));
+    bool chained = p->strict && !dead_letter;
+    natsMsg *msg;
+    natsStatus s = build_msg(ev, reply, chained ? p->chain_last : NULL, &msg);
+    if (s != NATS_OK)
         return nats_fail(err, errlen, "could not build a message", s);
-    }
+    if (chained)
+        snprintf(p->chain_last, sizeof(p->chain_last), "%s", ev->msg_id);
 
     Slot *slot = &p->ring[seq & p->mask];
-    natsMsg_Destroy(slot->msg);
-    slot->msg = msg;
     slot->seq = seq;
-    slot->attempt = 0;
+    slot->dead_letter = dead_letter;
     slot->commit_time = ev->commit_time;
     slot->bytes = size;
-    atomic_store(&slot->state, state_word(seq, 0, 0, ST_INFLIGHT));
     p->next++;
     p->bytes += (int64_t)size;
-
-    s = send_slot(p, slot);
-    if (s != NATS_OK) {
-        /* The event stays in the window as in flight: it fails by timeout, never silently. */
-        return nats_fail(err, errlen, "could not publish", s);
-    }
+    send_in_slot(p, slot, msg, 0);
     *seq_out = seq;
     return 0;
 }
 
-static void describe_failure(unsigned code, char *out, size_t outlen)
+/* ---- failures and recovery ------------------------------------------------------------------ */
+
+static PublishError error_kind(unsigned code)
 {
     switch (code) {
     case CODE_NO_RESPONDERS:
-        snprintf(out, outlen, "no responders: no stream took the subject, or JetStream is "
-                              "recovering");
+        return PUBERR_NO_RESPONDERS;
+    case CODE_BAD_REPLY:
+        return PUBERR_REJECTED;
+    default:
+        return PUBERR_REJECTED;
+    }
+}
+
+static void describe_code(unsigned code, char *out, size_t outlen)
+{
+    switch (code) {
+    case CODE_NO_RESPONDERS:
+        snprintf(out, outlen, "no responders (no stream took the subject, or the stream is "
+                              "electing a leader)");
         break;
     case CODE_BAD_REPLY:
         snprintf(out, outlen, "JetStream sent an unexpected reply");
         break;
+    case JS_WRONG_LAST_MSG_ID:
+        snprintf(out, outlen, "the stream's last message is not the previous event (err_code "
+                              "10070)");
+        break;
     default:
-        snprintf(out, outlen, "JetStream rejected the event (err_code %u)", code);
+        snprintf(out, outlen, "JetStream refused the event (err_code %u)", code);
         break;
     }
 }
 
-/* Names the event in a failure message: its id, subject and commit LSN. */
-static void fail_event(const Slot *slot, PublisherStatus *st, const char *why)
+/* Names the event in a message: its id, subject and commit LSN. */
+static void describe_event(natsMsg *msg, char *out, size_t outlen)
 {
     const char *id = NULL, *lsn = NULL;
+    natsMsgHeader_Get(msg, OUTBOX_HDR_MSG_ID, &id);
+    natsMsgHeader_Get(msg, OUTBOX_HDR_COMMIT_LSN, &lsn);
+    snprintf(out, outlen, "event %s (subject %s, commit LSN %s)", id ? id : "?",
+             natsMsg_GetSubject(msg), lsn ? lsn : "?");
+}
+
+static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const char *why)
+{
+    if (p->paused)
+        return;
+    metrics_publish_error(kind);
+    int64_t delay = backoff_us(p->retry_min_us, p->retry_max_us, p->failures);
+    p->failures++;
+    p->paused = true;
+    p->resume_at = now + delay;
+    log_warn("publishing paused: %s; sending the %" PRIu64 " unacknowledged events again in %" PRId64
+             " ms%s",
+             why, p->next - p->head, delay / 1000,
+             atomic_load(&p->connected) ? "" : " once NATS is reachable");
+}
+
+/* The event at the head can never be stored as it is: replace it by a dead letter, or stop. */
+static void refuse_head(Publisher *p, Slot *slot, unsigned code)
+{
+    char event[256], why[128];
+    describe_event(slot->msg, event, sizeof(event));
+    describe_code(code, why, sizeof(why));
+    if (!p->dead_letter_subject || slot->dead_letter) {
+        p->fatal = true;
+        snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s", event, why);
+        return;
+    }
+    const char *id = NULL, *lsn_text = NULL;
     natsMsgHeader_Get(slot->msg, OUTBOX_HDR_MSG_ID, &id);
-    natsMsgHeader_Get(slot->msg, OUTBOX_HDR_COMMIT_LSN, &lsn);
-    st->failed = true;
-    st->failed_seq = slot->seq;
-    snprintf(st->failure, sizeof(st->failure), "event %s (subject %s, commit LSN %s): %s",
-             id ? id : "?", natsMsg_GetSubject(slot->msg), lsn ? lsn : "?", why);
+    natsMsgHeader_Get(slot->msg, OUTBOX_HDR_COMMIT_LSN, &lsn_text);
+    uint64_t lsn = 0;
+    if (lsn_text)
+        lsn_parse(lsn_text, &lsn);
+    DeadLetter dl = {
+        .reason = code == JS_MESSAGE_TOO_LARGE ? "too_large" : "rejected",
+        .detail = why,
+        .event_id = id,
+        .event_id_len = id ? strlen(id) : 0,
+        .subject = natsMsg_GetSubject(slot->msg),
+        .commit_lsn = lsn,
+        .commit_time = slot->commit_time,
+        .index = (uint32_t)slot->seq,
+    };
+    outbox_dead_letter(&p->dlq, p->dead_letter_subject, &dl, 0);
+    char reply[96];
+    reply_subject(p, slot->seq, slot->attempt + 1, reply, sizeof(reply));
+    natsMsg *msg;
+    if (build_msg(&p->dlq, reply, NULL, &msg) != NATS_OK) {
+        p->fatal = true;
+        snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s; could not build its dead letter",
+                 event, why);
+        return;
+    }
+    metrics_dead_letter(code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE : DLR_REJECTED);
+    log_warn("dead-lettered %s to %s: %s", event, p->dead_letter_subject, why);
+    slot->dead_letter = true;
+    send_in_slot(p, slot, msg, slot->attempt + 1);
+}
+
+/* With strict order: the next resend of the head expects the stream's current last message. */
+static void reseed_head(Publisher *p, Slot *slot)
+{
+    StreamInfo info;
+    char err[256];
+    if (read_stream(p, p->stream, &info, err, sizeof(err)) < 0) {
+        log_warn("could not read stream %s to restart the order chain: %s", p->stream, err);
+        return;
+    }
+    if (info.last_msg_id[0])
+        natsMsgHeader_Set(slot->msg, OUTBOX_HDR_EXPECTED_LAST, info.last_msg_id);
+    else
+        natsMsgHeader_Delete(slot->msg, OUTBOX_HDR_EXPECTED_LAST);
+    log_warn("stream %s has messages outboxd did not write (last id \"%s\"); the order chain "
+             "continues from there",
+             p->stream, info.last_msg_id);
+    p->reseed = false;
+}
+
+/* Sends every unacknowledged event again, oldest first. */
+static void resend_window(Publisher *p)
+{
+    uint64_t count = 0;
+    for (uint64_t seq = p->head; seq < p->next; seq++) {
+        Slot *slot = &p->ring[seq & p->mask];
+        unsigned st = word_state(atomic_load(&slot->state));
+        if (st == ST_ACKED || st == ST_DUPLICATE)
+            continue;
+        if (seq == p->head && p->reseed && !slot->dead_letter)
+            reseed_head(p, slot);
+        char reply[96];
+        reply_subject(p, seq, slot->attempt + 1, reply, sizeof(reply));
+        natsMsg *msg;
+        if (copy_msg(slot->msg, reply, &msg) != NATS_OK) {
+            log_warn("could not copy seq %" PRIu64 " to send it again", seq);
+            continue; /* it stays failed and comes round again */
+        }
+        send_in_slot(p, slot, msg, slot->attempt + 1);
+        count++;
+    }
+    atomic_fetch_add_explicit(&metrics.publish_retries, count, memory_order_relaxed);
+    if (count)
+        log_info("sent %" PRIu64 " unacknowledged events again", count);
+}
+
+static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
+{
+    if (!slot->dead_letter) {
+        if (state == ST_DUPLICATE)
+            atomic_fetch_add_explicit(&metrics.events_duplicate, 1, memory_order_relaxed);
+        else
+            atomic_fetch_add_explicit(&metrics.events_published, 1, memory_order_relaxed);
+        metrics_observe_latency(now_unix - (slot->commit_time + PG_EPOCH_OFFSET_US));
+    }
+    p->bytes -= (int64_t)slot->bytes;
+    natsMsg_Destroy(slot->msg);
+    slot->msg = NULL;
 }
 
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
 {
-    st->failed = false;
-    while (p->head < p->next) {
+    /* A disconnect loses the answers to everything in flight: send it all again. */
+    unsigned epoch = atomic_load(&p->conn_epoch);
+    if (epoch != p->seen_epoch) {
+        p->seen_epoch = epoch;
+        if (p->head < p->next)
+            pause_publishing(p, now, PUBERR_CONNECTION, "lost the connection to NATS");
+    }
+
+    int64_t now_unix = now_unix_us();
+    while (p->head < p->next && !p->fatal) {
         Slot *slot = &p->ring[p->head & p->mask];
         uint64_t w = atomic_load(&slot->state);
         unsigned state = word_state(w);
+        if (state == ST_ACKED || state == ST_DUPLICATE) {
+            release(p, slot, state, now_unix);
+            p->head++;
+            p->failures = 0;
+            continue;
+        }
         if (state == ST_INFLIGHT) {
-            char why[128];
-            if (now - slot->sent_at > p->ack_timeout_us) {
-                snprintf(why, sizeof(why), "no acknowledgement from JetStream within %" PRId64 " ms",
+            if (!p->paused && now - slot->sent_at > p->ack_timeout_us) {
+                char why[128];
+                snprintf(why, sizeof(why), "no acknowledgement within %" PRId64 " ms",
                          p->ack_timeout_us / 1000);
-                fail_event(slot, st, why);
-            } else if (atomic_load(&p->closed)) {
-                fail_event(slot, st, "the NATS connection is closed");
+                pause_publishing(p, now, PUBERR_TIMEOUT, why);
             }
             break;
         }
-        if (state == ST_FAILED) {
-            char why[128];
-            describe_failure(word_code(w), why, sizeof(why));
-            fail_event(slot, st, why);
+        /* ST_FAILED */
+        unsigned code = word_code(w);
+        if (code == JS_MESSAGE_TOO_LARGE) {
+            refuse_head(p, slot, code);
             break;
         }
-        p->acked++;
-        if (state == ST_DUPLICATE)
-            p->duplicates++;
-        p->bytes -= (int64_t)slot->bytes;
-        natsMsg_Destroy(slot->msg);
-        slot->msg = NULL;
-        p->head++;
+        if (!p->paused) {
+            char event[256], why[128], line[400];
+            describe_event(slot->msg, event, sizeof(event));
+            describe_code(code, why, sizeof(why));
+            snprintf(line, sizeof(line), "%s: %s", event, why);
+            if (code == JS_WRONG_LAST_MSG_ID && p->strict)
+                p->reseed = true; /* everything before the head is stored: no gap of ours */
+            pause_publishing(p, now, error_kind(code), line);
+        }
+        break;
     }
+
+    if (p->paused && !p->fatal && now >= p->resume_at && atomic_load(&p->connected)) {
+        p->paused = false;
+        resend_window(p);
+    }
+
     st->next_seq = p->next;
     st->first_unacked = p->head;
     st->inflight = (size_t)(p->next - p->head);
-    st->acked = p->acked;
-    st->duplicates = p->duplicates;
-    st->oldest_commit_time = p->head < p->next ? p->ring[p->head & p->mask].commit_time : 0;
+    st->paused = p->paused;
+    st->failed = p->fatal;
+    snprintf(st->failure, sizeof(st->failure), "%s", p->fatal ? p->fatal_msg : "");
+    atomic_store_explicit(&metrics.in_flight, (int64_t)st->inflight, memory_order_relaxed);
+    atomic_store_explicit(&metrics.oldest_pending_unix_us,
+                          p->head < p->next
+                              ? p->ring[p->head & p->mask].commit_time + PG_EPOCH_OFFSET_US
+                              : 0,
+                          memory_order_relaxed);
 }
 
 int64_t publisher_next_deadline(const Publisher *p)
 {
+    if (p->paused)
+        return p->resume_at;
     if (p->head == p->next)
         return INT64_MAX;
     return p->ring[p->head & p->mask].sent_at + p->ack_timeout_us;
@@ -559,4 +977,75 @@ void publisher_rearm(Publisher *p)
     ssize_t ignored = read(p->wake_fd, &v, sizeof(v));
     (void)ignored;
     atomic_store(&p->wake_armed, true);
+}
+
+/* ---- the durable checkpoint ------------------------------------------------------------------ */
+
+int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, char *err,
+                              size_t errlen)
+{
+    snprintf(p->kv_bucket, sizeof(p->kv_bucket), "%s", bucket);
+    natsStatus s = js_KeyValue(&p->kv, p->js, bucket);
+    if (s == NATS_NOT_FOUND) {
+        kvConfig kc;
+        kvConfig_Init(&kc);
+        kc.Bucket = bucket;
+        kc.Description = "outboxd checkpoints: the last acknowledged LSN per system and slot";
+        kc.History = 1;
+        kc.Replicas = replicas;
+        kc.StorageType = js_FileStorage;
+        s = js_CreateKeyValue(&p->kv, p->js, &kc);
+        if (s == NATS_OK)
+            log_info("created key-value bucket \"%s\" for checkpoints (%d replicas)", bucket,
+                     replicas);
+    }
+    if (s != NATS_OK) {
+        char what[160];
+        snprintf(what, sizeof(what), "could not open the checkpoint bucket \"%s\"", bucket);
+        return nats_fail(err, errlen, what, s);
+    }
+    return 0;
+}
+
+int publisher_checkpoint_get(Publisher *p, const char *key, uint64_t *lsn, char *err,
+                             size_t errlen)
+{
+    kvEntry *e = NULL;
+    *lsn = 0;
+    natsStatus s = kvStore_Get(&e, p->kv, key);
+    if (s == NATS_NOT_FOUND)
+        return 0;
+    if (s != NATS_OK)
+        return nats_fail(err, errlen, "could not read the checkpoint", s);
+    const char *v = kvEntry_ValueString(e);
+    int rc = 0;
+    if (!v || !lsn_parse(v, lsn)) {
+        snprintf(err, errlen, "the checkpoint \"%s\" holds \"%s\", not an LSN", key, v ? v : "");
+        rc = -1;
+    }
+    kvEntry_Destroy(e);
+    return rc;
+}
+
+void publisher_checkpoint_put_async(Publisher *p, const char *key, uint64_t lsn)
+{
+    if (!atomic_load(&p->connected))
+        return;
+    char subject[256], reply[96], value[18];
+    snprintf(subject, sizeof(subject), "$KV.%s.%s", p->kv_bucket, key);
+    snprintf(reply, sizeof(reply), "%s.checkpoint", p->inbox);
+    lsn_format(lsn, value);
+    natsConnection_PublishRequestString(p->nc, subject, reply, value);
+}
+
+int publisher_checkpoint_put(Publisher *p, const char *key, uint64_t lsn, char *err,
+                             size_t errlen)
+{
+    char value[18];
+    lsn_format(lsn, value);
+    uint64_t rev;
+    natsStatus s = kvStore_PutString(&rev, p->kv, key, value);
+    if (s != NATS_OK)
+        return nats_fail(err, errlen, "could not store the checkpoint", s);
+    return 0;
 }

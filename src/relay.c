@@ -10,7 +10,19 @@
  *     published table, so without this a quiet outbox in a busy database pins WAL forever.
  * Both are "marks": (lsn, seq_limit), confirmable once every event with a sequence number below
  * seq_limit is acknowledged. Marks are queued in WAL order, so the confirmed LSN only grows,
- * and it never passes an event that failed: after a crash PostgreSQL resends from it.
+ * and it never passes an event that is not stored: after a crash PostgreSQL resends from it.
+ *
+ * PostgreSQL 15 does not write a slot's confirmed position to disk when only that position
+ * moved, so after a database restart the slot can come back older than what was published. The
+ * confirmed LSN is therefore also kept in a JetStream key-value bucket (the checkpoint, keyed by
+ * system id and slot), and streaming starts from the later of the two.
+ *
+ * Failures: a lost PostgreSQL connection ends the session; the relay lets every published
+ * event be acknowledged, reconnects with backoff, and resumes from the confirmed LSN, skipping
+ * the rows of a half-received transaction that are already stored. NATS failures are handled
+ * inside the publisher (pause, backoff, resend) while this loop keeps PostgreSQL's status
+ * updates flowing. A row that can never become an event goes to the dead-letter subject in its
+ * place, or stops the relay (--on-poison=stop) without confirming anything past it.
  *
  * One thread does everything here; only publish acknowledgements arrive on nats.c's thread,
  * and the publisher hides them behind publisher_poll().
@@ -24,7 +36,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "outboxd/http.h"
 #include "outboxd/log.h"
+#include "outboxd/metrics.h"
 #include "outboxd/outbox.h"
 #include "outboxd/pgoutput.h"
 #include "outboxd/pgstream.h"
@@ -32,6 +46,10 @@
 
 /* Messages handled between two looks at acknowledgements and timers. */
 #define BATCH 512
+/* How often a standby looks whether the slot became free. */
+#define STANDBY_POLL_US INT64_C(1000000)
+/* How often the summary line is logged. */
+#define SUMMARY_US INT64_C(60000000)
 
 typedef struct Mark {
     uint64_t lsn;
@@ -44,22 +62,42 @@ typedef struct Marks {
     size_t head, tail;
 } Marks;
 
+typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL } StreamEnd;
+
 typedef struct Relay {
     const Config *cfg;
+    volatile sig_atomic_t *stop;
     PgStream *pg;
     Publisher *pub;
     OutboxMapper *mapper;
+    HttpServer *http;
     PgoMessage *msg; /* decoder scratch (large: reused for every message) */
     OutboxEvent ev;
+    OutboxEvent dlq;
     Marks marks;
+    PgSystem sys;
+    bool have_sys;
+    StreamInfo stream;
+    /* the transaction being received */
     bool in_txn;
     OutboxTxn txn;
+    uint64_t txn_first_seq;
+    uint32_t txn_rows; /* outbox rows seen in it so far */
+    /* after a lost connection: rows of this transaction that are already stored */
+    uint64_t skip_commit_lsn;
+    uint32_t skip_rows;
+    /* positions */
     uint64_t received;  /* newest WAL position received */
     uint64_t confirmed; /* newest position confirmable (and confirmed at the next update) */
     uint64_t reported;  /* flush position last sent */
+    uint64_t checkpointed;
+    char checkpoint_key[128];
+    /* timers */
     int64_t status_interval_us;
     int64_t next_status;
-    uint64_t events;
+    int64_t next_checkpoint;
+    int64_t next_summary;
+    uint64_t summary_events;
     char err[1024];
 } Relay;
 
@@ -119,10 +157,17 @@ void relay_subject_filter(const char *tmpl, Buf *out)
     }
 }
 
+static int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
 static int check_columns(void *arg, const char *const *names, size_t n, char *err, size_t errlen)
 {
     return outbox_mapper_check_columns(arg, names, n, err, errlen);
 }
+
+/* ---- confirming ------------------------------------------------------------------------------ */
 
 static int send_status(Relay *r, bool reply)
 {
@@ -130,26 +175,122 @@ static int send_status(Relay *r, bool reply)
         r->received = r->confirmed;
     if (pgstream_send_status(r->pg, r->received, r->confirmed, reply, r->err, sizeof(r->err)) <
         0) {
-        log_error("%s", r->err);
+        log_warn("%s", r->err);
         return -1;
     }
     if (r->confirmed != r->reported)
         log_debug("confirmed " LSN_FMT, LSN_ARGS(r->confirmed));
     r->reported = r->confirmed;
+    atomic_store_explicit(&metrics.confirmed_lsn, r->confirmed, memory_order_relaxed);
     r->next_status = now_mono_us() + r->status_interval_us;
     return 0;
 }
 
-/* Takes in acknowledgements; returns -1 when the oldest event failed (logged). */
-static int poll_acks(Relay *r, int64_t now)
+static void checkpoint_async(Relay *r, int64_t now)
 {
-    PublisherStatus st;
-    publisher_poll(r->pub, now, &st);
-    uint64_t lsn = marks_release(&r->marks, st.first_unacked);
+    if (r->confirmed > r->checkpointed && now >= r->next_checkpoint) {
+        publisher_checkpoint_put_async(r->pub, r->checkpoint_key, r->confirmed);
+        r->checkpointed = r->confirmed;
+        r->next_checkpoint = now + r->cfg->checkpoint_interval_ms * 1000;
+    }
+}
+
+/* Takes in acknowledgements; returns -1 when an event can never be published and the relay
+ * must stop (logged). */
+static int poll_acks(Relay *r, int64_t now, PublisherStatus *st)
+{
+    publisher_poll(r->pub, now, st);
+    uint64_t lsn = marks_release(&r->marks, st->first_unacked);
     if (lsn > r->confirmed)
         r->confirmed = lsn;
-    if (st.failed) {
-        log_error("could not publish %s", st.failure);
+    if (st->failed) {
+        log_error("could not publish %s; stopping, nothing after it is confirmed", st->failure);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- rows -------------------------------------------------------------------------------------- */
+
+static const char *const reject_reasons[] = {
+    [OUTBOX_INVALID_EVENT_ID] = "invalid_event_id",
+    [OUTBOX_NULL_PAYLOAD] = "null_payload",
+    [OUTBOX_INVALID_SUBJECT] = "invalid_subject",
+};
+static const DeadLetterReason reject_metric[] = {
+    [OUTBOX_INVALID_EVENT_ID] = DLR_INVALID_EVENT_ID,
+    [OUTBOX_NULL_PAYLOAD] = DLR_NULL_PAYLOAD,
+    [OUTBOX_INVALID_SUBJECT] = DLR_INVALID_SUBJECT,
+};
+
+/* A row that can never be published: dead-letter it in its place, or stop. */
+static int poison(Relay *r, DeadLetter *dl, DeadLetterReason metric)
+{
+    char id[80];
+    snprintf(id, sizeof(id), "%.*s", dl->event_id ? (int)min64((int64_t)dl->event_id_len, 64) : 4,
+             dl->event_id ? dl->event_id : "null");
+    if (strcmp(r->cfg->on_poison, "stop") == 0) {
+        log_error("could not relay event %s (row %u of the transaction committed at " LSN_FMT
+                  " in %s): %s; stopping as --on-poison=stop asks, nothing after it is confirmed",
+                  id, dl->index, LSN_ARGS(dl->commit_lsn), dl->table, dl->detail);
+        return -1;
+    }
+    outbox_dead_letter(&r->dlq, r->cfg->dead_letter_subject, dl, publisher_max_body(r->pub));
+    uint64_t seq;
+    if (publisher_publish(r->pub, &r->dlq, true, &seq, r->err, sizeof(r->err)) != 0) {
+        log_error("could not dead-letter event %s: %s", id, r->err);
+        return -1;
+    }
+    metrics_dead_letter(metric);
+    log_warn("dead-lettered event %s (row %u of the transaction committed at " LSN_FMT
+             " in %s) to %s: %s",
+             id, dl->index, LSN_ARGS(dl->commit_lsn), dl->table, r->cfg->dead_letter_subject,
+             dl->detail);
+    return 0;
+}
+
+static int handle_insert(Relay *r, const PgoMessage *m)
+{
+    if (!outbox_mapper_is_outbox(r->mapper, m->u.insert.relid))
+        return 0;
+    uint32_t index = r->txn_rows++;
+    if (r->skip_rows > 0 && r->txn.commit_lsn == r->skip_commit_lsn) {
+        r->skip_rows--; /* stored before the connection was lost */
+        return 0;
+    }
+    OutboxReject rej = outbox_map_insert(r->mapper, m, &r->txn, &r->ev, r->err, sizeof(r->err));
+    if (rej == OUTBOX_UNKNOWN_RELATION) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    if (rej != OUTBOX_OK) {
+        DeadLetter dl;
+        outbox_describe_row(r->mapper, m, &r->txn, index, &dl);
+        dl.reason = reject_reasons[rej];
+        dl.detail = r->err;
+        return poison(r, &dl, reject_metric[rej]);
+    }
+    uint64_t seq;
+    int rc = publisher_publish(r->pub, &r->ev, false, &seq, r->err, sizeof(r->err));
+    if (rc == PUBLISH_UNPUBLISHABLE) {
+        DeadLetter dl = {
+            .reason = "too_large",
+            .detail = r->err,
+            .table = outbox_mapper_qualified(r->mapper),
+            .event_id = r->ev.msg_id,
+            .event_id_len = strlen(r->ev.msg_id),
+            .subject = r->ev.subject.data,
+            .body = r->ev.body,
+            .body_len = r->ev.body_len,
+            .commit_lsn = r->txn.commit_lsn,
+            .commit_time = r->txn.commit_time,
+            .index = index,
+        };
+        return poison(r, &dl, DLR_TOO_LARGE);
+    }
+    if (rc != 0) {
+        log_error("could not publish event %s (commit LSN " LSN_FMT "): %s", r->ev.msg_id,
+                  LSN_ARGS(r->txn.commit_lsn), r->err);
         return -1;
     }
     return 0;
@@ -170,12 +311,16 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         r->in_txn = true;
         r->txn.commit_lsn = m->u.begin.final_lsn;
         r->txn.commit_time = m->u.begin.commit_time;
+        r->txn_first_seq = publisher_next_seq(r->pub);
+        r->txn_rows = 0;
         return 0;
     case PGO_COMMIT:
         r->in_txn = false;
         if (m->u.commit.end_lsn > r->received)
             r->received = m->u.commit.end_lsn;
         marks_push(&r->marks, m->u.commit.end_lsn, publisher_next_seq(r->pub));
+        atomic_store_explicit(&metrics.last_commit_unix_us,
+                              m->u.commit.commit_time + PG_EPOCH_OFFSET_US, memory_order_relaxed);
         return 0;
     case PGO_RELATION:
         if (outbox_mapper_relation(r->mapper, m, r->err, sizeof(r->err)) < 0) {
@@ -183,25 +328,8 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
             return -1;
         }
         return 0;
-    case PGO_INSERT: {
-        if (!outbox_mapper_is_outbox(r->mapper, m->u.insert.relid))
-            return 0;
-        if (outbox_map_insert(r->mapper, m, &r->txn, &r->ev, r->err, sizeof(r->err)) < 0) {
-            log_error("could not relay a row of %s committed at " LSN_FMT
-                      ": %s; nothing after it is confirmed",
-                      outbox_mapper_qualified(r->mapper), LSN_ARGS(r->txn.commit_lsn), r->err);
-            return -1;
-        }
-        uint64_t seq;
-        int rc = publisher_publish(r->pub, &r->ev, &seq, r->err, sizeof(r->err));
-        if (rc != 0) {
-            log_error("could not publish event %s (commit LSN " LSN_FMT "): %s", r->ev.msg_id,
-                      LSN_ARGS(r->txn.commit_lsn), r->err);
-            return -1;
-        }
-        r->events++;
-        return 0;
-    }
+    case PGO_INSERT:
+        return handle_insert(r, m);
     default: /* updates, deletes, truncates, types, origins, messages: nothing to publish */
         return 0;
     }
@@ -220,6 +348,8 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
      * position is confirmable once the events before it are acknowledged. */
     if (cm.wal_end > r->received)
         r->received = cm.wal_end;
+    if (cm.wal_end > atomic_load_explicit(&metrics.server_wal_lsn, memory_order_relaxed))
+        atomic_store_explicit(&metrics.server_wal_lsn, cm.wal_end, memory_order_relaxed);
     if (!r->in_txn)
         marks_push(&r->marks, cm.wal_end, publisher_next_seq(r->pub));
     if (cm.reply_requested)
@@ -227,10 +357,7 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
     return 0;
 }
 
-static int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
-}
+/* ---- the loop ---------------------------------------------------------------------------------- */
 
 /* Waits for the PostgreSQL socket (when want_pg), an acknowledgement or the deadline;
  * *pg_ready tells whether the socket has data. */
@@ -238,7 +365,7 @@ static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_read
 {
     struct pollfd fds[2] = {
         {.fd = publisher_wake_fd(r->pub), .events = POLLIN},
-        {.fd = pgstream_socket(r->pg), .events = POLLIN},
+        {.fd = want_pg ? pgstream_socket(r->pg) : -1, .events = POLLIN},
     };
     int64_t wait = deadline - now_mono_us();
     int timeout = wait <= 0 ? 0 : (int)min64(wait / 1000 + 1, 1000);
@@ -256,10 +383,29 @@ static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_read
     return 0;
 }
 
-/* Streams until stop or failure. Returns 0 on stop, -1 on failure. */
-static int stream(Relay *r, volatile sig_atomic_t *stop)
+static void summary(Relay *r, int64_t now, const PublisherStatus *st)
 {
-    while (!*stop) {
+    if (now < r->next_summary)
+        return;
+    uint64_t published = atomic_load(&metrics.events_published);
+    uint64_t n = published - r->summary_events;
+    int64_t oldest = atomic_load(&metrics.oldest_pending_unix_us);
+    double age = oldest ? (double)(now_unix_us() - oldest) / 1e6 : 0;
+    uint64_t server = atomic_load(&metrics.server_wal_lsn);
+    log_info("relayed %" PRIu64 " events in the last %" PRId64 " s (%.0f/s); confirmed " LSN_FMT
+             ", lag %" PRIu64 " bytes, oldest pending %.1f s, %zu in flight%s",
+             n, SUMMARY_US / 1000000, (double)n * 1e6 / SUMMARY_US, LSN_ARGS(r->confirmed),
+             server > r->confirmed ? server - r->confirmed : 0, age, st->inflight,
+             st->paused ? ", publishing paused" : "");
+    r->summary_events = published;
+    r->next_summary = now + SUMMARY_US;
+}
+
+/* Streams until stop, a lost connection or a fatal failure. */
+static StreamEnd stream(Relay *r)
+{
+    PublisherStatus st;
+    while (!*r->stop) {
         bool reply = false;
         bool more = false; /* libpq may still hold complete messages */
         for (int i = 0; publisher_has_room(r->pub); i++) {
@@ -271,189 +417,430 @@ static int stream(Relay *r, volatile sig_atomic_t *stop)
             size_t len;
             int got = pgstream_read(r->pg, &buf, &len, r->err, sizeof(r->err));
             if (got < 0) {
-                log_error("%s", r->err);
-                return -1;
+                log_warn("%s", r->err);
+                return STREAM_PG_LOST;
             }
             if (got == 0)
                 break;
             if (handle_copy(r, buf, len, &reply) < 0)
-                return -1;
+                return STREAM_FATAL;
         }
         int64_t now = now_mono_us();
-        if (poll_acks(r, now) < 0)
-            return -1;
+        atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+        if (poll_acks(r, now, &st) < 0)
+            return STREAM_FATAL;
         if (reply || now >= r->next_status) {
             if (send_status(r, false) < 0)
-                return -1;
+                return STREAM_PG_LOST;
         }
+        checkpoint_async(r, now);
+        summary(r, now, &st);
         if (more)
             continue;
         int64_t deadline = min64(r->next_status, publisher_next_deadline(r->pub));
         bool want_pg = publisher_has_room(r->pub);
         bool pg_ready;
         if (wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
-            return -1;
+            return STREAM_FATAL;
         if (pg_ready && pgstream_consume(r->pg, r->err, sizeof(r->err)) < 0) {
-            log_error("%s", r->err);
-            return -1;
+            log_warn("%s", r->err);
+            return STREAM_PG_LOST;
         }
     }
+    return STREAM_STOPPED;
+}
+
+/*
+ * Waits until every published event is acknowledged (or, with a deadline, until then), keeping
+ * status updates flowing when a stream is open. Returns the number still in flight.
+ */
+static size_t drain(Relay *r, int64_t deadline, bool until_stop)
+{
+    PublisherStatus st;
+    for (;;) {
+        int64_t now = now_mono_us();
+        atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+        if (poll_acks(r, now, &st) < 0 || st.inflight == 0 || now >= deadline)
+            return st.inflight;
+        if (until_stop && *r->stop)
+            return st.inflight;
+        if (r->pg && now >= r->next_status)
+            send_status(r, false);
+        bool pg_ready;
+        int64_t next = min64(deadline, publisher_next_deadline(r->pub));
+        if (r->pg)
+            next = min64(next, r->next_status);
+        wait_for_work(r, false, next, &pg_ready);
+    }
+}
+
+/* Sleeps up to us, waking early for a stop request. */
+static void nap(Relay *r, int64_t us)
+{
+    int64_t until = now_mono_us() + us;
+    while (!*r->stop && now_mono_us() < until) {
+        bool pg_ready;
+        PublisherStatus st;
+        atomic_store_explicit(&metrics.heartbeat_mono_us, now_mono_us(), memory_order_relaxed);
+        poll_acks(r, now_mono_us(), &st);
+        wait_for_work(r, false, min64(until, publisher_next_deadline(r->pub)), &pg_ready);
+    }
+}
+
+/* Full-jitter backoff for reconnects, as for publishing. */
+static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
+{
+    int64_t cap = cfg->retry_min_ms * 1000;
+    for (unsigned i = 0; i < attempt && cap < cfg->retry_max_ms * 1000; i++)
+        cap *= 2;
+    if (cap > cfg->retry_max_ms * 1000)
+        cap = cfg->retry_max_ms * 1000;
+    return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
+}
+
+/*
+ * Connects to PostgreSQL, identifies the system and runs the start-up checks. Returns 0, or the
+ * error code of the failure (PGSTREAM_CHECK_FAILED for a failed check), logged.
+ */
+static int connect_pg(Relay *r)
+{
+    const Config *cfg = r->cfg;
+    int rc = pgstream_connect(&r->pg, cfg->pg_url, r->err, sizeof(r->err));
+    if (rc != 0) {
+        log_error("%s", r->err);
+        return rc;
+    }
+    PgSystem sys;
+    if (pgstream_identify(r->pg, &sys, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        goto fail;
+    }
+    if (r->have_sys && strcmp(sys.system_id, r->sys.system_id) != 0) {
+        log_error("the database at --pg-url is another system now (id %s, was %s): the slot "
+                  "and the checkpoint belong to the old one; refusing to continue",
+                  sys.system_id, r->sys.system_id);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto fail;
+    }
+    if (!r->have_sys)
+        log_info("connected to PostgreSQL: system %s, timeline %u, database \"%s\"",
+                 sys.system_id, sys.timeline, sys.dbname);
+    r->sys = sys;
+    r->have_sys = true;
+    snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
+
+    PgSetup setup = {
+        .slot = cfg->slot,
+        .publication = cfg->publication,
+        .schema = outbox_mapper_schema(r->mapper),
+        .table = outbox_mapper_table(r->mapper),
+        .qualified = outbox_mapper_qualified(r->mapper),
+        .create = cfg->create,
+    };
+    bool created;
+    rc = pgstream_setup(r->pg, &setup, check_columns, r->mapper, &created, r->err,
+                        sizeof(r->err));
+    if (rc != 0) {
+        log_error("%s", r->err);
+        goto fail;
+    }
+    /* Status updates must reach the walsender well within wal_sender_timeout, whatever the
+     * configured interval. */
+    int64_t wst;
+    if (pgstream_wal_sender_timeout_ms(r->pg, &wst, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        rc = -1;
+        goto fail;
+    }
+    r->status_interval_us = cfg->status_interval_ms * 1000;
+    if (wst > 0 && r->status_interval_us > wst * 1000 / 3) {
+        r->status_interval_us = wst * 1000 / 3;
+        log_warn("status interval lowered to %" PRId64 " ms to stay within the server's "
+                 "wal_sender_timeout of %" PRId64 " ms",
+                 r->status_interval_us / 1000, wst);
+    }
+    return 0;
+fail:
+    pgstream_free(r->pg);
+    r->pg = NULL;
+    return rc ? rc : -1;
+}
+
+/* Where to start: the later of the slot, the checkpoint and what this process confirmed, but
+ * never past the server's WAL (a checkpoint from before a restore of an older backup). */
+static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
+{
+    uint64_t checkpoint = 0;
+    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, &checkpoint, r->err,
+                                 sizeof(r->err)) < 0)
+        log_warn("%s; starting from the slot's position", r->err);
+    uint64_t start = slot_confirmed;
+    const char *from = "the slot";
+    if (checkpoint > start && checkpoint <= r->sys.xlogpos) {
+        start = checkpoint;
+        from = "the checkpoint";
+    } else if (checkpoint > r->sys.xlogpos) {
+        log_warn("checkpoint " LSN_FMT " is ahead of the server's WAL (" LSN_FMT
+                 "): was the database restored from an older backup? ignoring it",
+                 LSN_ARGS(checkpoint), LSN_ARGS(r->sys.xlogpos));
+    }
+    if (r->confirmed > start && r->confirmed <= r->sys.xlogpos) {
+        start = r->confirmed;
+        from = "this run's confirmed position";
+    }
+    if (start > slot_confirmed)
+        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT
+                 "; PostgreSQL 15 may not have kept its latest position)",
+                 from, LSN_ARGS(start), LSN_ARGS(slot_confirmed));
+    return start;
+}
+
+/*
+ * Takes the slot: waits as a standby while another session holds it, then starts streaming.
+ * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
+ */
+static int acquire_slot(Relay *r)
+{
+    bool standby = false;
+    while (!*r->stop) {
+        PgSlotInfo info;
+        if (pgstream_slot_info(r->pg, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
+            log_warn("%s", r->err);
+            return -1;
+        }
+        if (!info.exists) {
+            log_error("replication slot \"%s\" disappeared", r->cfg->slot);
+            return -1;
+        }
+        int rc = 0;
+        if (info.active_pid == 0) {
+            uint64_t start = start_position(r, info.confirmed);
+            rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, start, r->err,
+                                sizeof(r->err));
+            if (rc == 0) {
+                if (standby)
+                    log_info("took over replication slot \"%s\"", r->cfg->slot);
+                atomic_store(&metrics.standby, 0);
+                r->received = r->reported = start;
+                if (start > r->confirmed)
+                    r->confirmed = start;
+                r->checkpointed = r->confirmed;
+                r->in_txn = false;
+                r->next_status = now_mono_us();
+                log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
+                         r->cfg->slot, LSN_ARGS(start), r->stream.name);
+                return 0;
+            }
+            if (rc != PGSTREAM_SLOT_BUSY) {
+                log_warn("%s", r->err);
+                return -1;
+            }
+        }
+        if (!standby) {
+            if (info.active_pid)
+                log_info("standby: replication slot \"%s\" is held by PID %d (another relay?); "
+                         "taking over when it is released",
+                         r->cfg->slot, info.active_pid);
+            else
+                log_info("standby: replication slot \"%s\" is busy; taking over when it is "
+                         "released",
+                         r->cfg->slot);
+            standby = true;
+            atomic_store(&metrics.standby, 1);
+        }
+        nap(r, STANDBY_POLL_US);
+    }
+    return 1;
+}
+
+/* Reconnects after a lost connection, with backoff. Returns 0, or 1 on stop. */
+static int reconnect_pg(Relay *r)
+{
+    for (unsigned attempt = 0; !*r->stop; attempt++) {
+        int64_t delay = reconnect_delay_us(r->cfg, attempt);
+        log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);
+        nap(r, delay);
+        if (*r->stop)
+            break;
+        int rc = connect_pg(r);
+        if (rc == 0)
+            return 0;
+        if (rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system"))
+            return -1;
+    }
+    return 1;
+}
+
+/* After a lost connection: let every published event be acknowledged, so the session that
+ * follows starts exactly after what is stored. */
+static void end_session(Relay *r)
+{
+    atomic_store(&metrics.pg_connected, 0);
+    pgstream_free(r->pg);
+    r->pg = NULL;
+    size_t left = drain(r, INT64_MAX, true);
+    if (r->in_txn && left == 0) {
+        /* PostgreSQL resends this transaction whole: skip the rows already stored. */
+        r->skip_commit_lsn = r->txn.commit_lsn;
+        r->skip_rows = r->txn_rows;
+    }
+    r->in_txn = false;
+}
+
+/* ---- start and stop ----------------------------------------------------------------------------- */
+
+static int start_http(Relay *r)
+{
+    if (strcmp(r->cfg->http_addr, "off") == 0)
+        return 0;
+    if (http_start(&r->http, r->cfg->http_addr, &metrics, r->err, sizeof(r->err)) < 0) {
+        log_error("%s (set --http-addr, or --http-addr=off)", r->err);
+        return -1;
+    }
+    log_info("serving /metrics, /healthz and /readyz on %s", r->cfg->http_addr);
     return 0;
 }
 
-/* On stop: wait a bounded time for outstanding acknowledgements, confirm, end the stream. */
-static void drain(Relay *r)
+static int start_nats(Relay *r)
 {
-    int64_t deadline = now_mono_us() + r->cfg->shutdown_timeout_ms * 1000;
-    for (;;) {
-        int64_t now = now_mono_us();
-        if (poll_acks(r, now) < 0)
-            break;
-        PublisherStatus st;
-        publisher_poll(r->pub, now, &st);
-        if (st.inflight == 0)
-            break;
-        if (now >= deadline) {
-            log_warn("%zu events still unacknowledged after %" PRId64
-                     " ms; they are sent again at the next start",
-                     st.inflight, r->cfg->shutdown_timeout_ms);
-            break;
-        }
-        if (now >= r->next_status)
-            send_status(r, false);
-        bool pg_ready;
-        wait_for_work(r, false, min64(deadline, r->next_status), &pg_ready);
+    const Config *cfg = r->cfg;
+    PublisherOptions po = {
+        .urls = cfg->nats_url,
+        .max_inflight = cfg->max_inflight,
+        .max_inflight_bytes = cfg->max_inflight_bytes,
+        .ack_timeout_ms = cfg->ack_timeout_ms,
+        .strict_order = cfg->strict_order,
+        .retry_min_ms = cfg->retry_min_ms,
+        .retry_max_ms = cfg->retry_max_ms,
+        .dead_letter_subject =
+            strcmp(cfg->on_poison, "dead-letter") == 0 ? cfg->dead_letter_subject : NULL,
+    };
+    int rc = publisher_new(&r->pub, &po, r->err, sizeof(r->err));
+    if (rc == 0) {
+        Buf filter;
+        buf_init(&filter);
+        relay_subject_filter(cfg->subject, &filter);
+        rc = publisher_bind_stream(r->pub, filter.data, &r->stream, r->err, sizeof(r->err));
+        if (rc == 0)
+            log_info("connected to NATS; stream \"%s\" (%d replicas) captures %s", r->stream.name,
+                     r->stream.replicas, filter.data);
+        buf_deinit(&filter);
     }
+    if (rc == 0)
+        rc = publisher_checkpoint_open(r->pub, cfg->checkpoint_bucket, r->stream.replicas, r->err,
+                                       sizeof(r->err));
+    if (rc != 0) {
+        log_error("%s", r->err);
+        return rc == PUBLISH_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
+    }
+    /* After a crash, events after the last checkpoint are sent again: they must still be in the
+     * stream's duplicate window then, or JetStream stores them twice. */
+    int64_t need = cfg->checkpoint_interval_ms + cfg->ack_timeout_ms + 60000;
+    if (r->stream.duplicate_window_ms < need)
+        log_warn("stream \"%s\" drops duplicates only within %" PRId64 " ms; events resent after "
+                 "a crash may be stored twice: make its duplicate window at least %" PRId64
+                 " ms (checkpoint interval + ack timeout + a minute for the restart)",
+                 r->stream.name, r->stream.duplicate_window_ms, need);
+    return 0;
 }
 
 int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 {
-    Relay r = {.cfg = cfg};
+    Relay r = {.cfg = cfg, .stop = stop};
     int code = EXIT_OUTBOXD_FAILURE;
     outbox_event_init(&r.ev);
+    outbox_event_init(&r.dlq);
     r.msg = xmalloc(sizeof(PgoMessage));
+    r.next_summary = now_mono_us() + SUMMARY_US;
+    srand((unsigned)now_unix_us());
 
     if (outbox_mapper_new(&r.mapper, cfg->table, cfg->subject, r.err, sizeof(r.err)) < 0) {
         log_error("%s", r.err);
         code = EXIT_OUTBOXD_USAGE;
         goto done;
     }
-
-    /* NATS first: its checks change nothing, while the PostgreSQL set-up may create a slot
-     * that holds WAL from then on. */
-    PublisherOptions po = {
-        .urls = cfg->nats_url,
-        .max_inflight = cfg->max_inflight,
-        .max_inflight_bytes = cfg->max_inflight_bytes,
-        .ack_timeout_ms = cfg->ack_timeout_ms,
-    };
-    int rc = publisher_new(&r.pub, &po, r.err, sizeof(r.err));
-    if (rc != 0) {
-        log_error("%s", r.err);
-        code = rc == PUBLISH_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
-        goto done;
-    }
-    Buf filter;
-    buf_init(&filter);
-    relay_subject_filter(cfg->subject, &filter);
-    char stream_name[256];
-    rc = publisher_check_stream(r.pub, filter.data, stream_name, sizeof(stream_name), r.err,
-                                sizeof(r.err));
-    if (rc != 0) {
-        log_error("%s", r.err);
-        buf_deinit(&filter);
-        code = rc == PUBLISH_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
-        goto done;
-    }
-    log_info("connected to NATS; stream \"%s\" captures %s", stream_name, filter.data);
-    buf_deinit(&filter);
-
-    if ((rc = pgstream_connect(&r.pg, cfg->pg_url, r.err, sizeof(r.err))) != 0) {
-        log_error("%s", r.err);
+    if (start_http(&r) < 0) {
         code = EXIT_OUTBOXD_CHECK;
         goto done;
     }
-    PgSystem sys;
-    if (pgstream_identify(r.pg, &sys, r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
+    /* NATS first: its checks change nothing, while the PostgreSQL set-up may create a slot
+     * that holds WAL from then on. */
+    if ((code = start_nats(&r)) != 0)
         goto done;
-    }
-    log_info("connected to PostgreSQL: system %s, timeline %u, database \"%s\"", sys.system_id,
-             sys.timeline, sys.dbname);
-    PgSetup setup = {
-        .slot = cfg->slot,
-        .publication = cfg->publication,
-        .schema = outbox_mapper_schema(r.mapper),
-        .table = outbox_mapper_table(r.mapper),
-        .qualified = outbox_mapper_qualified(r.mapper),
-        .create = cfg->create,
-    };
-    bool created;
-    rc = pgstream_setup(r.pg, &setup, check_columns, r.mapper, &created, r.err, sizeof(r.err));
+    code = EXIT_OUTBOXD_FAILURE;
+    int rc = connect_pg(&r);
     if (rc != 0) {
-        log_error("%s", r.err);
         code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
         goto done;
     }
 
-    /* Status updates must reach the walsender well within wal_sender_timeout, whatever the
-     * configured interval. */
-    int64_t wst;
-    if (pgstream_wal_sender_timeout_ms(r.pg, &wst, r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
-        goto done;
-    }
-    r.status_interval_us = cfg->status_interval_ms * 1000;
-    if (wst > 0 && r.status_interval_us > wst * 1000 / 3) {
-        r.status_interval_us = wst * 1000 / 3;
-        log_warn("status interval lowered to %" PRId64 " ms to stay within the server's "
-                 "wal_sender_timeout of %" PRId64 " ms",
-                 r.status_interval_us / 1000, wst);
+    StreamEnd end = STREAM_STOPPED;
+    for (;;) {
+        rc = acquire_slot(&r);
+        if (rc > 0)
+            break;
+        if (rc == 0) {
+            atomic_store(&metrics.pg_connected, 1);
+            if (r.confirmed > r.reported)
+                send_status(&r, false);
+            end = stream(&r);
+            if (end != STREAM_PG_LOST)
+                break;
+        }
+        log_warn("lost the replication connection; letting outstanding events be acknowledged, "
+                 "then reconnecting");
+        end_session(&r);
+        if (*stop) {
+            end = STREAM_STOPPED;
+            break;
+        }
+        rc = reconnect_pg(&r);
+        if (rc > 0) {
+            end = STREAM_STOPPED;
+            break;
+        }
+        if (rc < 0) {
+            end = STREAM_FATAL;
+            break;
+        }
     }
 
-    uint64_t start;
-    if (pgstream_slot_confirmed(r.pg, cfg->slot, &start, r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
-        goto done;
-    }
-    if (pgstream_start(r.pg, cfg->slot, cfg->publication, start, r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
-        goto done;
-    }
-    r.received = r.confirmed = r.reported = start;
-    r.next_status = now_mono_us() + r.status_interval_us;
-    log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"", cfg->slot,
-             LSN_ARGS(start), stream_name);
-
-    int failed = stream(&r, stop);
-    if (!failed) {
+    if (end == STREAM_STOPPED) {
         log_info("stopping: waiting up to %" PRId64 " ms for outstanding acknowledgements",
                  cfg->shutdown_timeout_ms);
-        drain(&r);
+        size_t left = drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
+        if (left)
+            log_warn("%zu events still unacknowledged; they are sent again at the next start",
+                     left);
     } else {
-        poll_acks(&r, now_mono_us());
+        PublisherStatus st;
+        poll_acks(&r, now_mono_us(), &st);
     }
-    if (send_status(&r, false) == 0) {
-        if (pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
+    if (r.pg) {
+        if (send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
             log_warn("%s", r.err);
     }
-    PublisherStatus st;
-    publisher_poll(r.pub, now_mono_us(), &st);
+    if (r.confirmed > r.checkpointed &&
+        publisher_checkpoint_put(r.pub, r.checkpoint_key, r.confirmed, r.err, sizeof(r.err)) < 0)
+        log_warn("%s", r.err);
     log_info("published %" PRIu64 " events this run (%" PRIu64 " acknowledged as duplicates)",
-             st.acked, st.duplicates);
-    if (!failed) {
+             atomic_load(&metrics.events_published), atomic_load(&metrics.events_duplicate));
+    if (end == STREAM_STOPPED) {
         log_info("shutting down: confirmed " LSN_FMT, LSN_ARGS(r.confirmed));
         code = EXIT_OUTBOXD_OK;
     } else {
         log_error("stopped after a failure: confirmed " LSN_FMT
                   "; a restart resends everything after it",
                   LSN_ARGS(r.confirmed));
+        code = EXIT_OUTBOXD_FAILURE;
     }
 done:
+    http_stop(r.http);
     publisher_free(r.pub);
     pgstream_free(r.pg);
     outbox_mapper_free(r.mapper);
     outbox_event_deinit(&r.ev);
+    outbox_event_deinit(&r.dlq);
     free(r.marks.v);
     free(r.msg);
     return code;

@@ -26,7 +26,16 @@
 #define OUTBOX_HDR_COMMIT_LSN "Outbox-Commit-Lsn"
 #define OUTBOX_HDR_COMMIT_TIME "Outbox-Commit-Time"
 
+#define OUTBOX_HDR_EXPECTED_LAST "Nats-Expected-Last-Msg-Id"
+#define OUTBOX_HDR_DL_REASON "Outbox-Dead-Letter-Reason"
+#define OUTBOX_HDR_DL_DETAIL "Outbox-Dead-Letter-Detail"
+#define OUTBOX_HDR_ORIGINAL_SUBJECT "Outbox-Original-Subject"
+#define OUTBOX_HDR_EVENT_ID "Outbox-Event-Id"
+#define OUTBOX_HDR_TABLE "Outbox-Table"
+
 #define OUTBOX_MAX_HEADERS 16
+/* Longest subject outboxd publishes to: a NATS publish line is limited to 4 KiB. */
+#define OUTBOX_MAX_SUBJECT 2048
 /* Longest event_id accepted as a Nats-Msg-Id. */
 #define OUTBOX_MAX_EVENT_ID 255
 
@@ -95,13 +104,54 @@ int outbox_mapper_relation(OutboxMapper *m, const PgoMessage *rel, char *err, si
 /* True when relid is the outbox table (as learned from Relation messages). */
 bool outbox_mapper_is_outbox(const OutboxMapper *m, uint32_t relid);
 
+/* Why a row cannot become an event: the outcome of outbox_map_insert(). */
+typedef enum OutboxReject {
+    OUTBOX_OK = 0,
+    OUTBOX_INVALID_EVENT_ID, /* null, or unfit as a Nats-Msg-Id */
+    OUTBOX_NULL_PAYLOAD,     /* null, or a bytea that is not hex */
+    OUTBOX_INVALID_SUBJECT,  /* the expanded subject is too long */
+    OUTBOX_UNKNOWN_RELATION, /* not an outbox table: a bug or a corrupt stream, never a row */
+} OutboxReject;
+
 /*
  * Maps a decoded Insert into the outbox into ev. The message must stay alive while ev is used
  * (the body may point into it). Returns 0, or -1 with the reason the row cannot become an
  * event in err (event_id or payload null, an event_id unfit as a message id, an unknown
  * relation): the caller must not skip such a row silently.
  */
-int outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
-                      OutboxEvent *ev, char *err, size_t errlen);
+OutboxReject outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
+                               OutboxEvent *ev, char *err, size_t errlen);
+
+/* What a dead letter says about the event it replaces. Unknown parts are NULL. */
+typedef struct DeadLetter {
+    const char *reason;   /* a short code: invalid_event_id, null_payload, too_large, ... */
+    const char *detail;   /* one line */
+    const char *table;    /* "schema.table" */
+    const char *event_id; /* raw, possibly invalid; NULL when null */
+    size_t event_id_len;
+    const char *subject;  /* the subject the event would have had */
+    const char *body;     /* the event's body; NULL or too large: a JSON pointer replaces it */
+    size_t body_len;
+    uint64_t commit_lsn;
+    int64_t commit_time;  /* µs since 2000-01-01 */
+    uint32_t index;       /* the row's position among the transaction's outbox rows */
+    /* dl may point into the event that is being replaced, but never into out. */
+} DeadLetter;
+
+/*
+ * Builds the dead-letter event for dl into out: subject dlq_subject; Nats-Msg-Id "dlq-<event_id>",
+ * or "dlq-<commit LSN>-<index>" when the event_id is unusable (stable across restarts either
+ * way, so a repeat is dropped as a duplicate);
+ * headers Outbox-Dead-Letter-Reason, -Detail, Outbox-Original-Subject, Outbox-Event-Id,
+ * Outbox-Table, Outbox-Commit-Lsn, Outbox-Commit-Time. The body is the original body when it
+ * is given and at most max_body bytes, else a short JSON object pointing at the row.
+ */
+void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLetter *dl,
+                        size_t max_body);
+
+/* Fills dl from a row that outbox_map_insert() rejected, as far as the row allows. Pointers
+ * refer to the message and the mapper. */
+void outbox_describe_row(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
+                         uint32_t index, DeadLetter *dl);
 
 #endif

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #define PGSTREAM_CHECK_FAILED 1
+#define PGSTREAM_SLOT_BUSY 2 /* another session streams from the slot */
 
 typedef struct PgStream PgStream;
 
@@ -60,14 +61,20 @@ typedef int (*PgColumnCheck)(void *arg, const char *const *names, size_t n, char
 int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
                    bool *created_slot, char *err, size_t errlen);
 
-/* The slot's confirmed_flush_lsn (0 when the slot has never confirmed anything). */
-int pgstream_slot_confirmed(PgStream *s, const char *slot, uint64_t *out, char *err,
-                            size_t errlen);
+typedef struct PgSlotInfo {
+    bool exists;
+    int active_pid;     /* the walsender streaming from it, 0 when free */
+    uint64_t confirmed; /* confirmed_flush_lsn, 0 when never confirmed */
+} PgSlotInfo;
+
+int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,
+                       size_t errlen);
 
 /* The server's wal_sender_timeout in milliseconds (0 = disabled). */
 int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen);
 
-/* START_REPLICATION SLOT slot LOGICAL start (proto_version 1, the publication). */
+/* START_REPLICATION SLOT slot LOGICAL start (proto_version 1, the publication). Returns
+ * PGSTREAM_SLOT_BUSY when another session holds the slot. */
 int pgstream_start(PgStream *s, const char *slot, const char *publication, uint64_t start_lsn,
                    char *err, size_t errlen);
 

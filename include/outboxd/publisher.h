@@ -1,5 +1,6 @@
 /*
- * publisher.h - publishing events to JetStream with a bounded window of unacknowledged ones.
+ * publisher.h - publishing events to JetStream with a bounded window of unacknowledged ones,
+ * and keeping at it through broker outages.
  *
  * Each published event gets a sequence number (1, 2, 3, ... in publish order) and a slot in a
  * ring until JetStream acknowledges it. The relay learns through publisher_poll() how far the
@@ -7,8 +8,14 @@
  * stored in the stream. Acks are delivered on nats.c's thread; the ring slot's atomic state word
  * is all that thread touches, so publishing never takes a lock.
  *
+ * When a publish fails for a reason that can pass (a timeout, a lost connection, no responders
+ * while a stream elects a leader, a broken order chain), the publisher pauses: no new events are
+ * taken, and after a backoff every unacknowledged event is sent again, oldest first, with the
+ * same Nats-Msg-Id (go-back-N). An event the stream refuses for good is replaced in place by a
+ * dead letter, or reported as fatal when no dead-letter subject is configured.
+ *
  * Return codes: 0 success, -1 error (err says what), PUBLISH_CHECK_FAILED for a failed start-up
- * check, PUBLISH_UNPUBLISHABLE for an event that can never be published as it is (too large).
+ * check, PUBLISH_UNPUBLISHABLE for an event that can never be published as it is.
  */
 #ifndef OUTBOXD_PUBLISHER_H
 #define OUTBOXD_PUBLISHER_H
@@ -29,19 +36,30 @@ typedef struct PublisherOptions {
     int64_t max_inflight;       /* events */
     int64_t max_inflight_bytes; /* bytes */
     int64_t ack_timeout_ms;
+    bool strict_order;          /* chain publishes with Nats-Expected-Last-Msg-Id */
+    int64_t retry_min_ms;       /* backoff after failures: doubles up to retry_max_ms, */
+    int64_t retry_max_ms;       /* with full jitter */
+    const char *dead_letter_subject; /* NULL: an unpublishable event is fatal */
 } PublisherOptions;
 
 typedef struct PublisherStatus {
     uint64_t next_seq;      /* the sequence number the next publish gets */
     uint64_t first_unacked; /* every event below it is acknowledged */
     size_t inflight;        /* events published and not yet acknowledged */
-    uint64_t acked;         /* acknowledgements so far, duplicates included */
-    uint64_t duplicates;    /* acknowledgements flagged duplicate by JetStream */
-    int64_t oldest_commit_time; /* commit time (µs since 2000) of the oldest unacked, or 0 */
-    bool failed;            /* the oldest unacknowledged event failed or timed out */
-    uint64_t failed_seq;
+    bool paused;            /* waiting to publish again after a failure */
+    bool failed;            /* an event can never be published and there is no dead-letter
+                             * subject: the relay must stop */
     char failure[512];      /* which event and why, one line */
 } PublisherStatus;
+
+/* What outboxd needs to know of the stream it publishes to. */
+typedef struct StreamInfo {
+    char name[256];
+    int replicas;
+    int64_t duplicate_window_ms;
+    uint64_t last_seq;
+    char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
+} StreamInfo;
 
 /*
  * Connects to NATS and checks that JetStream answers. Returns 0, or PUBLISH_CHECK_FAILED with
@@ -51,34 +69,60 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
 void publisher_free(Publisher *p);
 
 /*
- * Checks that some stream captures subjects matching filter (e.g. "outbox.*.*"); writes the
- * first such stream's name into stream. Returns 0, or PUBLISH_CHECK_FAILED.
+ * Finds the stream that captures subjects matching filter (e.g. "outbox.*.*") and reads what
+ * StreamInfo holds. With strict order the chain of Nats-Expected-Last-Msg-Id starts from the
+ * stream's last message. Also checks that a stream captures the dead-letter subject. Returns
+ * 0, or PUBLISH_CHECK_FAILED saying which subject no stream captures.
  */
-int publisher_check_stream(Publisher *p, const char *filter, char *stream, size_t streamlen,
-                           char *err, size_t errlen);
+int publisher_bind_stream(Publisher *p, const char *filter, StreamInfo *info, char *err,
+                          size_t errlen);
 
 /* The sequence number the next publish will get. */
 uint64_t publisher_next_seq(const Publisher *p);
 
-/* True when one more event fits in the window. */
+/* True when one more event fits in the window and publishing is not paused. */
 bool publisher_has_room(const Publisher *p);
 
-/* Publishes ev and writes its sequence number into *seq. */
-int publisher_publish(Publisher *p, const OutboxEvent *ev, uint64_t *seq, char *err,
-                      size_t errlen);
+/*
+ * Publishes ev and writes its sequence number into *seq. A dead letter (dead_letter true) is
+ * not chained into the stream order. Returns PUBLISH_UNPUBLISHABLE, without publishing, when
+ * ev is larger than the server's max_payload; -1 only for errors outside the event.
+ */
+int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uint64_t *seq,
+                      char *err, size_t errlen);
+
+/* The largest body a dead letter may carry (the server's max_payload less room for headers). */
+size_t publisher_max_body(const Publisher *p);
 
 /*
- * Releases acknowledged events from the head of the window and reports progress. Detects a
- * failed or timed-out oldest event (st->failed). now is CLOCK_MONOTONIC µs.
+ * Takes in acknowledgements, releases acknowledged events from the head of the window, and
+ * drives recovery: notices failures, pauses, and sends the window again after the backoff.
+ * now is CLOCK_MONOTONIC µs.
  */
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st);
 
-/* The monotonic time (µs) at which the oldest unacknowledged event times out, or INT64_MAX. */
+/* The monotonic time (µs) by which publisher_poll() has something to do (a timeout or the end
+ * of a backoff), or INT64_MAX. */
 int64_t publisher_next_deadline(const Publisher *p);
 
 /* A descriptor that becomes readable when acknowledgements arrived; call publisher_rearm()
  * after waking (before polling) to be woken again. */
 int publisher_wake_fd(const Publisher *p);
 void publisher_rearm(Publisher *p);
+
+/* ---- the durable checkpoint (a JetStream key-value bucket) ---- */
+
+/* Opens the bucket, creating it (history 1, file storage, replicas) when missing. */
+int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, char *err,
+                              size_t errlen);
+/* Reads the checkpoint under key: *lsn = 0 when there is none. */
+int publisher_checkpoint_get(Publisher *p, const char *key, uint64_t *lsn, char *err,
+                             size_t errlen);
+/* Stores the checkpoint without waiting (skipped while disconnected); a lost write only means
+ * an older checkpoint, never a wrong one. */
+void publisher_checkpoint_put_async(Publisher *p, const char *key, uint64_t lsn);
+/* Stores the checkpoint and waits for JetStream to confirm it. */
+int publisher_checkpoint_put(Publisher *p, const char *key, uint64_t lsn, char *err,
+                             size_t errlen);
 
 #endif

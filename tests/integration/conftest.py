@@ -17,7 +17,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import harness  # noqa: E402
-from harness import JetStream, NatsServer, OutboxWriter, PgServer, Relay, TempRoot  # noqa: E402
+from harness import JetStream, free_port, NatsServer, OutboxWriter, PgServer, Relay, TempRoot  # noqa: E402
 
 _names = itertools.count(1)
 
@@ -133,9 +133,12 @@ class Ctx:
         self.add_stream(**stream_kw)
 
     def relay(self, *extra, env=None, name=None, pg_url="default", nats_url="default", slot="default",
-              publication="default", table="default"):
-        """A Relay (not started) with this test's settings; pass None to leave a flag out."""
+              publication="default", table="default", http_addr="default"):
+        """A Relay (not started) with this test's settings; pass None to leave a flag out. Each
+        relay gets its own HTTP port (relay.http_url), kept across its restarts."""
+        http_port = free_port()
         vals = {
+            "http-addr": f"127.0.0.1:{http_port}" if http_addr == "default" else http_addr,
             "pg-url": self.pg.dsn if pg_url == "default" else pg_url,
             "nats-url": (self.nats.url if self.nats else None) if nats_url == "default" else nats_url,
             "slot": self.slot if slot == "default" else slot,
@@ -148,6 +151,7 @@ class Ctx:
             self.publications.add(vals["publication"])
         args = [f"--{k}={v}" for k, v in vals.items() if v is not None] + list(extra)
         r = Relay(self.dir, args, env=env, name=name or f"relay{len(self.relays) + 1}")
+        r.http_url = f"http://127.0.0.1:{http_port}" if http_addr == "default" else None
         self.relays.append(r)
         return r
 

@@ -100,19 +100,29 @@ static void test_default_table(void)
     /* Rows that cannot become events are refused with the reason. */
     cols[0].value = NULL;
     insert(16384, cols, 8);
-    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_EVENT_ID);
     CHECK(strstr(err, "event_id is null") != NULL);
     cols[0].value = "has space";
     insert(16384, cols, 8);
-    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_EVENT_ID);
     CHECK(strstr(err, "Nats-Msg-Id") != NULL);
     cols[0].value = "ok-id";
     cols[4].value = NULL;
     insert(16384, cols, 8);
-    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_NULL_PAYLOAD);
     CHECK(strstr(err, "payload is null") != NULL);
     insert(77, cols, 8);
-    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_UNKNOWN_RELATION);
+
+    /* A subject too long for a NATS publish line. */
+    cols[4].value = "{}";
+    char *longtype = malloc(OUTBOX_MAX_SUBJECT + 1);
+    memset(longtype, 'x', OUTBOX_MAX_SUBJECT);
+    longtype[OUTBOX_MAX_SUBJECT] = '\0';
+    cols[1].value = longtype;
+    insert(16384, cols, 8);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_SUBJECT);
+    free(longtype);
 
     outbox_event_deinit(&ev);
     outbox_mapper_free(m);
@@ -143,7 +153,7 @@ static void test_columns_by_name_and_bytea(void)
     CHECK(outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID) == NULL); /* empty: no header */
     cols[1].value = "\\x0g";
     insert(5, cols, 4);
-    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) < 0);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_NULL_PAYLOAD);
 
     /* ALTER TABLE dropping event_id: the new Relation is refused, and so are its inserts. */
     Col altered[] = {{"payload", OID_JSONB, "{}"}, {"aggregate_id", OID_TEXT, "1"}};
@@ -181,12 +191,70 @@ static void test_start_up_column_check(void)
     CHECK(outbox_mapper_new(&m, "t", "o.{", err, sizeof(err)) < 0);
 }
 
+static void test_dead_letters(void)
+{
+    OutboxMapper *m;
+    char err[256];
+    CHECK(outbox_mapper_new(&m, "public.outbox", "outbox.{aggregate_type}", err, sizeof(err)) ==
+          0);
+    Col cols[] = {
+        {"event_id", OID_TEXT, NULL},
+        {"aggregate_type", OID_TEXT, "order"},
+        {"payload", OID_JSONB, "{\"a\": 1}"},
+    };
+    relation(9, "public", "outbox", cols, 3);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    insert(9, cols, 3);
+    OutboxTxn t = {.commit_lsn = 0x100000ABC, .commit_time = 0};
+    DeadLetter dl;
+    outbox_describe_row(m, msg, &t, 3, &dl);
+    CHECK(dl.event_id == NULL);
+    CHECK_STR(dl.subject, "outbox.order");
+    CHECK_STR(dl.table, "public.outbox");
+    CHECK_MEM(dl.body, dl.body_len, "{\"a\": 1}", 8);
+    CHECK(dl.index == 3 && dl.commit_lsn == 0x100000ABC);
+    dl.reason = "invalid_event_id";
+    dl.detail = "event_id is null";
+
+    OutboxEvent out;
+    outbox_event_init(&out);
+    outbox_dead_letter(&out, "outbox.dead_letter", &dl, 1024);
+    CHECK_STR(out.subject.data, "outbox.dead_letter");
+    CHECK_STR(out.msg_id, "dlq-1-ABC-3"); /* no usable event_id: position in the WAL */
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_DL_REASON), "invalid_event_id");
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_DL_DETAIL), "event_id is null");
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_ORIGINAL_SUBJECT), "outbox.order");
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_TABLE), "public.outbox");
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_COMMIT_LSN), "1/ABC");
+    CHECK(outbox_event_header(&out, OUTBOX_HDR_EVENT_ID) == NULL);
+    CHECK_MEM(out.body, out.body_len, "{\"a\": 1}", 8); /* fits: the original body */
+
+    /* A usable event id names the dead letter; a body over the limit becomes a pointer. */
+    dl.event_id = "evt-1\r\nX: y";
+    dl.event_id_len = strlen(dl.event_id);
+    outbox_dead_letter(&out, "dlq", &dl, 4);
+    CHECK_STR(out.msg_id, "dlq-1-ABC-3"); /* CR/LF: still not usable */
+    CHECK_STR(outbox_event_header(&out, OUTBOX_HDR_EVENT_ID), "evt-1%0D%0AX: y");
+    dl.event_id = "evt-1";
+    dl.event_id_len = 5;
+    outbox_dead_letter(&out, "dlq", &dl, 4);
+    CHECK_STR(out.msg_id, "dlq-evt-1");
+    CHECK(out.body_len > 0 && out.body[0] == '{');
+    CHECK(strstr(out.body, "\"event_id\":\"evt-1\"") != NULL);
+    CHECK(strstr(out.body, "\"commit_lsn\":\"1/ABC\"") != NULL);
+    CHECK(strstr(out.body, "\"reason\":\"invalid_event_id\"") != NULL);
+    CHECK(strstr(out.body, "\"body_bytes\":8") != NULL);
+    outbox_event_deinit(&out);
+    outbox_mapper_free(m);
+}
+
 int main(void)
 {
     msg = malloc(sizeof(*msg));
     test_default_table();
     test_columns_by_name_and_bytea();
     test_start_up_column_check();
+    test_dead_letters();
     free(msg);
     return check_report("test_outbox");
 }
