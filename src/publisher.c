@@ -97,6 +97,7 @@ struct Publisher {
     bool strict;
     char chain_last[256]; /* Nats-Msg-Id the next chained event expects as the stream's last */
     char *dead_letter_subject;
+    char *table;
     char stream[256];
     /* recovery */
     int64_t retry_min_us, retry_max_us;
@@ -320,6 +321,7 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     p->retry_max_us = opts->retry_max_ms * 1000;
     p->strict = opts->strict_order;
     p->dead_letter_subject = opts->dead_letter_subject ? xstrdup(opts->dead_letter_subject) : NULL;
+    p->table = xstrdup(opts->table ? opts->table : "");
     int rc = -1;
     natsOptions *no = NULL;
     char **servers = NULL;
@@ -468,6 +470,7 @@ void publisher_free(Publisher *p)
         close(p->wake_fd);
     outbox_event_deinit(&p->dlq);
     free(p->dead_letter_subject);
+    free(p->table);
     free(p);
 }
 
@@ -810,6 +813,7 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
         .detail = why,
         .event_id = id,
         .event_id_len = id ? strlen(id) : 0,
+        .table = p->table,
         .subject = natsMsg_GetSubject(slot->msg),
         .commit_lsn = lsn,
         .commit_time = slot->commit_time,

@@ -714,6 +714,7 @@ static int start_nats(Relay *r)
         .retry_max_ms = cfg->retry_max_ms,
         .dead_letter_subject =
             strcmp(cfg->on_poison, "dead-letter") == 0 ? cfg->dead_letter_subject : NULL,
+        .table = outbox_mapper_qualified(r->mapper),
     };
     int rc = publisher_new(&r->pub, &po, r->err, sizeof(r->err));
     if (rc == 0) {

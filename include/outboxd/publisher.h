@@ -40,6 +40,7 @@ typedef struct PublisherOptions {
     int64_t retry_min_ms;       /* backoff after failures: doubles up to retry_max_ms, */
     int64_t retry_max_ms;       /* with full jitter */
     const char *dead_letter_subject; /* NULL: an unpublishable event is fatal */
+    const char *table;               /* "schema.table", for dead letters */
 } PublisherOptions;
 
 typedef struct PublisherStatus {

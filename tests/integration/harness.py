@@ -439,7 +439,7 @@ class PgServer:
         test_decoding reports a COMMIT with the commit record's end LSN in the lsn column.
         """
         prefix = f"table {table}: INSERT: "
-        id_re = re.compile(r"event_id\[uuid\]:'([0-9a-f-]{36})'")
+        id_re = re.compile(r"event_id\[(?:uuid|text)\]:(?:'([^']*)'|null)")
         txs, cur = [], None
         for lsn, xid, data in self.peek_probe(slot):
             if data.startswith("BEGIN"):
@@ -501,12 +501,16 @@ class NatsServer:
     """nats-server on 127.0.0.1:<port chosen once>, so that stop() + start() keeps the address and
     the JetStream store directory."""
 
-    def __init__(self, root_dir, jetstream=True):
+    def __init__(self, root_dir, jetstream=True, conf=None, port=None, name=None):
+        """conf: extra nats-server configuration text (e.g. "max_payload: 65536" or a cluster
+        block), written to a file in root_dir and passed with -c."""
         self.dir = Path(root_dir)
         self.storedir = self.dir / "jetstream"
         self.logfile = self.dir / "nats-server.log"
         self.jetstream = jetstream
-        self.port = free_port()
+        self.port = port or free_port()
+        self.name = name
+        self.conf = conf
         self.proc = None
 
     @property
@@ -525,9 +529,15 @@ class NatsServer:
         except ValueError:
             return False
 
-    def start(self, timeout=30):
+    def start(self, timeout=30, wait=True):
         assert self.proc is None or self.proc.poll() is not None, "nats-server already running"
         cmd = [nats_server_bin(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.conf:
+            conf_file = self.dir / "nats-server.conf"
+            conf_file.write_text(self.conf)
+            cmd += ["-c", str(conf_file)]
+        if self.name:
+            cmd += ["-n", self.name]
         if self.jetstream:
             cmd += ["-js", "-sd", str(self.storedir)]
         log = open(self.logfile, "ab")
@@ -537,7 +547,11 @@ class NatsServer:
         finally:
             log.close()
         _register(self.proc)
+        if wait:
+            self.wait_ready(timeout)
+        return self
 
+    def wait_ready(self, timeout=30):
         def ready():
             if self.proc.poll() is not None:
                 raise AssertionError(f"nats-server exited with {self.proc.returncode}:\n{log_tail(self.logfile)}")
@@ -547,6 +561,16 @@ class NatsServer:
 
         wait_until(ready, timeout, f"nats-server on port {self.port} to be ready", interval=0.05)
         return self
+
+    def request_json(self, subject, payload=b"", timeout=2.0):
+        """A JetStream API request through this server; the decoded JSON reply or None."""
+        r = nats_request(self.port, subject, payload, timeout=timeout)
+        if r is None or not r[1]:
+            return None
+        try:
+            return json.loads(r[1])
+        except ValueError:
+            return None
 
     def stop(self, timeout=20):
         """Graceful stop (SIGTERM), by PID."""
@@ -562,6 +586,53 @@ class NatsServer:
     @property
     def running(self):
         return self.proc is not None and self.proc.poll() is None
+
+
+class NatsCluster:
+    """n nats-servers with JetStream, clustered over loopback (each its own store and name)."""
+
+    def __init__(self, root_dir, n=3):
+        root = Path(root_dir)
+        ports = [free_port() for _ in range(n)]
+        cports = [free_port() for _ in range(n)]
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in cports)
+        self.nodes = []
+        for i in range(n):
+            d = root / f"n{i + 1}"
+            d.mkdir(parents=True, exist_ok=True)
+            conf = (f"cluster {{\n  name: outboxd-test\n  listen: 127.0.0.1:{cports[i]}\n"
+                    f"  routes: [{routes}]\n}}\n")
+            self.nodes.append(NatsServer(d, conf=conf, port=ports[i], name=f"n{i + 1}"))
+
+    @property
+    def url(self):
+        return ",".join(n.url for n in self.nodes)
+
+    def start(self, timeout=60):
+        for n in self.nodes:
+            n.start(wait=False)
+        for n in self.nodes:
+            n.wait_ready(timeout)
+        return self
+
+    def kill(self):
+        for n in self.nodes:
+            if n.proc is not None:
+                n.kill()
+
+    def node(self, name):
+        return next(n for n in self.nodes if n.name == name)
+
+    def stream_leader(self, stream):
+        """The name of the node leading the stream's group, or None while there is none."""
+        for n in self.nodes:
+            if not n.running:
+                continue
+            info = n.request_json(f"$JS.API.STREAM.INFO.{stream}")
+            leader = ((info or {}).get("cluster") or {}).get("leader")
+            if leader:
+                return leader
+        return None
 
 
 class JetStream:
@@ -582,8 +653,10 @@ class JetStream:
                                  f"{r.stderr.decode('utf-8', 'replace').strip()}")
         return r
 
-    def add_stream(self, name, subjects=("outbox.>",), dupe_window=120, storage="file", max_msg_size=None):
-        args = ["add-stream", f"--name={name}", f"--dupe-window={int(dupe_window)}", f"--storage={storage}"]
+    def add_stream(self, name, subjects=("outbox.>",), dupe_window=120, storage="file", max_msg_size=None,
+                   replicas=1):
+        args = ["add-stream", f"--name={name}", f"--dupe-window={int(dupe_window)}", f"--storage={storage}",
+                f"--replicas={int(replicas)}"]
         args += [f"--subjects={s}" for s in subjects]
         if max_msg_size is not None:
             args.append(f"--max-msg-size={int(max_msg_size)}")
@@ -622,7 +695,11 @@ class JetStream:
         last = [None]
 
         def enough():
-            last[0] = self.count(name)
+            try:
+                last[0] = self.count(name)
+            except AssertionError as e:  # e.g. a timeout while the stream elects a leader
+                last[0] = f"unknown ({e})"
+                return False
             return last[0] >= n
 
         wait_until(enough, timeout, what or f"stream {name} to hold {n} messages", interval=0.1,
@@ -646,6 +723,7 @@ class Relay:
         self.proc = None
         self.runs = 0
         self._offset = 0
+        self.http_url = None
 
     def start(self):
         assert self.proc is None or self.proc.poll() is not None, "relay already running"
@@ -666,6 +744,30 @@ class Relay:
     @property
     def pid(self):
         return self.proc.pid if self.proc else None
+
+    def http_get(self, path, timeout=5):
+        """(status, body text) of GET path on the relay's HTTP listener; (None, "") when it
+        does not answer."""
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return None, ""
+
+    def metrics(self):
+        """The relay's /metrics as {"name{labels}": value}."""
+        status, text = self.http_get("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
 
     @property
     def running(self):
@@ -832,6 +934,14 @@ class OutboxWriter:
     @property
     def event_ids(self):
         return [e for tx in self.transactions for e in tx]
+
+    def reconnect(self):
+        """A new connection, e.g. after the server restarted."""
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - the old connection is gone anyway
+            pass
+        self.conn = self.pg.connect(autocommit=False)
 
     def make_event(self, **over):
         """One event as a dict of column values (payload as a Python object)."""

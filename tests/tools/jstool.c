@@ -221,13 +221,21 @@ static bool client_open(Client *c, const char *url)
     char what[512];
 
     memset(c, 0, sizeof(*c));
+    /* A comma-separated list goes in as a server list, as outboxd does it. */
+    char copy[2048];
+    const char *servers[16];
+    int nservers = 0;
+    snprintf(copy, sizeof(copy), "%s", url);
+    for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok && nservers < 16;
+         tok = strtok_r(NULL, ",", &save))
+        servers[nservers++] = tok;
     s = natsOptions_Create(&c->opts);
     if (s == NATS_OK)
-        s = natsOptions_SetURL(c->opts, url);
+        s = natsOptions_SetServers(c->opts, servers, nservers);
     if (s == NATS_OK)
         s = natsOptions_SetTimeout(c->opts, 5000);
     if (s == NATS_OK)
-        s = natsOptions_SetMaxReconnect(c->opts, 0);
+        s = natsOptions_SetMaxReconnect(c->opts, 1);
     if (s == NATS_OK)
         s = natsOptions_SetName(c->opts, "jstool");
     if (s == NATS_OK)
