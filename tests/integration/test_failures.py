@@ -72,6 +72,24 @@ def test_nats_killed_and_restarted_twice_relay_keeps_running(ctx, pg, js, nats):
     assert relay.running and relay.runs == 1, "the relay was restarted"
 
 
+@pytest.mark.timeout(240)
+def test_without_strict_order_a_broker_restart_still_loses_and_repeats_nothing(ctx, pg, js, nats):
+    ctx.setup()
+    relay = ctx.start_relay("--strict-order=false", "--ack-timeout=2s", "--retry-max=1s")
+    w = ctx.writer(seed=34)
+    n = 20_000
+    w.start_background(random_sizes(n, 1, 40, w.rng), pause=0.0005)
+    js.wait_count(ctx.stream, n // 3, 120)
+    nats.kill()
+    relay.wait_for_log("disconnected from NATS", timeout=20)
+    nats.start()
+    w.wait(180)
+    js.wait_count(ctx.stream, n, 120)
+    ids = js.msg_ids(ctx.stream)
+    assert len(ids) == n and set(ids) == set(w.event_ids), "events lost or stored twice"
+    assert relay.running and relay.runs == 1
+
+
 @pytest.mark.timeout(300)
 def test_postgres_restarted_during_load_and_idle_republishes_nothing(ctx, pg, js):
     ctx.setup()
