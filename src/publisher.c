@@ -74,6 +74,7 @@ typedef struct Slot {
     uint64_t seq;
     unsigned attempt;
     bool dead_letter;    /* not chained into the stream order */
+    bool sent;           /* went out at least once (a resend of it is a retry) */
     int64_t sent_at;     /* CLOCK_MONOTONIC µs */
     int64_t commit_time; /* µs since 2000-01-01 */
     size_t bytes;
@@ -611,11 +612,8 @@ uint64_t publisher_next_seq(const Publisher *p)
 
 bool publisher_has_room(const Publisher *p)
 {
-    /* While disconnected nothing new is taken: it would only pile up in nats.c's reconnect
-     * buffer and time out there. The WAL keeps it. */
     int64_t n = (int64_t)(p->next - p->head);
-    return !p->paused && !p->fatal && atomic_load(&p->connected) && n < p->max_inflight &&
-           (p->bytes < p->max_bytes || n == 0);
+    return !p->fatal && n < p->max_inflight && (p->bytes < p->max_bytes || n == 0);
 }
 
 size_t publisher_max_body(const Publisher *p)
@@ -623,6 +621,8 @@ size_t publisher_max_body(const Publisher *p)
     int64_t max = natsConnection_GetMaxPayload(p->nc);
     return max > DEAD_LETTER_HEADER_ROOM ? (size_t)(max - DEAD_LETTER_HEADER_ROOM) : 0;
 }
+
+static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const char *why);
 
 static size_t event_size(const OutboxEvent *ev)
 {
@@ -682,8 +682,9 @@ static natsStatus copy_msg(natsMsg *src, const char *reply, natsMsg **out)
     return NATS_OK;
 }
 
-/* Puts msg into the slot for seq (taking ownership) and sends it. A failed send leaves the
- * event in flight: it fails by timeout or disconnect and is sent again, never lost. */
+/* Puts msg into the slot for seq (taking ownership) and sends it, unless publishing is paused:
+ * then it waits in the window and goes out, in order, when publishing resumes. A failed send
+ * leaves the event in flight: it fails by timeout or disconnect and is sent again, never lost. */
 static void send_in_slot(Publisher *p, Slot *slot, natsMsg *msg, unsigned attempt)
 {
     natsMsg_Destroy(slot->msg);
@@ -691,6 +692,9 @@ static void send_in_slot(Publisher *p, Slot *slot, natsMsg *msg, unsigned attemp
     slot->attempt = attempt;
     atomic_store(&slot->state, state_word(slot->seq, attempt, 0, ST_INFLIGHT));
     slot->sent_at = now_mono_us();
+    if (p->paused)
+        return;
+    slot->sent = true;
     natsStatus s = natsConnection_PublishMsg(p->nc, msg);
     if (s != NATS_OK)
         log_debug("publish of seq %" PRIu64 " failed at once: %s", slot->seq,
@@ -709,6 +713,8 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
                  size, max_payload);
         return PUBLISH_UNPUBLISHABLE;
     }
+    if (!p->paused && !atomic_load(&p->connected))
+        pause_publishing(p, now_mono_us(), PUBERR_CONNECTION, "not connected to NATS");
     uint64_t seq = p->next;
     char reply[96];
     reply_subject(p, seq, 0, reply, sizeof(reply));
@@ -722,6 +728,7 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
 
     Slot *slot = &p->ring[seq & p->mask];
     slot->seq = seq;
+    slot->sent = false;
     slot->dead_letter = dead_letter;
     slot->commit_time = ev->commit_time;
     slot->bytes = size;
@@ -785,8 +792,8 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
     p->failures++;
     p->paused = true;
     p->resume_at = now + delay;
-    log_warn("publishing paused: %s; sending the %" PRIu64 " unacknowledged events again in %" PRId64
-             " ms%s",
+    log_warn("publishing paused: %s; events wait in the window (%" PRIu64 " now) and are sent "
+             "again in order in %" PRId64 " ms%s",
              why, p->next - p->head, delay / 1000,
              atomic_load(&p->connected) ? "" : " once NATS is reachable");
 }
@@ -857,7 +864,7 @@ static void reseed_head(Publisher *p, Slot *slot)
 /* Sends every unacknowledged event again, oldest first. */
 static void resend_window(Publisher *p)
 {
-    uint64_t count = 0;
+    uint64_t count = 0, retries = 0;
     for (uint64_t seq = p->head; seq < p->next; seq++) {
         Slot *slot = &p->ring[seq & p->mask];
         unsigned st = word_state(atomic_load(&slot->state));
@@ -872,12 +879,13 @@ static void resend_window(Publisher *p)
             log_warn("could not copy seq %" PRIu64 " to send it again", seq);
             continue; /* it stays failed and comes round again */
         }
+        retries += slot->sent;
         send_in_slot(p, slot, msg, slot->attempt + 1);
         count++;
     }
-    atomic_fetch_add_explicit(&metrics.publish_retries, count, memory_order_relaxed);
-    if (count)
-        log_info("sent %" PRIu64 " unacknowledged events again", count);
+    atomic_fetch_add_explicit(&metrics.publish_retries, retries, memory_order_relaxed);
+    log_info("publishing resumed: sent %" PRIu64 " events (%" PRIu64 " of them again)", count,
+             retries);
 }
 
 static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
