@@ -1,7 +1,8 @@
 /*
  * main.c - outboxd's command line: subcommands, settings, signals.
  *
- *   outboxd [run] [settings]   relay committed outbox inserts to JetStream (the default)
+ *   outboxd [run] [settings]                    relay committed outbox inserts (the default)
+ *   outboxd status [--json] [--max-lag BYTES] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
@@ -16,6 +17,7 @@
 #include "outboxd/config.h"
 #include "outboxd/log.h"
 #include "outboxd/relay.h"
+#include "outboxd/status.h"
 #include "outboxd_version.h"
 
 static volatile sig_atomic_t stop_requested;
@@ -32,6 +34,10 @@ static void usage(FILE *out)
                  "JetStream\n\n"
                  "Usage:\n"
                  "  outboxd [run] [settings]   run the relay (the default command)\n"
+                 "  outboxd status [--json] [--max-lag BYTES] [settings]\n"
+                 "                             the slot, checkpoint and stream, whether or not a\n"
+                 "                             relay runs; exit 1 when the slot is missing or\n"
+                 "                             its lag exceeds --max-lag\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
                  "Settings (flag > environment > default):\n",
@@ -49,20 +55,28 @@ static void version(void)
            pq % 10000, nats_GetVersion(), JANSSON_VERSION);
 }
 
-static int run(int argc, char **argv)
+/* Loads the settings from the environment and argv; prints the error and returns false. */
+static bool load_config(Config *cfg, int argc, char **argv)
+{
+    config_init(cfg);
+    char err[1024];
+    if (config_parse(cfg, argc, argv, err, sizeof(err)) < 0) {
+        fprintf(stderr, "outboxd: %s\n", err);
+        return false;
+    }
+    LogLevel level = LOG_INFO;
+    log_level_parse(cfg->log_level, &level);
+    log_setup(level, strcmp(cfg->log_format, "json") == 0);
+    return true;
+}
+
+static int cmd_run(int argc, char **argv)
 {
     Config cfg;
-    config_init(&cfg);
-    char err[1024];
-    if (config_parse(&cfg, argc, argv, err, sizeof(err)) < 0) {
-        fprintf(stderr, "outboxd: %s\n", err);
+    if (!load_config(&cfg, argc, argv)) {
         config_deinit(&cfg);
         return EXIT_OUTBOXD_USAGE;
     }
-    LogLevel level = LOG_INFO;
-    log_level_parse(cfg.log_level, &level);
-    log_setup(level, strcmp(cfg.log_format, "json") == 0);
-
     struct sigaction sa = {.sa_handler = on_signal};
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, NULL);
@@ -71,6 +85,48 @@ static int run(int argc, char **argv)
 
     log_info("outboxd %s starting", OUTBOXD_VERSION);
     int code = relay_run(&cfg, &stop_requested);
+    config_deinit(&cfg);
+    nats_Close();
+    return code;
+}
+
+static int cmd_status(int argc, char **argv)
+{
+    bool json = false;
+    int64_t max_lag = -1;
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *lag = NULL;
+        if (strcmp(a, "--json") == 0) {
+            json = true;
+        } else if (strncmp(a, "--max-lag=", 10) == 0) {
+            lag = a + 10;
+        } else if (strcmp(a, "--max-lag") == 0) {
+            if (i + 1 == argc) {
+                fprintf(stderr, "outboxd: option --max-lag needs a value\n");
+                return EXIT_OUTBOXD_USAGE;
+            }
+            lag = argv[++i];
+        } else {
+            rest[nrest++] = argv[i];
+        }
+        if (lag && !config_parse_bytes(lag, &max_lag)) {
+            fprintf(stderr, "outboxd: invalid value '%s' for --max-lag: expected bytes such as "
+                            "64MiB or 1GiB\n",
+                    lag);
+            return EXIT_OUTBOXD_USAGE;
+        }
+    }
+    rest[nrest] = NULL;
+    Config cfg;
+    if (!load_config(&cfg, nrest, rest)) {
+        config_deinit(&cfg);
+        return EXIT_OUTBOXD_USAGE;
+    }
+    log_setup(LOG_WARN, false); /* status speaks through its report, not the log */
+    int code = status_run(&cfg, json, max_lag);
     config_deinit(&cfg);
     nats_Close();
     return code;
@@ -90,9 +146,11 @@ int main(int argc, char **argv)
         }
     }
     if (cmd && strcmp(cmd, "run") == 0)
-        return run(argc - 2, argv + 2);
+        return cmd_run(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "status") == 0)
+        return cmd_status(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
-        return run(argc - 1, argv + 1);
+        return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);
     return EXIT_OUTBOXD_USAGE;
 }

@@ -47,11 +47,17 @@ static void set_pg_error(char *err, size_t errlen, const char *prefix, const cha
     snprintf(err, errlen, "%s: %s", prefix, msg);
 }
 
-int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t errlen)
+static int connect_mode(PgStream **out, const char *conninfo, bool replication, char *err,
+                        size_t errlen)
 {
     const char *keys[] = {"dbname",  "replication", "client_encoding",
                           "options", "fallback_application_name", NULL};
     const char *vals[] = {conninfo, "database", "UTF8", session_options, "outboxd", NULL};
+    if (!replication) {
+        keys[1] = "fallback_application_name";
+        vals[1] = "outboxd";
+        keys[4] = NULL;
+    }
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(conn) != CONNECTION_OK) {
         const char *msg = PQerrorMessage(conn);
@@ -71,6 +77,16 @@ int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t err
     s->conn = conn;
     *out = s;
     return 0;
+}
+
+int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t errlen)
+{
+    return connect_mode(out, conninfo, true, err, errlen);
+}
+
+int pgstream_connect_plain(PgStream **out, const char *conninfo, char *err, size_t errlen)
+{
+    return connect_mode(out, conninfo, false, err, errlen);
 }
 
 void pgstream_free(PgStream *s)
@@ -383,8 +399,10 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
     buf_init(&sql);
     int rc = -1;
     PGresult *res = NULL;
-    buf_puts(&sql, "SELECT coalesce(active_pid, 0), coalesce(confirmed_flush_lsn, '0/0') FROM "
-                   "pg_catalog.pg_replication_slots WHERE slot_name = ");
+    buf_puts(&sql, "SELECT coalesce(active_pid, 0), coalesce(confirmed_flush_lsn, '0/0'), "
+                   "coalesce(restart_lsn, '0/0'), pg_catalog.pg_current_wal_lsn(), "
+                   "coalesce(wal_status, ''), coalesce(plugin, '') "
+                   "FROM pg_catalog.pg_replication_slots WHERE slot_name = ");
     if (!put_literal(s, &sql, slot, err, errlen))
         goto done;
     res = query(s, sql.data, err, errlen);
@@ -394,7 +412,11 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
     if (PQntuples(res) == 1) {
         info->exists = true;
         info->active_pid = atoi(PQgetvalue(res, 0, 0));
-        if (!lsn_parse(PQgetvalue(res, 0, 1), &info->confirmed)) {
+        snprintf(info->wal_status, sizeof(info->wal_status), "%s", PQgetvalue(res, 0, 4));
+        snprintf(info->plugin, sizeof(info->plugin), "%s", PQgetvalue(res, 0, 5));
+        if (!lsn_parse(PQgetvalue(res, 0, 1), &info->confirmed) ||
+            !lsn_parse(PQgetvalue(res, 0, 2), &info->restart) ||
+            !lsn_parse(PQgetvalue(res, 0, 3), &info->wal)) {
             snprintf(err, errlen, "could not read the position of slot \"%s\"", slot);
             goto done;
         }
@@ -403,6 +425,20 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
 done:
     PQclear(res);
     buf_deinit(&sql);
+    return rc;
+}
+
+int pgstream_wal_lsn(PgStream *s, uint64_t *out, char *err, size_t errlen)
+{
+    PGresult *res = query(s, "SELECT pg_catalog.pg_current_wal_lsn()", err, errlen);
+    if (!res)
+        return -1;
+    int rc = 0;
+    if (PQntuples(res) != 1 || !lsn_parse(PQgetvalue(res, 0, 0), out)) {
+        snprintf(err, errlen, "could not read the server's WAL position");
+        rc = -1;
+    }
+    PQclear(res);
     return rc;
 }
 

@@ -36,6 +36,7 @@
 #include <jansson.h>
 #include <nats/nats.h>
 
+#include "outboxd/jetstream.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/util.h"
@@ -106,6 +107,7 @@ struct Publisher {
     bool reseed;         /* restart the chain from the stream's last message before resending */
     int64_t resume_at;
     unsigned failures;   /* consecutive pauses without progress, for the backoff */
+    bool last_was_duplicate; /* the newest released event was acknowledged as a duplicate */
     unsigned seen_epoch;
     atomic_uint conn_epoch; /* incremented by every disconnect */
     atomic_bool connected;
@@ -154,6 +156,21 @@ static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
 
 /* ---- the reply thread ---------------------------------------------------------------------- */
 
+/* True when the JSON object text has "key": true (any spacing: nats-server 2.9 writes
+ * "duplicate": true, with a space). */
+static bool json_flag_true(const char *data, size_t len, const char *key)
+{
+    size_t klen = strlen(key);
+    const char *end = data + len;
+    const char *p = memmem(data, len, key, klen);
+    if (!p)
+        return false;
+    p += klen;
+    while (p < end && (*p == ' ' || *p == ':' || *p == '\t'))
+        p++;
+    return end - p >= 4 && memcmp(p, "true", 4) == 0;
+}
+
 /* Cheap checks for the common success reply; anything unusual goes through jansson. */
 static unsigned classify_reply(natsMsg *msg, unsigned *code)
 {
@@ -169,7 +186,7 @@ static unsigned classify_reply(natsMsg *msg, unsigned *code)
         return ST_FAILED;
     }
     if (!memmem(data, (size_t)len, "\"error\"", 7) && memmem(data, (size_t)len, "\"seq\"", 5))
-        return memmem(data, (size_t)len, "\"duplicate\":true", 16) ? ST_DUPLICATE : ST_ACKED;
+        return json_flag_true(data, (size_t)len, "\"duplicate\"") ? ST_DUPLICATE : ST_ACKED;
 
     json_error_t jerr;
     json_t *root = json_loadb(data, (size_t)len, 0, &jerr);
@@ -259,64 +276,11 @@ static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
 
 /* ---- set-up -------------------------------------------------------------------------------- */
 
-/* Copies urls without any "user:password@" parts, for messages. */
-static void redact_urls(const char *urls, char *out, size_t outlen)
-{
-    Buf b;
-    buf_init(&b);
-    const char *p = urls;
-    while (*p) {
-        const char *end = strchr(p, ',');
-        size_t n = end ? (size_t)(end - p) : strlen(p);
-        const char *at = memchr(p, '@', n);
-        const char *scheme = strstr(p, "://");
-        if (at && scheme && scheme < at) {
-            buf_append(&b, p, (size_t)(scheme + 3 - p));
-            buf_puts(&b, "***@");
-            buf_append(&b, at + 1, n - (size_t)(at + 1 - p));
-        } else {
-            buf_append(&b, p, n);
-        }
-        if (!end)
-            break;
-        buf_putc(&b, ',');
-        p = end + 1;
-    }
-    snprintf(out, outlen, "%s", b.data ? b.data : "");
-    buf_deinit(&b);
-}
-
-/* Sends a JetStream API request; returns the parsed JSON reply or NULL with err set. On no
- * responders sets *no_responders. */
-static json_t *js_api(Publisher *p, const char *subject, const char *body, bool *no_responders,
-                      char *err, size_t errlen)
-{
-    natsMsg *reply = NULL;
-    *no_responders = false;
-    natsStatus s = natsConnection_RequestString(&reply, p->nc, subject, body, 5000);
-    if (s == NATS_NO_RESPONDERS) {
-        *no_responders = true;
-        snprintf(err, errlen, "no responders for %s", subject);
-        return NULL;
-    }
-    if (s != NATS_OK) {
-        nats_fail(err, errlen, "JetStream request failed", s);
-        return NULL;
-    }
-    json_error_t jerr;
-    json_t *root =
-        json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, &jerr);
-    natsMsg_Destroy(reply);
-    if (!root)
-        snprintf(err, errlen, "JetStream sent an unreadable reply to %s: %s", subject, jerr.text);
-    return root;
-}
-
 int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size_t errlen)
 {
     Publisher *p = xcalloc(1, sizeof(*p));
     p->wake_fd = -1;
-    redact_urls(opts->urls, p->urls, sizeof(p->urls));
+    jsapi_redact_urls(opts->urls, p->urls, sizeof(p->urls));
     outbox_event_init(&p->dlq);
     p->retry_min_us = opts->retry_min_ms * 1000;
     p->retry_max_us = opts->retry_max_ms * 1000;
@@ -325,8 +289,6 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     p->table = xstrdup(opts->table ? opts->table : "");
     int rc = -1;
     natsOptions *no = NULL;
-    char **servers = NULL;
-    int nservers = 0;
 
     uint64_t cap = 1;
     while ((int64_t)cap < opts->max_inflight)
@@ -346,20 +308,9 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     }
     atomic_init(&p->wake_armed, true);
 
-    /* The server list: split on commas, trim spaces. */
-    char *copy = xstrdup(opts->urls);
-    for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok;
-         tok = strtok_r(NULL, ",", &save)) {
-        while (*tok == ' ')
-            tok++;
-        if (!*tok)
-            continue;
-        servers = xrealloc(servers, sizeof(char *) * (size_t)(nservers + 1));
-        servers[nservers++] = tok;
-    }
     natsStatus s = natsOptions_Create(&no);
     if (s == NATS_OK)
-        s = natsOptions_SetServers(no, (const char **)servers, nservers);
+        s = jsapi_set_servers(no, opts->urls);
     if (s == NATS_OK)
         s = natsOptions_SetName(no, "outboxd");
     if (s == NATS_OK)
@@ -376,11 +327,9 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         s = natsOptions_SetReconnectedCB(no, on_reconnected, p);
     if (s != NATS_OK) {
         nats_fail(err, errlen, "could not set NATS options", s);
-        free(copy);
         goto done;
     }
     s = natsConnection_Connect(&p->nc, no);
-    free(copy);
     if (s != NATS_OK) {
         char why[512];
         nats_fail(why, sizeof(why), "connect", s);
@@ -395,7 +344,7 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     atomic_store(&metrics.nats_connected, 1);
 
     bool no_responders;
-    json_t *info = js_api(p, "$JS.API.INFO", "", &no_responders, err, errlen);
+    json_t *info = jsapi_request(p->nc, "$JS.API.INFO", "", &no_responders, err, errlen);
     json_t *jerr = info ? json_object_get(info, "error") : NULL;
     json_int_t jcode = jerr ? json_integer_value(json_object_get(jerr, "err_code")) : 0;
     json_decref(info);
@@ -439,7 +388,6 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     rc = 0;
 done:
     natsOptions_Destroy(no);
-    free(servers);
     if (rc == 0)
         *out = p;
     else
@@ -475,124 +423,29 @@ void publisher_free(Publisher *p)
     free(p);
 }
 
-/* Names of the streams capturing subjects that match filter; NULL with err set on failure. */
-static json_t *streams_for(Publisher *p, const char *filter, char *err, size_t errlen)
-{
-    json_t *req = json_pack("{s:s}", "subject", filter);
-    char *body = json_dumps(req, JSON_COMPACT);
-    json_decref(req);
-    bool no_responders;
-    json_t *reply = js_api(p, "$JS.API.STREAM.NAMES", body, &no_responders, err, errlen);
-    free(body);
-    return reply;
-}
-
-/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
-static int read_msg_id(Publisher *p, const char *stream, uint64_t seq, char *out, size_t outlen,
-                       char *err, size_t errlen)
-{
-    out[0] = '\0';
-    if (seq == 0)
-        return 0;
-    char subject[320], body[64];
-    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
-    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
-    bool no_responders;
-    json_t *reply = js_api(p, subject, body, &no_responders, err, errlen);
-    if (!reply)
-        return -1;
-    /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". */
-    const char *b64 = json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
-    if (b64) {
-        static const char alphabet[] =
-            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        Buf raw;
-        buf_init(&raw);
-        uint32_t acc = 0;
-        int bits = 0;
-        for (const char *c = b64; *c && *c != '='; c++) {
-            const char *pos = strchr(alphabet, *c);
-            if (!pos)
-                continue;
-            acc = acc << 6 | (uint32_t)(pos - alphabet);
-            bits += 6;
-            if (bits >= 8) {
-                bits -= 8;
-                buf_putc(&raw, (char)(acc >> bits & 0xff));
-            }
-        }
-        const char *key = raw.data ? strstr(raw.data, "\r\n" OUTBOX_HDR_MSG_ID ":") : NULL;
-        if (key) {
-            const char *v = key + 2 + strlen(OUTBOX_HDR_MSG_ID) + 1;
-            while (*v == ' ')
-                v++;
-            size_t n = strcspn(v, "\r\n");
-            snprintf(out, outlen, "%.*s", (int)n, v);
-        }
-        buf_deinit(&raw);
-    }
-    json_decref(reply);
-    return 0;
-}
-
-/* Reads the stream's configuration and state into info. */
-static int read_stream(Publisher *p, const char *name, StreamInfo *info, char *err, size_t errlen)
-{
-    char subject[320];
-    snprintf(subject, sizeof(subject), "$JS.API.STREAM.INFO.%s", name);
-    bool no_responders;
-    json_t *reply = js_api(p, subject, "", &no_responders, err, errlen);
-    if (!reply)
-        return -1;
-    json_t *config = json_object_get(reply, "config");
-    json_t *state = json_object_get(reply, "state");
-    if (!config || !state) {
-        snprintf(err, errlen, "could not read stream %s: unexpected reply", name);
-        json_decref(reply);
-        return -1;
-    }
-    snprintf(info->name, sizeof(info->name), "%s", name);
-    info->replicas = (int)json_integer_value(json_object_get(config, "num_replicas"));
-    if (info->replicas < 1)
-        info->replicas = 1;
-    info->duplicate_window_ms = json_integer_value(json_object_get(config, "duplicate_window")) /
-                                1000000;
-    info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
-    uint64_t messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
-    json_decref(reply);
-    return read_msg_id(p, name, messages ? info->last_seq : 0, info->last_msg_id,
-                       sizeof(info->last_msg_id), err, errlen);
-}
-
 int publisher_bind_stream(Publisher *p, const char *filter, StreamInfo *info, char *err,
                           size_t errlen)
 {
-    json_t *reply = streams_for(p, filter, err, errlen);
-    if (!reply)
+    bool found;
+    if (jsapi_find_stream(p->nc, filter, p->stream, sizeof(p->stream), &found, err, errlen) < 0)
         return -1;
-    json_t *names = json_object_get(reply, "streams");
-    if (!json_is_array(names) || json_array_size(names) == 0) {
+    if (!found) {
         snprintf(err, errlen,
                  "no JetStream stream captures subjects %s: create one whose subjects cover them "
                  "(for the default template, a stream with subjects \"outbox.>\")",
                  filter);
-        json_decref(reply);
         return PUBLISH_CHECK_FAILED;
     }
-    snprintf(p->stream, sizeof(p->stream), "%s", json_string_value(json_array_get(names, 0)));
-    json_decref(reply);
-    if (read_stream(p, p->stream, info, err, errlen) < 0)
+    if (jsapi_stream_info(p->nc, p->stream, info, err, errlen) < 0)
         return -1;
     snprintf(p->chain_last, sizeof(p->chain_last), "%s", info->last_msg_id);
 
     if (p->dead_letter_subject) {
-        reply = streams_for(p, p->dead_letter_subject, err, errlen);
-        if (!reply)
+        char name[256];
+        if (jsapi_find_stream(p->nc, p->dead_letter_subject, name, sizeof(name), &found, err,
+                              errlen) < 0)
             return -1;
-        names = json_object_get(reply, "streams");
-        bool captured = json_is_array(names) && json_array_size(names) > 0;
-        json_decref(reply);
-        if (!captured) {
+        if (!found) {
             snprintf(err, errlen,
                      "no JetStream stream captures the dead-letter subject %s: add it to a "
                      "stream's subjects, or set --dead-letter-subject (or --on-poison=stop)",
@@ -847,7 +700,7 @@ static void reseed_head(Publisher *p, Slot *slot)
 {
     StreamInfo info;
     char err[256];
-    if (read_stream(p, p->stream, &info, err, sizeof(err)) < 0) {
+    if (jsapi_stream_info(p->nc, p->stream, &info, err, sizeof(err)) < 0) {
         log_warn("could not read stream %s to restart the order chain: %s", p->stream, err);
         return;
     }
@@ -855,9 +708,14 @@ static void reseed_head(Publisher *p, Slot *slot)
         natsMsgHeader_Set(slot->msg, OUTBOX_HDR_EXPECTED_LAST, info.last_msg_id);
     else
         natsMsgHeader_Delete(slot->msg, OUTBOX_HDR_EXPECTED_LAST);
-    log_warn("stream %s has messages outboxd did not write (last id \"%s\"); the order chain "
-             "continues from there",
-             p->stream, info.last_msg_id);
+    if (p->last_was_duplicate)
+        log_info("continuing the order chain of stream %s after duplicates, from its last "
+                 "message \"%s\"",
+                 p->stream, info.last_msg_id);
+    else
+        log_warn("stream %s has messages outboxd did not write (last id \"%s\"); the order chain "
+                 "continues from there",
+                 p->stream, info.last_msg_id);
     p->reseed = false;
 }
 
@@ -890,6 +748,7 @@ static void resend_window(Publisher *p)
 
 static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
 {
+    p->last_was_duplicate = state == ST_DUPLICATE;
     if (!slot->dead_letter) {
         if (state == ST_DUPLICATE)
             atomic_fetch_add_explicit(&metrics.events_duplicate, 1, memory_order_relaxed);
@@ -938,7 +797,16 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             refuse_head(p, slot, code);
             break;
         }
-        if (!p->paused) {
+        if (!p->paused && code == JS_WRONG_LAST_MSG_ID && p->strict && p->last_was_duplicate) {
+            /* The events before were already in the stream (a replay, a restart), so the stream's
+             * last message is some later one: not a failure, the chain just continues from it. */
+            p->reseed = true;
+            p->paused = true;
+            p->resume_at = now;
+            log_debug("the events before %" PRIu64 " were duplicates; continuing the order chain "
+                      "from the stream's last message",
+                      p->head);
+        } else if (!p->paused) {
             char event[256], why[128], line[400];
             describe_event(slot->msg, event, sizeof(event));
             describe_code(code, why, sizeof(why));
@@ -1022,21 +890,7 @@ int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, ch
 int publisher_checkpoint_get(Publisher *p, const char *key, uint64_t *lsn, char *err,
                              size_t errlen)
 {
-    kvEntry *e = NULL;
-    *lsn = 0;
-    natsStatus s = kvStore_Get(&e, p->kv, key);
-    if (s == NATS_NOT_FOUND)
-        return 0;
-    if (s != NATS_OK)
-        return nats_fail(err, errlen, "could not read the checkpoint", s);
-    const char *v = kvEntry_ValueString(e);
-    int rc = 0;
-    if (!v || !lsn_parse(v, lsn)) {
-        snprintf(err, errlen, "the checkpoint \"%s\" holds \"%s\", not an LSN", key, v ? v : "");
-        rc = -1;
-    }
-    kvEntry_Destroy(e);
-    return rc;
+    return jsapi_checkpoint_read(p->js, p->kv_bucket, key, lsn, err, errlen);
 }
 
 void publisher_checkpoint_put_async(Publisher *p, const char *key, uint64_t lsn)

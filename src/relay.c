@@ -48,6 +48,8 @@
 #define BATCH 512
 /* How often a standby looks whether the slot became free. */
 #define STANDBY_POLL_US INT64_C(1000000)
+/* How often the server's WAL position is read for the lag gauge. */
+#define MONITOR_US INT64_C(5000000)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
 
@@ -68,6 +70,8 @@ typedef struct Relay {
     const Config *cfg;
     volatile sig_atomic_t *stop;
     PgStream *pg;
+    PgStream *monitor; /* an ordinary session for the server's WAL position */
+    int64_t next_monitor;
     Publisher *pub;
     OutboxMapper *mapper;
     HttpServer *http;
@@ -383,6 +387,28 @@ static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_read
     return 0;
 }
 
+/* Reads the server's WAL position for the replication lag gauge. Best effort: a failure only
+ * leaves the gauge as it was, and the session is opened again next time. */
+static void monitor_wal(Relay *r, int64_t now)
+{
+    if (now < r->next_monitor)
+        return;
+    r->next_monitor = now + MONITOR_US;
+    if (!r->monitor && pgstream_connect_plain(&r->monitor, r->cfg->pg_url, r->err,
+                                              sizeof(r->err)) != 0) {
+        log_debug("monitoring session: %s", r->err);
+        return;
+    }
+    uint64_t lsn;
+    if (pgstream_wal_lsn(r->monitor, &lsn, r->err, sizeof(r->err)) < 0) {
+        log_debug("monitoring session: %s", r->err);
+        pgstream_free(r->monitor);
+        r->monitor = NULL;
+        return;
+    }
+    atomic_store_explicit(&metrics.server_wal_lsn, lsn, memory_order_relaxed);
+}
+
 static void summary(Relay *r, int64_t now, const PublisherStatus *st)
 {
     if (now < r->next_summary)
@@ -434,10 +460,12 @@ static StreamEnd stream(Relay *r)
                 return STREAM_PG_LOST;
         }
         checkpoint_async(r, now);
+        monitor_wal(r, now);
         summary(r, now, &st);
         if (more)
             continue;
-        int64_t deadline = min64(r->next_status, publisher_next_deadline(r->pub));
+        int64_t deadline = min64(min64(r->next_status, r->next_monitor),
+                                 publisher_next_deadline(r->pub));
         bool want_pg = publisher_has_room(r->pub);
         bool pg_ready;
         if (wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
@@ -839,6 +867,7 @@ done:
     http_stop(r.http);
     publisher_free(r.pub);
     pgstream_free(r.pg);
+    pgstream_free(r.monitor);
     outbox_mapper_free(r.mapper);
     outbox_event_deinit(&r.ev);
     outbox_event_deinit(&r.dlq);

@@ -43,6 +43,12 @@ typedef struct PgSetup {
  * contains the password).
  */
 int pgstream_connect(PgStream **out, const char *conninfo, char *err, size_t errlen);
+
+/* The same without replication=database: an ordinary session for monitoring queries. */
+int pgstream_connect_plain(PgStream **out, const char *conninfo, char *err, size_t errlen);
+
+/* The server's current WAL write position (pg_current_wal_lsn()). */
+int pgstream_wal_lsn(PgStream *s, uint64_t *out, char *err, size_t errlen);
 void pgstream_free(PgStream *s);
 
 /* IDENTIFY_SYSTEM. */
@@ -65,6 +71,10 @@ typedef struct PgSlotInfo {
     bool exists;
     int active_pid;     /* the walsender streaming from it, 0 when free */
     uint64_t confirmed; /* confirmed_flush_lsn, 0 when never confirmed */
+    uint64_t restart;   /* restart_lsn: the oldest WAL the slot holds */
+    uint64_t wal;       /* the server's current WAL position */
+    char wal_status[16]; /* reserved, extended, unreserved or lost */
+    char plugin[64];
 } PgSlotInfo;
 
 int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,

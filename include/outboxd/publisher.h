@@ -24,6 +24,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "outboxd/jetstream.h"
 #include "outboxd/outbox.h"
 
 #define PUBLISH_CHECK_FAILED 1
@@ -52,15 +53,6 @@ typedef struct PublisherStatus {
                              * subject: the relay must stop */
     char failure[512];      /* which event and why, one line */
 } PublisherStatus;
-
-/* What outboxd needs to know of the stream it publishes to. */
-typedef struct StreamInfo {
-    char name[256];
-    int replicas;
-    int64_t duplicate_window_ms;
-    uint64_t last_seq;
-    char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
-} StreamInfo;
 
 /*
  * Connects to NATS and checks that JetStream answers. Returns 0, or PUBLISH_CHECK_FAILED with

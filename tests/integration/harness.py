@@ -812,7 +812,8 @@ class Relay:
     def wait_streaming(self, slot=None, timeout=30):
         """Waits for `streaming from slot "S" at X/X`; returns the LSN as int."""
         name = re.escape(slot) if slot else r"[^\"]+"
-        m = self.wait_for_log(re.compile(rf'streaming from slot "{name}" at ([0-9A-Fa-f]+/[0-9A-Fa-f]+)'),
+        # \\? : in JSON logs the quotes around the slot name are escaped
+        m = self.wait_for_log(re.compile(rf'streaming from slot \\?"{name}\\?" at ([0-9A-Fa-f]+/[0-9A-Fa-f]+)'),
                               timeout)
         return lsn_int(m.group(1))
 

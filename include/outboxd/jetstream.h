@@ -1,0 +1,50 @@
+/*
+ * jetstream.h - the JetStream API requests outboxd makes outside publishing: finding the stream
+ * that captures a subject, reading its configuration and last message, and reading the
+ * checkpoint. Shared by the publisher and `outboxd status`. Plain request/reply on a nats.c
+ * connection; every function returns 0, or -1 with a one-line reason in err.
+ */
+#ifndef OUTBOXD_JETSTREAM_H
+#define OUTBOXD_JETSTREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+#include <nats/nats.h>
+
+/* What outboxd needs to know of the stream it publishes to. */
+typedef struct StreamInfo {
+    char name[256];
+    int replicas;
+    int64_t duplicate_window_ms;
+    uint64_t messages;
+    uint64_t last_seq;
+    char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
+} StreamInfo;
+
+/* Sets the server list of o from a comma-separated list of URLs. */
+natsStatus jsapi_set_servers(natsOptions *o, const char *urls);
+
+/* Copies urls with any "user:password@" replaced by "***@", for messages. */
+void jsapi_redact_urls(const char *urls, char *out, size_t outlen);
+
+/* A JetStream API request; the parsed reply (caller decrefs) or NULL. *no_responders tells
+ * that nothing answered (JetStream not enabled, or not reachable). */
+json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body,
+                      bool *no_responders, char *err, size_t errlen);
+
+/* The first stream capturing subjects matching filter, into name; *found false when none. */
+int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
+                      bool *found, char *err, size_t errlen);
+
+/* The stream's configuration, state and last message id. */
+int jsapi_stream_info(natsConnection *nc, const char *name, StreamInfo *info, char *err,
+                      size_t errlen);
+
+/* The checkpoint LSN under key in bucket, without creating anything; *lsn = 0 when absent. */
+int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, uint64_t *lsn,
+                          char *err, size_t errlen);
+
+#endif

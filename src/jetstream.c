@@ -1,0 +1,220 @@
+/*
+ * jetstream.c - JetStream API requests: streams, their last message, the checkpoint.
+ *
+ * nats.c 3.4.1 cannot list streams by subject, and its stream info does not carry the last
+ * message's headers, so these go through the JSON API ($JS.API.*) directly.
+ */
+#include "outboxd/jetstream.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "outboxd/outbox.h"
+#include "outboxd/util.h"
+
+natsStatus jsapi_set_servers(natsOptions *o, const char *urls)
+{
+    char *copy = xstrdup(urls);
+    const char **servers = NULL;
+    int n = 0;
+    for (char *save = NULL, *tok = strtok_r(copy, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        while (*tok == ' ')
+            tok++;
+        if (!*tok)
+            continue;
+        servers = xrealloc(servers, sizeof(char *) * (size_t)(n + 1));
+        servers[n++] = tok;
+    }
+    natsStatus s = natsOptions_SetServers(o, servers, n);
+    free(servers);
+    free(copy);
+    return s;
+}
+
+void jsapi_redact_urls(const char *urls, char *out, size_t outlen)
+{
+    Buf b;
+    buf_init(&b);
+    const char *p = urls;
+    while (*p) {
+        const char *end = strchr(p, ',');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        const char *at = memchr(p, '@', n);
+        const char *scheme = strstr(p, "://");
+        if (at && scheme && scheme < at) {
+            buf_append(&b, p, (size_t)(scheme + 3 - p));
+            buf_puts(&b, "***@");
+            buf_append(&b, at + 1, n - (size_t)(at + 1 - p));
+        } else {
+            buf_append(&b, p, n);
+        }
+        if (!end)
+            break;
+        buf_putc(&b, ',');
+        p = end + 1;
+    }
+    snprintf(out, outlen, "%s", b.data ? b.data : "");
+    buf_deinit(&b);
+}
+
+json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body, bool *no_responders,
+                      char *err, size_t errlen)
+{
+    natsMsg *reply = NULL;
+    *no_responders = false;
+    natsStatus s = natsConnection_RequestString(&reply, nc, subject, body, 5000);
+    if (s == NATS_NO_RESPONDERS) {
+        *no_responders = true;
+        snprintf(err, errlen, "no responders for %s", subject);
+        return NULL;
+    }
+    if (s != NATS_OK) {
+        snprintf(err, errlen, "JetStream request %s failed: %s", subject, natsStatus_GetText(s));
+        return NULL;
+    }
+    json_error_t jerr;
+    json_t *root =
+        json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, &jerr);
+    natsMsg_Destroy(reply);
+    if (!root)
+        snprintf(err, errlen, "JetStream sent an unreadable reply to %s: %s", subject, jerr.text);
+    return root;
+}
+
+int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
+                      bool *found, char *err, size_t errlen)
+{
+    json_t *req = json_pack("{s:s}", "subject", filter);
+    char *body = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    bool no_responders;
+    json_t *reply = jsapi_request(nc, "$JS.API.STREAM.NAMES", body, &no_responders, err, errlen);
+    free(body);
+    if (!reply)
+        return -1;
+    json_t *names = json_object_get(reply, "streams");
+    *found = json_is_array(names) && json_array_size(names) > 0;
+    if (*found)
+        snprintf(name, namelen, "%s", json_string_value(json_array_get(names, 0)) ?: "");
+    json_decref(reply);
+    return 0;
+}
+
+/* Decodes standard base64 (no line breaks) into out. */
+static void base64_decode(const char *in, Buf *out)
+{
+    static const char alphabet[] =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    uint32_t acc = 0;
+    int bits = 0;
+    for (const char *c = in; *c && *c != '='; c++) {
+        const char *pos = strchr(alphabet, *c);
+        if (!pos)
+            continue;
+        acc = acc << 6 | (uint32_t)(pos - alphabet);
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            buf_putc(out, (char)(acc >> bits & 0xff));
+        }
+    }
+}
+
+/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
+static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
+                       size_t outlen, char *err, size_t errlen)
+{
+    out[0] = '\0';
+    if (seq == 0)
+        return 0;
+    char subject[320], body[64];
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
+    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
+    bool no_responders;
+    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
+    if (!reply)
+        return -1;
+    /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". Parsed
+     * here because libnats 3.4.1 misreads empty header values. */
+    const char *b64 = json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
+    if (b64) {
+        Buf raw;
+        buf_init(&raw);
+        base64_decode(b64, &raw);
+        const char *key = raw.data ? strstr(raw.data, "\r\n" OUTBOX_HDR_MSG_ID ":") : NULL;
+        if (key) {
+            const char *v = key + 2 + strlen(OUTBOX_HDR_MSG_ID) + 1;
+            while (*v == ' ')
+                v++;
+            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
+        }
+        buf_deinit(&raw);
+    }
+    json_decref(reply);
+    return 0;
+}
+
+int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, char *err,
+                      size_t errlen)
+{
+    char name[256], subject[320];
+    snprintf(name, sizeof(name), "%s", stream); /* stream may be info->name */
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.INFO.%s", name);
+    bool no_responders;
+    json_t *reply = jsapi_request(nc, subject, "", &no_responders, err, errlen);
+    if (!reply)
+        return -1;
+    json_t *config = json_object_get(reply, "config");
+    json_t *state = json_object_get(reply, "state");
+    if (!config || !state) {
+        snprintf(err, errlen, "could not read stream %s: unexpected reply", name);
+        json_decref(reply);
+        return -1;
+    }
+    memset(info, 0, sizeof(*info));
+    snprintf(info->name, sizeof(info->name), "%s", name);
+    info->replicas = (int)json_integer_value(json_object_get(config, "num_replicas"));
+    if (info->replicas < 1)
+        info->replicas = 1;
+    info->duplicate_window_ms =
+        json_integer_value(json_object_get(config, "duplicate_window")) / 1000000;
+    info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
+    info->messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
+    json_decref(reply);
+    return read_msg_id(nc, name, info->messages ? info->last_seq : 0, info->last_msg_id,
+                       sizeof(info->last_msg_id), err, errlen);
+}
+
+int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, uint64_t *lsn,
+                          char *err, size_t errlen)
+{
+    *lsn = 0;
+    kvStore *kv = NULL;
+    natsStatus s = js_KeyValue(&kv, js, bucket);
+    if (s == NATS_NOT_FOUND)
+        return 0;
+    kvEntry *e = NULL;
+    if (s == NATS_OK)
+        s = kvStore_Get(&e, kv, key);
+    int rc = 0;
+    if (s == NATS_NOT_FOUND) {
+        rc = 0;
+    } else if (s != NATS_OK) {
+        snprintf(err, errlen, "could not read the checkpoint from bucket \"%s\": %s", bucket,
+                 natsStatus_GetText(s));
+        rc = -1;
+    } else {
+        const char *v = kvEntry_ValueString(e);
+        if (!v || !lsn_parse(v, lsn)) {
+            snprintf(err, errlen, "the checkpoint \"%s\" holds \"%s\", not an LSN", key,
+                     v ? v : "");
+            rc = -1;
+        }
+    }
+    kvEntry_Destroy(e);
+    kvStore_Destroy(kv);
+    return rc;
+}
