@@ -61,7 +61,7 @@ typedef struct Setting {
 } Setting;
 
 static StringCheck check_nonempty, check_slot, check_name63, check_subject, check_plain_subject,
-    check_kv_bucket;
+    check_kv_bucket, check_table;
 
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"text", "json", NULL};
@@ -83,7 +83,7 @@ static const Setting settings[] = {
      .check = check_name63, .placeholder = "NAME",
      .help = "publication that covers the outbox table"},
     {.key = "table", .type = SET_STRING, .offset = FIELD(table), .def = "public.outbox",
-     .check = check_nonempty, .placeholder = "TABLE",
+     .check = check_table, .placeholder = "TABLE",
      .help = "outbox table, as schema.table or table"},
     {.key = "subject", .type = SET_STRING, .offset = FIELD(subject),
      .def = "outbox.{aggregate_type}.{event_type}", .check = check_subject,
@@ -189,6 +189,18 @@ static bool check_subject(const char *value, char *why, size_t whylen)
         skip = hlen + vlen + 3;
     snprintf(why, whylen, "%s", msg + skip);
     return false;
+}
+
+/* A table name as PostgreSQL stores it: any text but control bytes, at most schema.table. */
+static bool check_table(const char *value, char *why, size_t whylen)
+{
+    for (const char *p = value; *p; p++) {
+        if ((unsigned char)*p < 0x20 || *p == 0x7f) {
+            snprintf(why, whylen, "expected schema.table or table, without control characters");
+            return false;
+        }
+    }
+    return check_nonempty(value, why, whylen);
 }
 
 /* A concrete subject (no template, no wildcards). */
@@ -425,6 +437,7 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
+    text_one_line(err); /* names and values quoted from the user may hold anything */
 }
 
 /* Copies value for an error message: control bytes become '?' (the message stays one line)

@@ -70,6 +70,7 @@ struct OutboxMapper {
     size_t cap;
     SubjectValue *tmpl_values;
     Buf scratch; /* subjects of rejected rows */
+    Buf scratch_body; /* decoded bytea bodies of rejected rows */
 };
 
 void outbox_event_init(OutboxEvent *ev)
@@ -131,6 +132,7 @@ void outbox_mapper_free(OutboxMapper *m)
     free(m->bindings);
     free(m->tmpl_values);
     buf_deinit(&m->scratch);
+    buf_deinit(&m->scratch_body);
     subject_template_free(m->tmpl);
     free(m->schema);
     free(m->table);
@@ -446,6 +448,13 @@ void outbox_describe_row(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn
     if (c >= 0 && c < ncols && ins->values[c].data) {
         dl->body = ins->values[c].data;
         dl->body_len = ins->values[c].len;
+        /* A bytea payload travels as its bytes, as it would have in the event; one that is
+         * not valid hex stays as the text PostgreSQL sent. */
+        if (b->col_type[COL_PAYLOAD] == OID_BYTEA &&
+            decode_bytea(&m->scratch_body, dl->body, dl->body_len) == 0) {
+            dl->body = m->scratch_body.data ? m->scratch_body.data : "";
+            dl->body_len = m->scratch_body.len;
+        }
     }
     expand_subject(m, b, ins, &m->scratch);
     dl->subject = m->scratch.data;
@@ -458,6 +467,26 @@ static void add_text_header(OutboxEvent *ev, const char *name, const char *value
     add_header(ev, name, ev->hvals.len);
     append_header_value(&ev->hvals, value, len);
     buf_putc(&ev->hvals, '\0');
+}
+
+/* A JSON string of s; text that is not UTF-8 keeps its bytes as %XX (JSON needs UTF-8). */
+static json_t *json_text(const char *s, size_t n)
+{
+    json_t *v = json_stringn(s ? s : "", n);
+    if (v)
+        return v;
+    Buf esc;
+    buf_init(&esc);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c < 0x20 || c >= 0x7f || c == '%')
+            buf_printf(&esc, "%%%02X", c);
+        else
+            buf_putc(&esc, (char)c);
+    }
+    v = json_string(esc.data ? esc.data : "");
+    buf_deinit(&esc);
+    return v;
 }
 
 void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLetter *dl,
@@ -498,12 +527,12 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
         return;
     }
     json_t *o = json_object();
-    json_object_set_new(o, "table", json_string(dl->table ? dl->table : ""));
+    json_object_set_new(o, "table", json_text(dl->table, dl->table ? strlen(dl->table) : 0));
     if (dl->event_id)
-        json_object_set_new(o, "event_id", json_stringn_nocheck(dl->event_id, dl->event_id_len));
+        json_object_set_new(o, "event_id", json_text(dl->event_id, dl->event_id_len));
     json_object_set_new(o, "commit_lsn", json_string(lsn));
-    json_object_set_new(o, "reason", json_string(dl->reason ? dl->reason : ""));
-    json_object_set_new(o, "detail", json_string(dl->detail ? dl->detail : ""));
+    json_object_set_new(o, "reason", json_text(dl->reason, dl->reason ? strlen(dl->reason) : 0));
+    json_object_set_new(o, "detail", json_text(dl->detail, dl->detail ? strlen(dl->detail) : 0));
     json_object_set_new(o, "body_bytes", json_integer((json_int_t)dl->body_len));
     char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(o);

@@ -754,7 +754,7 @@ static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
             atomic_fetch_add_explicit(&metrics.events_duplicate, 1, memory_order_relaxed);
         else
             atomic_fetch_add_explicit(&metrics.events_published, 1, memory_order_relaxed);
-        metrics_observe_latency(now_unix - (slot->commit_time + PG_EPOCH_OFFSET_US));
+        metrics_observe_latency(now_unix - pg_time_to_unix_us(slot->commit_time));
     }
     p->bytes -= (int64_t)slot->bytes;
     natsMsg_Destroy(slot->msg);
@@ -832,7 +832,7 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
     atomic_store_explicit(&metrics.in_flight, (int64_t)st->inflight, memory_order_relaxed);
     atomic_store_explicit(&metrics.oldest_pending_unix_us,
                           p->head < p->next
-                              ? p->ring[p->head & p->mask].commit_time + PG_EPOCH_OFFSET_US
+                              ? pg_time_to_unix_us(p->ring[p->head & p->mask].commit_time)
                               : 0,
                           memory_order_relaxed);
 }

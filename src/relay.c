@@ -324,7 +324,7 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
             r->received = m->u.commit.end_lsn;
         marks_push(&r->marks, m->u.commit.end_lsn, publisher_next_seq(r->pub));
         atomic_store_explicit(&metrics.last_commit_unix_us,
-                              m->u.commit.commit_time + PG_EPOCH_OFFSET_US, memory_order_relaxed);
+                              pg_time_to_unix_us(m->u.commit.commit_time), memory_order_relaxed);
         return 0;
     case PGO_RELATION:
         if (outbox_mapper_relation(r->mapper, m, r->err, sizeof(r->err)) < 0) {

@@ -67,12 +67,15 @@ static void set_err(char *err, size_t errlen, const char *tmpl, const char *fmt,
     if (!err || errlen == 0)
         return;
     int n = snprintf(err, errlen, "subject template '%s': ", tmpl);
-    if (n < 0 || (size_t)n >= errlen)
+    if (n < 0 || (size_t)n >= errlen) {
+        text_one_line(err);
         return;
+    }
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(err + n, errlen - (size_t)n, fmt, ap);
     va_end(ap);
+    text_one_line(err); /* the template and column names are quoted as given */
 }
 
 /* Returns the number of column name[0..len), adding it when new. */

@@ -125,6 +125,13 @@ void buf_printf(Buf *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+void text_one_line(char *s)
+{
+    for (; *s; s++)
+        if ((unsigned char)*s < 0x20 || *s == 0x7f)
+            *s = '?';
+}
+
 static int64_t clock_us(clockid_t id)
 {
     struct timespec ts;
@@ -158,9 +165,16 @@ char *lsn_format(uint64_t lsn, char out[static 18])
     return out;
 }
 
+int64_t pg_time_to_unix_us(int64_t pg_us)
+{
+    if (pg_us > INT64_MAX - PG_EPOCH_OFFSET_US)
+        return INT64_MAX;
+    return pg_us + PG_EPOCH_OFFSET_US;
+}
+
 void pg_time_format_rfc3339(int64_t pg_us, char out[static 32])
 {
-    int64_t unix_us = pg_us + PG_EPOCH_OFFSET_US;
+    int64_t unix_us = pg_time_to_unix_us(pg_us);
     int64_t secs = unix_us / 1000000;
     int64_t frac = unix_us % 1000000;
     if (frac < 0) {
@@ -169,7 +183,11 @@ void pg_time_format_rfc3339(int64_t pg_us, char out[static 32])
     }
     time_t t = (time_t)secs;
     struct tm tm;
-    gmtime_r(&t, &tm);
+    if (!gmtime_r(&t, &tm)) { /* beyond what struct tm holds: only from a corrupt stream */
+        snprintf(out, 32, "%s", secs < 0 ? "0000-01-01T00:00:00.000000Z"
+                                         : "9999-12-31T23:59:59.999999Z");
+        return;
+    }
     /* Years past 9999 cannot come from PostgreSQL's timestamptz range in practice; clamp so the
      * text always fits. */
     int year = tm.tm_year + 1900;

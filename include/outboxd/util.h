@@ -39,6 +39,10 @@ void buf_puts(Buf *b, const char *s);
 void buf_putc(Buf *b, char c);
 void buf_printf(Buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* Replaces control bytes (CR, LF, ...) in s with '?', so a message that quotes user input
+ * stays one line. */
+void text_one_line(char *s);
+
 /* CLOCK_MONOTONIC in microseconds: for deadlines and intervals. */
 int64_t now_mono_us(void);
 /* CLOCK_REALTIME in microseconds since the Unix epoch. */
@@ -46,6 +50,10 @@ int64_t now_unix_us(void);
 
 /* PostgreSQL timestamps count microseconds since 2000-01-01 00:00:00 UTC. */
 #define PG_EPOCH_OFFSET_US INT64_C(946684800000000)
+
+/* A PostgreSQL timestamp as Unix microseconds, saturating instead of overflowing (a corrupt
+ * stream can carry any 64-bit value). */
+int64_t pg_time_to_unix_us(int64_t pg_us);
 
 /* Parses "X/X" (hex halves) into an LSN. Returns false on anything else. */
 bool lsn_parse(const char *s, uint64_t *out);
