@@ -13,7 +13,9 @@
  */
 #include "outboxd/config.h"
 
+#include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -70,6 +72,9 @@ static const char *const poison_actions[] = {"dead-letter", "stop", NULL};
 #define FIELD(f) offsetof(Config, f)
 
 static const Setting settings[] = {
+    {.key = "config", .type = SET_STRING, .offset = FIELD(config_file), .def = NULL,
+     .check = check_nonempty, .placeholder = "FILE",
+     .help = "read settings from FILE (key = value lines); the environment and flags override it"},
     {.key = "pg_url", .type = SET_STRING, .offset = FIELD(pg_url), .def = NULL,
      .check = check_nonempty, .placeholder = "URL", .secret = true,
      .help = "PostgreSQL connection string (libpq conninfo or URI); outboxd adds "
@@ -580,6 +585,34 @@ void config_deinit(Config *cfg)
 }
 
 /* Fails on an OUTBOXD_* variable that names no setting, most likely a typo. */
+/* Kubernetes gives every pod variables for each Service in its namespace: a Service named
+ * "outboxd-metrics" brings OUTBOXD_METRICS_SERVICE_HOST, OUTBOXD_METRICS_PORT,
+ * OUTBOXD_METRICS_PORT_9847_TCP_ADDR and so on. Those shapes are not settings and not typos. */
+static bool service_link_variable(const char *name, size_t len)
+{
+    char buf[NAME_MAX_LEN * 4];
+    if (len >= sizeof(buf))
+        return false;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    if (strstr(buf, "_SERVICE_HOST") || strstr(buf, "_SERVICE_PORT"))
+        return true;
+    char *port = strstr(buf + strlen(ENV_PREFIX) - 1, "_PORT");
+    for (; port; port = strstr(port + 1, "_PORT")) {
+        const char *p = port + 5;
+        if (*p == '\0')
+            return true; /* X_PORT=tcp://... */
+        if (*p++ != '_' || *p < '0' || *p > '9')
+            continue;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (strncmp(p, "_TCP", 4) == 0 || strncmp(p, "_UDP", 4) == 0 ||
+            strncmp(p, "_SCTP", 5) == 0)
+            return true; /* X_PORT_9847_TCP[_ADDR|_PORT|_PROTO] */
+    }
+    return false;
+}
+
 static int check_unknown_env(char *err, size_t errlen)
 {
     size_t plen = strlen(ENV_PREFIX);
@@ -588,7 +621,7 @@ static int check_unknown_env(char *err, size_t errlen)
             continue;
         const char *eq = strchr(*e, '=');
         size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
-        if (!find_by_env(*e, len)) {
+        if (!find_by_env(*e, len) && !service_link_variable(*e, len)) {
             set_err(err, errlen, "unknown environment variable %.*s (see outboxd --help)",
                     (int)len, *e);
             return -1;
@@ -597,9 +630,107 @@ static int check_unknown_env(char *err, size_t errlen)
     return 0;
 }
 
+/* Strips spaces and tabs at both ends, in place. */
+static char *trim(char *s)
+{
+    while (*s == ' ' || *s == '\t')
+        s++;
+    size_t n = strlen(s);
+    while (n > 0 && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\r'))
+        s[--n] = '\0';
+    return s;
+}
+
+/* A value in double quotes loses them; inside, \" and \\ stand for " and \. */
+static bool unquote(char *v)
+{
+    size_t n = strlen(v);
+    if (n == 0 || v[0] != '"')
+        return true;
+    if (n < 2 || v[n - 1] != '"')
+        return false;
+    char *w = v;
+    for (size_t i = 1; i < n - 1; i++) {
+        if (v[i] == '\\' && i + 1 < n - 1 && (v[i + 1] == '"' || v[i + 1] == '\\'))
+            i++;
+        *w++ = v[i];
+    }
+    *w = '\0';
+    return true;
+}
+
+/* Applies a settings file. Errors name the file and line. */
+static int apply_file(Config *cfg, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        set_err(err, errlen, "could not read settings file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[8192];
+    int rc = 0;
+    for (int lineno = 1; rc == 0 && fgets(line, sizeof(line), f); lineno++) {
+        if (!strchr(line, '\n') && !feof(f)) {
+            set_err(err, errlen, "%s:%d: line longer than %zu bytes", path, lineno,
+                    sizeof(line) - 1);
+            rc = -1;
+            break;
+        }
+        line[strcspn(line, "\n")] = '\0';
+        char *text = trim(line);
+        if (*text == '\0' || *text == '#')
+            continue;
+        char *eq = strchr(text, '=');
+        if (!eq) {
+            set_err(err, errlen, "%s:%d: expected key = value", path, lineno);
+            rc = -1;
+            break;
+        }
+        *eq = '\0';
+        char *key = trim(text), *value = trim(eq + 1);
+        const Setting *s = NULL;
+        for (size_t i = 0; i < ARRAY_SIZE(settings); i++)
+            if (strcmp(settings[i].key, key) == 0)
+                s = &settings[i];
+        if (!s || strcmp(key, "config") == 0) {
+            set_err(err, errlen, "%s:%d: unknown setting '%s' (keys are the snake_case names, "
+                                 "e.g. nats_url; see outboxd --help)",
+                    path, lineno, key);
+            rc = -1;
+        } else if (!unquote(value)) {
+            set_err(err, errlen, "%s:%d: unbalanced quote in the value of %s", path, lineno, key);
+            rc = -1;
+        } else {
+            char why[1024];
+            if (apply(cfg, s, value, why, sizeof(why)) < 0) {
+                set_err(err, errlen, "%s:%d: %s", path, lineno, why);
+                rc = -1;
+            }
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+/* The settings file named by --config (last one wins) or else OUTBOXD_CONFIG, or NULL. */
+static const char *config_path(int argc, char **argv)
+{
+    const char *path = NULL;
+    for (int i = 0; i < argc; i++) {
+        if (strncmp(argv[i], "--config=", 9) == 0)
+            path = argv[i] + 9;
+        else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
+            path = argv[i + 1];
+    }
+    return path ? path : getenv(ENV_PREFIX "CONFIG");
+}
+
 int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
 {
     if (check_unknown_env(err, errlen) < 0)
+        return -1;
+    const char *file = config_path(argc, argv);
+    if (file && *file && apply_file(cfg, file, err, errlen) < 0)
         return -1;
 
     for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {

@@ -39,6 +39,7 @@
 #include "outboxd/http.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
+#include "outboxd/notify.h"
 #include "outboxd/outbox.h"
 #include "outboxd/pgoutput.h"
 #include "outboxd/pgstream.h"
@@ -657,6 +658,7 @@ static int acquire_slot(Relay *r)
                 r->next_status = now_mono_us();
                 log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
                          r->cfg->slot, LSN_ARGS(start), r->stream.name);
+                notify_systemd("READY=1\nSTATUS=streaming");
                 return 0;
             }
             if (rc != PGSTREAM_SLOT_BUSY) {
@@ -675,6 +677,8 @@ static int acquire_slot(Relay *r)
                          r->cfg->slot);
             standby = true;
             atomic_store(&metrics.standby, 1);
+            /* Started and healthy: a standby is a successful start for systemd. */
+            notify_systemd("READY=1\nSTATUS=standby: another relay holds the slot");
         }
         nap(r, STANDBY_POLL_US);
     }
@@ -818,6 +822,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         }
         log_warn("lost the replication connection; letting outstanding events be acknowledged, "
                  "then reconnecting");
+        notify_systemd("STATUS=reconnecting to PostgreSQL");
         end_session(&r);
         if (*stop) {
             end = STREAM_STOPPED;
@@ -834,6 +839,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         }
     }
 
+    notify_systemd("STOPPING=1");
     if (end == STREAM_STOPPED) {
         log_info("stopping: waiting up to %" PRId64 " ms for outstanding acknowledgements",
                  cfg->shutdown_timeout_ms);

@@ -4,7 +4,7 @@
  * Each setting has a snake_case key, an OUTBOXD_<KEY> environment variable and a --kebab-case
  * flag, all derived from the key, plus a type, a default, bounds and one line of help. The help
  * text, the README's table and the validation all come from that table (config.c), so they
- * cannot drift apart. Precedence: flag > environment > default.
+ * cannot drift apart. Precedence: flag > environment > settings file (--config) > default.
  */
 #ifndef OUTBOXD_CONFIG_H
 #define OUTBOXD_CONFIG_H
@@ -14,6 +14,7 @@
 #include <stdio.h>
 
 typedef struct Config {
+    char *config_file; /* settings file read before the environment and the flags */
     /* connections */
     char *pg_url;      /* libpq conninfo or URI; required */
     char *nats_url;    /* comma-separated NATS server URLs */
@@ -49,7 +50,9 @@ typedef struct Config {
 void config_init(Config *cfg);
 
 /*
- * Applies the environment (OUTBOXD_*) and then the flags in argv[0..argc) over cfg, and validates
+ * Applies the settings file (--config FILE or OUTBOXD_CONFIG: "key = value" lines with the
+ * snake_case keys, '#' comments, values optionally in double quotes), then the environment
+ * (OUTBOXD_*), then the flags in argv[0..argc) over cfg, and validates
  * the result. argv holds options only (the subcommand already removed). "--help" is not handled
  * here. Returns 0 on success; on a bad or missing setting returns -1 and writes one line into
  * err saying which setting is wrong and how to fix it. cfg stays valid to deinit either way.

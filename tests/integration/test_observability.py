@@ -178,3 +178,48 @@ def test_passwords_never_appear_in_logs_metrics_or_status(root, request, pg):
     finally:
         ctx.cleanup()
         nats.kill()
+
+
+@pytest.mark.timeout(60)
+def test_systemd_is_told_ready_and_stopping(ctx, pg, js):
+    import socket
+    ctx.setup()
+    path = str(ctx.dir / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    try:
+        relay = ctx.start_relay(env={"NOTIFY_SOCKET": path})
+        msgs = [sock.recv(4096).decode()]
+        assert msgs[0].startswith("READY=1\n") and "STATUS=streaming" in msgs[0], msgs
+        relay.send_signal(15)
+        assert relay.wait(10) == 0
+        msgs.append(sock.recv(4096).decode())
+        assert msgs[-1] == "STOPPING=1", msgs
+    finally:
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_settings_file_with_flags_and_environment_on_top(ctx, pg, js):
+    ctx.setup()
+    conf = ctx.dir / "outboxd.conf"
+    conf.write_text(f"# settings for a test\n"
+                    f"pg_url = \"{pg.dsn}\"\n"
+                    f"nats_url = {ctx.nats.url}\n"
+                    f"slot = wrong_slot_name\n"
+                    f"publication = {ctx.publication}\n"
+                    f"table = {ctx.table}\n"
+                    f"log_format = json\n")
+    # The flag wins over the file's slot; the environment wins over the file's log format.
+    relay = ctx.relay(f"--config={conf}", f"--slot={ctx.slot}", pg_url=None, nats_url=None, slot=None,
+                      publication=None, table=None, env={"OUTBOXD_LOG_FORMAT": "text"}).start()
+    relay.wait_streaming(ctx.slot, timeout=30)
+    assert " info: streaming from slot" in relay.logs(), "the environment's text log format lost"
+    w = ctx.writer(seed=59)
+    w.write([3])
+    js.wait_count(ctx.stream, 3, 30)
+    conf.write_text("sloot = typo\n")
+    bad = ctx.relay(f"--config={conf}", name="bad").start()
+    assert bad.wait(20) == 2
+    assert f"{conf}:1: unknown setting 'sloot'" in bad.logs()

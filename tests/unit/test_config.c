@@ -507,6 +507,103 @@ static void test_failure_settings(void)
     CHECK(strstr(e, "--checkpoint-bucket") && strstr(e, "letters, digits"));
 }
 
+/* Writes text to a fresh temporary file; returns its path (static buffer). */
+static const char *write_conf(const char *text)
+{
+    static char path[64];
+    snprintf(path, sizeof path, "/tmp/outboxd-test-conf-XXXXXX");
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    FILE *f = fdopen(fd, "w");
+    fputs(text, f);
+    fclose(f);
+    return path;
+}
+
+static void test_kubernetes_service_variables_are_not_typos(void)
+{
+    Config cfg;
+    const char *k8s[] = {"OUTBOXD_SERVICE_HOST", "OUTBOXD_SERVICE_PORT", "OUTBOXD_PORT",
+                         "OUTBOXD_PORT_9847_TCP", "OUTBOXD_PORT_9847_TCP_ADDR",
+                         "OUTBOXD_METRICS_SERVICE_PORT_HTTP", "OUTBOXD_METRICS_PORT_9847_TCP_PROTO"};
+    for (size_t i = 0; i < sizeof(k8s) / sizeof(k8s[0]); i++) {
+        setenv(k8s[i], "tcp://10.0.0.1:9847", 1);
+        CHECK(parse(&cfg, PG, (char *)NULL) == 0);
+        config_deinit(&cfg);
+        unsetenv(k8s[i]);
+    }
+    const char *typos[] = {"OUTBOXD_PORTS", "OUTBOXD_NATS_PORT_X", "OUTBOXD_SLTO"};
+    for (size_t i = 0; i < sizeof(typos) / sizeof(typos[0]); i++) {
+        setenv(typos[i], "x", 1);
+        const char *e = FAILS(PG);
+        CHECK(strstr(e, typos[i]) != NULL);
+        unsetenv(typos[i]);
+    }
+}
+
+static void test_settings_file(void)
+{
+    Config cfg;
+    const char *path = write_conf("# outboxd settings\n"
+                                  "\n"
+                                  "  slot = from_file  \n"
+                                  "nats_url = nats://file:4222\n"
+                                  "publication = \"pub \\\"quoted\\\"\"\n"
+                                  "ack_timeout = 3s\n"
+                                  "create = false\n");
+    char flag[128];
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    /* file > default */
+    CHECK(parse(&cfg, PG, flag, (char *)NULL) == 0);
+    CHECK_STR(cfg.slot, "from_file");
+    CHECK_STR(cfg.nats_url, "nats://file:4222");
+    CHECK_STR(cfg.publication, "pub \"quoted\"");
+    CHECK(cfg.ack_timeout_ms == 3000 && cfg.create == false);
+    CHECK_STR(cfg.config_file, path);
+    config_deinit(&cfg);
+    /* env > file, flag > env */
+    setenv("OUTBOXD_SLOT", "from_env", 1);
+    setenv("OUTBOXD_ACK_TIMEOUT", "4s", 1);
+    CHECK(parse(&cfg, PG, flag, "--slot=from_flag", (char *)NULL) == 0);
+    CHECK_STR(cfg.slot, "from_flag");
+    CHECK(cfg.ack_timeout_ms == 4000);
+    CHECK_STR(cfg.nats_url, "nats://file:4222");
+    config_deinit(&cfg);
+    unsetenv("OUTBOXD_SLOT");
+    unsetenv("OUTBOXD_ACK_TIMEOUT");
+    /* OUTBOXD_CONFIG names the file too */
+    setenv("OUTBOXD_CONFIG", path, 1);
+    CHECK(parse(&cfg, PG, (char *)NULL) == 0);
+    CHECK_STR(cfg.slot, "from_file");
+    config_deinit(&cfg);
+    unsetenv("OUTBOXD_CONFIG");
+    unlink(path);
+
+    /* errors name the file and the line, and never echo a secret */
+    path = write_conf("slot = ok\nsloot = typo\n");
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    const char *e = FAILS(flag, PG);
+    CHECK(strstr(e, ":2: unknown setting 'sloot'") != NULL);
+    unlink(path);
+    path = write_conf("ack_timeout = soon\n");
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    e = FAILS(flag, PG);
+    CHECK(strstr(e, ":1: invalid value 'soon' for --ack-timeout") != NULL);
+    unlink(path);
+    path = write_conf("pg_url = \"postgresql://u:hunter2@h/db\n");
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    e = FAILS(flag);
+    CHECK(strstr(e, "unbalanced quote") != NULL && strstr(e, "hunter2") == NULL);
+    unlink(path);
+    path = write_conf("just words\n");
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    e = FAILS(flag, PG);
+    CHECK(strstr(e, ":1: expected key = value") != NULL);
+    unlink(path);
+    e = FAILS("--config=/nonexistent/outboxd.conf", PG);
+    CHECK(strstr(e, "could not read settings file /nonexistent/outboxd.conf") != NULL);
+}
+
 static void test_failed_parse_keeps_cfg(void)
 {
     Config cfg;
@@ -598,6 +695,8 @@ int main(void)
     clear_env();
     test_defaults();
     test_failure_settings();
+    test_settings_file();
+    test_kubernetes_service_variables_are_not_typos();
     test_env_and_flags();
     test_bool_forms();
     test_durations_bytes();
