@@ -53,7 +53,8 @@ typedef struct Setting {
     const char *key;              /* snake_case */
     SettingType type;
     size_t offset;                /* of the field in Config */
-    const char *def;              /* default as user input; NULL: required, no default */
+    const char *def;              /* default as user input; NULL: none */
+    bool required;                /* config_parse fails without it */
     int64_t min, max;             /* SET_INT, SET_DURATION, SET_BYTES */
     const char *const *choices;   /* SET_CHOICE: NULL-terminated */
     StringCheck *check;           /* SET_STRING: NULL or extra validation */
@@ -75,7 +76,7 @@ static const Setting settings[] = {
     {.key = "config", .type = SET_STRING, .offset = FIELD(config_file), .def = NULL,
      .check = check_nonempty, .placeholder = "FILE",
      .help = "read settings from FILE (key = value lines); the environment and flags override it"},
-    {.key = "pg_url", .type = SET_STRING, .offset = FIELD(pg_url), .def = NULL,
+    {.key = "pg_url", .type = SET_STRING, .offset = FIELD(pg_url), .def = NULL, .required = true,
      .check = check_nonempty, .placeholder = "URL", .secret = true,
      .help = "PostgreSQL connection string (libpq conninfo or URI); outboxd adds "
              "replication=database"},
@@ -851,7 +852,7 @@ void config_print_help(FILE *out)
         if (s->def)
             fprintf(out, "default: %s)\n", s->def);
         else
-            fprintf(out, "required)\n");
+            fprintf(out, "%s)\n", s->required ? "required" : "no default");
         fprintf(out, "      env: %s\n", env);
     }
 }

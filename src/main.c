@@ -3,6 +3,8 @@
  *
  *   outboxd [run] [settings]                    relay committed outbox inserts (the default)
  *   outboxd status [--json] [--max-lag BYTES] [settings]
+ *   outboxd setup [--apply] [--role NAME] [--stream NAME] [--stream-replicas N] [settings]
+ *   outboxd doctor [--json] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
@@ -12,11 +14,13 @@
 #include <nats/nats.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "outboxd/config.h"
 #include "outboxd/log.h"
 #include "outboxd/relay.h"
+#include "outboxd/setup.h"
 #include "outboxd/status.h"
 #include "outboxd_version.h"
 
@@ -38,9 +42,16 @@ static void usage(FILE *out)
                  "                             the slot, checkpoint and stream, whether or not a\n"
                  "                             relay runs; exit 1 when the slot is missing or\n"
                  "                             its lag exceeds --max-lag\n"
+                 "  outboxd setup [--apply] [--role NAME] [--stream NAME] [--stream-replicas N]\n"
+                 "                [settings]\n"
+                 "                             print (or run) the idempotent set-up: table,\n"
+                 "                             publication, least-privilege role, stream\n"
+                 "  outboxd doctor [--json] [settings]\n"
+                 "                             check everything outboxd needs; exit 1 on a\n"
+                 "                             failed check\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
-                 "Settings (flag > environment > default):\n",
+                 "Settings (flag > environment > settings file > default):\n",
             OUTBOXD_VERSION);
     config_print_help(out);
     fprintf(out, "\nExit codes: 0 stopped cleanly, 1 runtime failure (a restart resends from "
@@ -90,46 +101,140 @@ static int cmd_run(int argc, char **argv)
     return code;
 }
 
-static int cmd_status(int argc, char **argv)
+/* Takes "--name VALUE" or "--name=VALUE" at argv[*i]: returns the value, or NULL when argv[*i]
+ * is not that option. A missing value is reported and sets *bad. */
+static const char *option_value(int argc, char **argv, int *i, const char *name, bool *bad)
 {
-    bool json = false;
-    int64_t max_lag = -1;
-    char *rest[argc + 1];
-    int nrest = 0;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i];
-        const char *lag = NULL;
-        if (strcmp(a, "--json") == 0) {
-            json = true;
-        } else if (strncmp(a, "--max-lag=", 10) == 0) {
-            lag = a + 10;
-        } else if (strcmp(a, "--max-lag") == 0) {
-            if (i + 1 == argc) {
-                fprintf(stderr, "outboxd: option --max-lag needs a value\n");
-                return EXIT_OUTBOXD_USAGE;
-            }
-            lag = argv[++i];
-        } else {
-            rest[nrest++] = argv[i];
-        }
-        if (lag && !config_parse_bytes(lag, &max_lag)) {
-            fprintf(stderr, "outboxd: invalid value '%s' for --max-lag: expected bytes such as "
-                            "64MiB or 1GiB\n",
-                    lag);
-            return EXIT_OUTBOXD_USAGE;
-        }
+    size_t n = strlen(name);
+    const char *a = argv[*i];
+    if (strncmp(a, name, n) != 0 || (a[n] != '=' && a[n] != '\0'))
+        return NULL;
+    if (a[n] == '=')
+        return a + n + 1;
+    if (*i + 1 == argc) {
+        fprintf(stderr, "outboxd: option %s needs a value\n", name);
+        *bad = true;
+        return NULL;
     }
-    rest[nrest] = NULL;
+    return argv[++*i];
+}
+
+/* Runs a command over the settings; its own options are already taken out of argv. */
+static int with_config(int argc, char **argv, int (*fn)(const Config *, void *), void *arg)
+{
     Config cfg;
-    if (!load_config(&cfg, nrest, rest)) {
+    if (!load_config(&cfg, argc, argv)) {
         config_deinit(&cfg);
         return EXIT_OUTBOXD_USAGE;
     }
-    log_setup(LOG_WARN, false); /* status speaks through its report, not the log */
-    int code = status_run(&cfg, json, max_lag);
+    log_setup(LOG_WARN, false); /* these commands speak through their output, not the log */
+    int code = fn(&cfg, arg);
     config_deinit(&cfg);
     nats_Close();
     return code;
+}
+
+typedef struct StatusArgs {
+    bool json;
+    int64_t max_lag;
+} StatusArgs;
+
+static int run_status(const Config *cfg, void *arg)
+{
+    StatusArgs *a = arg;
+    return status_run(cfg, a->json, a->max_lag);
+}
+
+static int cmd_status(int argc, char **argv)
+{
+    StatusArgs a = {.json = false, .max_lag = -1};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *lag;
+        if (strcmp(argv[i], "--json") == 0) {
+            a.json = true;
+        } else if ((lag = option_value(argc, argv, &i, "--max-lag", &bad))) {
+            if (!config_parse_bytes(lag, &a.max_lag)) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --max-lag: expected bytes such "
+                                "as 64MiB or 1GiB\n",
+                        lag);
+                return EXIT_OUTBOXD_USAGE;
+            }
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_status, &a);
+}
+
+static int run_setup(const Config *cfg, void *arg)
+{
+    return setup_run(cfg, arg);
+}
+
+static int cmd_setup(int argc, char **argv)
+{
+    SetupOptions opts = {.apply = false, .role = "outboxd", .stream = "OUTBOX", .replicas = 1};
+    char *rest[argc + 2];
+    int nrest = 0;
+    /* Printing connects to nothing, so --pg-url may be left out: a placeholder goes first,
+     * where any --pg-url given overrides it. --apply leaves it out and needs the real one. */
+    char placeholder[] = "--pg-url=postgresql:///unused";
+    rest[nrest++] = placeholder;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--apply") == 0) {
+            opts.apply = true;
+        } else if ((v = option_value(argc, argv, &i, "--role", &bad))) {
+            opts.role = v;
+        } else if ((v = option_value(argc, argv, &i, "--stream-replicas", &bad))) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*v == '\0' || *end != '\0' || n < 1 || n > 5) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --stream-replicas: expected 1 "
+                                "to 5\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+            opts.replicas = (int)n;
+        } else if ((v = option_value(argc, argv, &i, "--stream", &bad))) {
+            opts.stream = v;
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    if (opts.apply)
+        return with_config(nrest - 1, rest + 1, run_setup, &opts);
+    return with_config(nrest, rest, run_setup, &opts);
+}
+
+static int run_doctor(const Config *cfg, void *arg)
+{
+    return doctor_run(cfg, *(bool *)arg);
+}
+
+static int cmd_doctor(int argc, char **argv)
+{
+    bool json = false;
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0)
+            json = true;
+        else
+            rest[nrest++] = argv[i];
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_doctor, &json);
 }
 
 int main(int argc, char **argv)
@@ -149,6 +254,10 @@ int main(int argc, char **argv)
         return cmd_run(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "status") == 0)
         return cmd_status(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "setup") == 0)
+        return cmd_setup(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "doctor") == 0)
+        return cmd_doctor(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
         return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);

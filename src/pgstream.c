@@ -591,3 +591,90 @@ int pgstream_finish(PgStream *s, char *err, size_t errlen)
             return -1;
     }
 }
+
+/* ---- plain SQL, for `outboxd setup` and `outboxd doctor` ------------------------------------- */
+
+void pgstream_quote_ident(Buf *out, const char *name)
+{
+    buf_putc(out, '"');
+    put_doubled(out, name, '"');
+    buf_putc(out, '"');
+}
+
+void pgstream_quote_literal(Buf *out, const char *s)
+{
+    bool backslash = strchr(s, '\\') != NULL;
+    if (backslash)
+        buf_putc(out, 'E');
+    buf_putc(out, '\'');
+    for (; *s; s++) {
+        if (*s == '\'' || (backslash && *s == '\\'))
+            buf_putc(out, *s);
+        buf_putc(out, *s);
+    }
+    buf_putc(out, '\'');
+}
+
+struct PgRows {
+    PGresult *res;
+};
+
+static void drop_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
+int pgstream_sql(PgStream *s, const char *sql, const char *what, PgRows **out, char sqlstate[6],
+                 char *err, size_t errlen)
+{
+    PQsetNoticeProcessor(s->conn, drop_notice, NULL);
+    PGresult *res = PQexec(s->conn, sql);
+    ExecStatusType st = PQresultStatus(res);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        if (sqlstate) {
+            const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+            snprintf(sqlstate, 6, "%s", code ? code : "");
+        }
+        set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
+        PQclear(res);
+        return -1;
+    }
+    if (sqlstate)
+        sqlstate[0] = '\0';
+    if (!out) {
+        PQclear(res);
+        return 0;
+    }
+    PgRows *r = xmalloc(sizeof(*r));
+    r->res = res;
+    *out = r;
+    return 0;
+}
+
+int pgrows_count(const PgRows *r)
+{
+    return PQresultStatus(r->res) == PGRES_TUPLES_OK ? PQntuples(r->res) : 0;
+}
+
+const char *pgrows_value(const PgRows *r, int row, int col)
+{
+    if (row < 0 || row >= pgrows_count(r) || col < 0 || col >= PQnfields(r->res) ||
+        PQgetisnull(r->res, row, col))
+        return NULL;
+    return PQgetvalue(r->res, row, col);
+}
+
+bool pgrows_true(const PgRows *r, int row, int col)
+{
+    const char *v = pgrows_value(r, row, col);
+    return v && strcmp(v, "t") == 0;
+}
+
+void pgrows_free(PgRows *r)
+{
+    if (!r)
+        return;
+    PQclear(r->res);
+    free(r);
+}

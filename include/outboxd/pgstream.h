@@ -107,4 +107,37 @@ int pgstream_send_status(PgStream *s, uint64_t write_lsn, uint64_t flush_lsn, bo
 /* Ends the CopyBoth session (CopyDone) and reads the server's final results. */
 int pgstream_finish(PgStream *s, char *err, size_t errlen);
 
+/* ---- plain SQL, for `outboxd setup` and `outboxd doctor` ---------------------------------------
+ * These work on either kind of connection (a plain one from pgstream_connect_plain is meant).
+ * Quoting needs no connection: identifiers are double-quoted with inner quotes doubled (as
+ * PQescapeIdentifier does), literals single-quoted with quotes doubled, and written E'...' with
+ * backslashes doubled when there are any, so they read the same whatever
+ * standard_conforming_strings says. */
+
+#include "outboxd/util.h"
+
+/* Appends name as a quoted SQL identifier: "my ""odd"" name". */
+void pgstream_quote_ident(Buf *out, const char *name);
+/* Appends s as a quoted SQL string literal. */
+void pgstream_quote_literal(Buf *out, const char *s);
+
+/* The rows of a query: text values, read-only. */
+typedef struct PgRows PgRows;
+
+/*
+ * Runs one SQL string (simple query protocol: several statements are allowed, the last one's
+ * result counts) that returns rows or not. Returns 0 and, when out is not NULL, the rows in *out
+ * (free with pgrows_free; none for a command). On failure returns -1 with "<what>: <server
+ * message>" in err and, when sqlstate is not NULL, the SQLSTATE there ("" when none). Notices
+ * (e.g. "relation already exists, skipping") are dropped, not printed.
+ */
+int pgstream_sql(PgStream *s, const char *sql, const char *what, PgRows **out, char sqlstate[6],
+                 char *err, size_t errlen);
+int pgrows_count(const PgRows *r);
+/* The value at row, col as text, or NULL when it is SQL NULL or out of range. */
+const char *pgrows_value(const PgRows *r, int row, int col);
+/* True when the value is the boolean true ("t"). */
+bool pgrows_true(const PgRows *r, int row, int col);
+void pgrows_free(PgRows *r);
+
 #endif

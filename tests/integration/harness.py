@@ -26,6 +26,7 @@ import pwd
 import random
 import re
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -185,7 +186,7 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=20.0):
     return proc.returncode
 
 
-def _clean_env(extra=None):
+def clean_env(extra=None):
     """The environment for child processes: no OUTBOXD_* or libpq PG* settings leak in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OUTBOXD_", "PG"))}
     env.setdefault("LC_ALL", "C.UTF-8")
@@ -255,7 +256,7 @@ class PgServer:
     # -- process handling
 
     def _popen_kw(self):
-        kw = {"cwd": str(self.dir), "env": _clean_env()}
+        kw = {"cwd": str(self.dir), "env": clean_env()}
         if self._as_root:
             kw.update(user=self._uid, group=self._gid, extra_groups=[])
         return kw
@@ -543,7 +544,7 @@ class NatsServer:
         log = open(self.logfile, "ab")
         try:
             self.proc = subprocess.Popen(cmd, cwd=str(self.dir), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, env=_clean_env())
+                                         stderr=subprocess.STDOUT, env=clean_env())
         finally:
             log.close()
         _register(self.proc)
@@ -647,7 +648,7 @@ class JetStream:
 
     def run(self, *args, timeout=60, check=True):
         r = subprocess.run([str(self.tool), *args, f"--url={self.url}"], capture_output=True,
-                           timeout=timeout, env=_clean_env())
+                           timeout=timeout, env=clean_env())
         if check and r.returncode != 0:
             raise AssertionError(f"jstool {' '.join(args)} failed ({r.returncode}): "
                                  f"{r.stderr.decode('utf-8', 'replace').strip()}")
@@ -735,9 +736,11 @@ class Relay:
             log.write(f"==== harness: run {self.runs}: {self.bin} run {' '.join(self.args)}\n".encode())
             log.flush()
             self._offset = log.tell()
-            self.proc = subprocess.Popen([str(self.bin), "run", *self.args], cwd=str(self.dir),
+            # OUTBOXD_RELAY_WRAPPER runs the relay under a tool, e.g. valgrind (scripts/test).
+            wrapper = shlex.split(os.environ.get("OUTBOXD_RELAY_WRAPPER", ""))
+            self.proc = subprocess.Popen([*wrapper, str(self.bin), "run", *self.args], cwd=str(self.dir),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=_clean_env(self.env))
+                                         env=clean_env(self.env))
         _register(self.proc)
         return self
 

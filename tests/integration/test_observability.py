@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from harness import NatsServer, JetStream, lsn_int, random_sizes, relay_bin, wait_until
+from harness import NatsServer, JetStream, clean_env, lsn_int, random_sizes, relay_bin, wait_until
 
 
 def scrape(relay):
@@ -85,7 +85,7 @@ def test_oldest_pending_age_rises_during_a_broker_outage_and_readiness_follows(c
 def run_status(ctx, *extra):
     args = [str(relay_bin()), "status", f"--pg-url={ctx.pg.dsn}", f"--nats-url={ctx.nats.url}",
             f"--slot={ctx.slot}", f"--table={ctx.table}", *extra]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(args, capture_output=True, text=True, timeout=30, env=clean_env())
     return r.returncode, r.stdout, r.stderr
 
 
@@ -155,7 +155,8 @@ def test_passwords_never_appear_in_logs_metrics_or_status(root, request, pg):
         js.wait_count(ctx.stream, 50, 30)
         status_out = subprocess.run(
             [str(relay_bin()), "status", "--json", f"--pg-url={pg_url}", f"--nats-url={nats_url}",
-             f"--slot={ctx.slot}", f"--table={ctx.table}"], capture_output=True, text=True, timeout=30)
+             f"--slot={ctx.slot}", f"--table={ctx.table}"], capture_output=True, text=True, timeout=30,
+            env=clean_env())
         _, metrics_text = relay.http_get("/metrics")
         relay.send_signal(15)
         assert relay.wait(10) == 0

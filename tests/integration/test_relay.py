@@ -343,3 +343,24 @@ def test_sigterm_during_a_burst_confirms_exactly_what_was_acked(ctx, pg, js):
     relay.wait_streaming(timeout=30)
     js.wait_count(ctx.stream, n, 120)
     assert_exactly_once_in_order(js.dump(ctx.stream), w.event_ids)
+
+
+@pytest.mark.timeout(300)
+def test_mixed_workload_with_a_dead_letter_then_a_clean_stop(ctx, pg, js):
+    """The run scripts/test also repeats under valgrind (OUTBOXD_RELAY_WRAPPER): events, a
+    dead letter, acknowledgements, a checkpoint, then SIGTERM and exit 0 with nothing leaked."""
+    ctx.setup()
+    relay = ctx.start_relay("--status-interval=1s", "--checkpoint-interval=200ms", timeout=120)
+    w = ctx.writer(seed=8)
+    w.write(random_sizes(2_000, 1, 30, w.rng))
+    big = w.make_event(payload='{"pad": "' + "x" * 2_000_000 + '"}')  # over max_payload
+    w.insert_txn([big])
+    after = w.insert_txn(n=3)
+    wait_for_ids(js, ctx.stream, after, 120, "the events after the dead letter")
+    msgs = js.dump(ctx.stream)
+    assert [m["headers"]["Nats-Msg-Id"] for m in msgs if m["subject"] != "outbox.dead_letter"] == \
+        [e for e in w.event_ids if e != big["event_id"]]
+    dead = [m for m in msgs if m["subject"] == "outbox.dead_letter"]
+    assert len(dead) == 1 and dead[0]["headers"]["Outbox-Dead-Letter-Reason"] == "too_large"
+    relay.send_signal(signal.SIGTERM)
+    assert relay.wait(120) == 0, relay.logs()[-3000:]
