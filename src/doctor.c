@@ -23,6 +23,7 @@
 #include "outboxd/outbox.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
+#include "outboxd/subject.h"
 #include "outboxd/util.h"
 
 typedef enum Verdict { PASS, WARN, FAIL } Verdict;
@@ -462,24 +463,10 @@ static void check_postgres(Doctor *d)
 
 static bool check_nats_reachable(Doctor *d)
 {
-    natsOptions *o = NULL;
-    natsStatus s = natsOptions_Create(&o);
-    if (s == NATS_OK)
-        s = jsapi_set_servers(o, d->cfg->nats_url);
-    if (s == NATS_OK)
-        s = natsOptions_SetTimeout(o, 3000);
-    if (s == NATS_OK)
-        s = natsOptions_SetMaxReconnect(o, 0);
-    if (s == NATS_OK)
-        s = natsConnection_Connect(&d->nc, o);
-    natsOptions_Destroy(o);
     char urls[1024];
-    if (s != NATS_OK) {
-        natsConnection_Destroy(d->nc);
-        d->nc = NULL;
-        jsapi_redact_urls(d->cfg->nats_url, urls, sizeof(urls));
-        fix(report(d, "nats", FAIL, "could not connect to NATS at %s: %s", urls,
-                   natsStatus_GetText(s)),
+    d->nc = jsapi_connect_once(d->cfg->nats_url, urls, sizeof(urls));
+    if (!d->nc) {
+        fix(report(d, "nats", FAIL, "%s", urls),
             "check --nats-url and that nats-server runs and admits this client");
         return false;
     }
@@ -518,26 +505,6 @@ static bool check_jetstream(Doctor *d)
     return ok;
 }
 
-/* True when pattern (a stream subject, wildcards allowed) captures every subject that sub (a
- * subject or a filter with wildcards) matches. */
-static bool subject_covers(const char *pattern, const char *sub)
-{
-    for (;;) {
-        size_t pn = strcspn(pattern, "."), sn = strcspn(sub, ".");
-        if (pn == 1 && pattern[0] == '>')
-            return sn > 0;
-        if (sn == 1 && sub[0] == '>')
-            return false;
-        if (!(pn == 1 && pattern[0] == '*') && (pn != sn || memcmp(pattern, sub, pn) != 0))
-            return false;
-        pattern += pn;
-        sub += sn;
-        if (!*pattern || !*sub)
-            return !*pattern && !*sub;
-        pattern++;
-        sub++;
-    }
-}
 
 static void check_stream(Doctor *d)
 {

@@ -60,6 +60,30 @@ void jsapi_redact_urls(const char *urls, char *out, size_t outlen)
     buf_deinit(&b);
 }
 
+natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
+{
+    natsOptions *o = NULL;
+    natsConnection *nc = NULL;
+    natsStatus s = natsOptions_Create(&o);
+    if (s == NATS_OK)
+        s = jsapi_set_servers(o, urls);
+    if (s == NATS_OK)
+        s = natsOptions_SetTimeout(o, 3000);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxReconnect(o, 0);
+    if (s == NATS_OK)
+        s = natsConnection_Connect(&nc, o);
+    natsOptions_Destroy(o);
+    if (s != NATS_OK) {
+        char shown[512];
+        jsapi_redact_urls(urls, shown, sizeof(shown));
+        snprintf(err, errlen, "could not connect to NATS at %s: %s", shown, natsStatus_GetText(s));
+        natsConnection_Destroy(nc);
+        return NULL;
+    }
+    return nc;
+}
+
 json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body, bool *no_responders,
                       char *err, size_t errlen)
 {

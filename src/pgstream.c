@@ -160,29 +160,30 @@ done:
     return rc;
 }
 
-/* Appends a quoted literal; false (with err set) if libpq refuses (bad encoding). */
-static bool put_literal(PgStream *s, Buf *b, const char *v, char *err, size_t errlen)
+/* Appends v quoted by libpq's escape (PQescapeLiteral or PQescapeIdentifier); false, with err
+ * set, when libpq refuses (invalid encoding). */
+static bool put_escaped(PgStream *s, Buf *b, const char *v,
+                        char *(*escape)(PGconn *, const char *, size_t), char *err,
+                        size_t errlen)
 {
-    char *lit = PQescapeLiteral(s->conn, v, strlen(v));
-    if (!lit) {
-        set_pg_error(err, errlen, "could not quote a value", PQerrorMessage(s->conn));
+    char *q = escape(s->conn, v, strlen(v));
+    if (!q) {
+        set_pg_error(err, errlen, "could not quote a name or value", PQerrorMessage(s->conn));
         return false;
     }
-    buf_puts(b, lit);
-    PQfreemem(lit);
+    buf_puts(b, q);
+    PQfreemem(q);
     return true;
+}
+
+static bool put_literal(PgStream *s, Buf *b, const char *v, char *err, size_t errlen)
+{
+    return put_escaped(s, b, v, PQescapeLiteral, err, errlen);
 }
 
 static bool put_ident(PgStream *s, Buf *b, const char *v, char *err, size_t errlen)
 {
-    char *id = PQescapeIdentifier(s->conn, v, strlen(v));
-    if (!id) {
-        set_pg_error(err, errlen, "could not quote a name", PQerrorMessage(s->conn));
-        return false;
-    }
-    buf_puts(b, id);
-    PQfreemem(id);
-    return true;
+    return put_escaped(s, b, v, PQescapeIdentifier, err, errlen);
 }
 
 static int check_wal_level(PgStream *s, char *err, size_t errlen)

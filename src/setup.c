@@ -36,6 +36,7 @@
 #include "outboxd/outbox.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
+#include "outboxd/subject.h"
 #include "outboxd/util.h"
 
 /* The columns of scripts/outbox.sql, verbatim: tests/integration/test_setup.py checks that the
@@ -117,26 +118,6 @@ static char *literal(const char *s)
     return b.data;
 }
 
-/* True when pattern (a stream subject, wildcards allowed) captures every subject that sub (a
- * subject or a filter with wildcards) matches. */
-static bool subject_covers(const char *pattern, const char *sub)
-{
-    for (;;) {
-        size_t pn = strcspn(pattern, "."), sn = strcspn(sub, ".");
-        if (pn == 1 && pattern[0] == '>')
-            return sn > 0;
-        if (sn == 1 && sub[0] == '>')
-            return false;
-        if (!(pn == 1 && pattern[0] == '*') && (pn != sn || memcmp(pattern, sub, pn) != 0))
-            return false;
-        pattern += pn;
-        sub += sn;
-        if (!*pattern || !*sub)
-            return !*pattern && !*sub;
-        pattern++;
-        sub++;
-    }
-}
 
 /* True when one of the subjects in the JSON array captures sub. */
 static bool subjects_cover(json_t *subjects, const char *sub)
@@ -639,26 +620,10 @@ static int apply_postgres(Plan *p)
 /* Connects to NATS; on failure prints why and returns NULL. */
 static natsConnection *nats_connect(const Config *cfg)
 {
-    natsOptions *o = NULL;
-    natsConnection *nc = NULL;
-    natsStatus s = natsOptions_Create(&o);
-    if (s == NATS_OK)
-        s = jsapi_set_servers(o, cfg->nats_url);
-    if (s == NATS_OK)
-        s = natsOptions_SetTimeout(o, 3000);
-    if (s == NATS_OK)
-        s = natsOptions_SetMaxReconnect(o, 0);
-    if (s == NATS_OK)
-        s = natsConnection_Connect(&nc, o);
-    natsOptions_Destroy(o);
-    if (s != NATS_OK) {
-        char urls[512];
-        jsapi_redact_urls(cfg->nats_url, urls, sizeof(urls));
-        fprintf(stderr, "outboxd: could not connect to NATS at %s: %s\n", urls,
-                natsStatus_GetText(s));
-        natsConnection_Destroy(nc);
-        return NULL;
-    }
+    char err[1024];
+    natsConnection *nc = jsapi_connect_once(cfg->nats_url, err, sizeof(err));
+    if (!nc)
+        fprintf(stderr, "outboxd: %s\n", err);
     return nc;
 }
 

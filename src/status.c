@@ -50,26 +50,12 @@ static void read_postgres(const Config *cfg, Report *rep)
 
 static void read_nats(const Config *cfg, Report *rep)
 {
-    natsOptions *o = NULL;
-    natsConnection *nc = NULL;
     jsCtx *js = NULL;
     char err[512] = "";
-    natsStatus s = natsOptions_Create(&o);
-    if (s == NATS_OK)
-        s = jsapi_set_servers(o, cfg->nats_url);
-    if (s == NATS_OK)
-        s = natsOptions_SetTimeout(o, 3000);
-    if (s == NATS_OK)
-        s = natsOptions_SetMaxReconnect(o, 0);
-    if (s == NATS_OK)
-        s = natsConnection_Connect(&nc, o);
-    if (s != NATS_OK) {
-        char urls[512];
-        jsapi_redact_urls(cfg->nats_url, urls, sizeof(urls));
-        snprintf(rep->nats_error, sizeof(rep->nats_error), "could not connect to NATS at %s: %s",
-                 urls, natsStatus_GetText(s));
+    natsConnection *nc = jsapi_connect_once(cfg->nats_url, rep->nats_error,
+                                            sizeof(rep->nats_error));
+    if (!nc)
         goto done;
-    }
     Buf filter;
     buf_init(&filter);
     relay_subject_filter(cfg->subject, &filter);
@@ -97,7 +83,6 @@ static void read_nats(const Config *cfg, Report *rep)
 done:
     jsCtx_Destroy(js);
     natsConnection_Destroy(nc);
-    natsOptions_Destroy(o);
 }
 
 static uint64_t lag_of(const Report *rep)

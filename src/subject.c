@@ -295,3 +295,24 @@ bool subject_is_valid(const char *s, size_t len)
     }
     return true;
 }
+
+/* True when pattern (a stream subject, wildcards allowed) captures every subject that sub (a
+ * subject or a filter with wildcards) matches. */
+bool subject_covers(const char *pattern, const char *sub)
+{
+    for (;;) {
+        size_t pn = strcspn(pattern, "."), sn = strcspn(sub, ".");
+        if (pn == 1 && pattern[0] == '>')
+            return sn > 0;
+        if (sn == 1 && sub[0] == '>')
+            return false;
+        if (!(pn == 1 && pattern[0] == '*') && (pn != sn || memcmp(pattern, sub, pn) != 0))
+            return false;
+        pattern += pn;
+        sub += sn;
+        if (!*pattern || !*sub)
+            return !*pattern && !*sub;
+        pattern++;
+        sub++;
+    }
+}

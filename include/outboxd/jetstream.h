@@ -27,6 +27,10 @@ typedef struct StreamInfo {
 /* Sets the server list of o from a comma-separated list of URLs. */
 natsStatus jsapi_set_servers(natsOptions *o, const char *urls);
 
+/* Connects once, without reconnecting, for commands that ask and exit. Returns the
+ * connection, or NULL with "could not connect to NATS at <urls, redacted>: <reason>" in err. */
+natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen);
+
 /* Copies urls with any "user:password@" replaced by "***@", for messages. */
 void jsapi_redact_urls(const char *urls, char *out, size_t outlen);
 

@@ -53,4 +53,8 @@ void subject_escape_token(const char *data, size_t len, Buf *out);
  * whitespace or control bytes, no "*" or ">" tokens. */
 bool subject_is_valid(const char *s, size_t len);
 
+/* True when pattern (a stream's subject, wildcards allowed) captures every subject that sub
+ * (a subject, or a filter with wildcards such as "outbox.*.*") can be. */
+bool subject_covers(const char *pattern, const char *sub);
+
 #endif

@@ -304,6 +304,20 @@ static void test_random_values(void)
     subject_template_free(t);
 }
 
+static void test_covers(void)
+{
+    CHECK(subject_covers("outbox.>", "outbox.*.*"));
+    CHECK(subject_covers("outbox.>", "outbox.dead_letter"));
+    CHECK(subject_covers("outbox.*.*", "outbox.*.*"));
+    CHECK(subject_covers("outbox.*.created", "outbox.order.created"));
+    CHECK(!subject_covers("outbox.*.created", "outbox.*.*"));
+    CHECK(!subject_covers("outbox.order.>", "outbox.*.*"));
+    CHECK(!subject_covers("outbox.>", "outbox"));
+    CHECK(!subject_covers("outbox.*", "outbox.*.*"));
+    CHECK(!subject_covers("orders.>", "outbox.*.*"));
+    CHECK(subject_covers(">", "anything.at.all"));
+}
+
 int main(void)
 {
     test_default_template();
@@ -313,5 +327,6 @@ int main(void)
     test_is_valid();
     test_random_values();
     buf_deinit(&escape_buf);
+    test_covers();
     return check_report("test_subject");
 }
