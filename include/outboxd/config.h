@@ -39,6 +39,23 @@ typedef struct Config {
     int64_t checkpoint_interval_ms;
     int64_t retry_min_ms;       /* backoff for reconnects and publish retries */
     int64_t retry_max_ms;
+    /* replay and the slot */
+    int64_t bookmark_every_ms;  /* copy the slot this often (0: no bookmarks) */
+    int64_t bookmark_keep_ms;   /* drop bookmarks older than this */
+    bool backfill;              /* publish the rows already in the outbox when the slot is made */
+    /* connection security (secrets come from files or the environment) */
+    char *pg_password_file;
+    char *nats_user;
+    char *nats_password;
+    char *nats_password_file;
+    char *nats_token;
+    char *nats_token_file;
+    char *nats_nkey_seed_file;
+    char *nats_creds_file;
+    char *nats_tls_ca;
+    char *nats_tls_cert;
+    char *nats_tls_key;
+    char *nats_tls_server_name;
     /* observability */
     char *http_addr;            /* "host:port", ":port" or "off" */
     /* logging */
