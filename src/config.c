@@ -849,6 +849,16 @@ int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
                 "e.g. postgresql://user@host/db)");
         return -1;
     }
+    if (!cfg->nats_tls_cert != !cfg->nats_tls_key) {
+        set_err(err, errlen, "--nats-tls-cert and --nats-tls-key go together: set both or neither");
+        return -1;
+    }
+    if ((cfg->nats_password && cfg->nats_password_file) ||
+        (cfg->nats_token && cfg->nats_token_file)) {
+        set_err(err, errlen, "set the NATS password or token either directly or from a file, "
+                             "not both");
+        return -1;
+    }
     if (cfg->retry_min_ms > cfg->retry_max_ms) {
         set_err(err, errlen,
                 "--retry-min (OUTBOXD_RETRY_MIN) must not be longer than --retry-max "

@@ -11,8 +11,161 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "outboxd/outbox.h"
 #include "outboxd/util.h"
+
+static NatsSecurity security;
+
+void jsapi_set_security(const NatsSecurity *sec)
+{
+    security = *sec;
+}
+
+/* CRC-16/XMODEM, which NKeys append to their bytes. */
+static uint16_t crc16(const unsigned char *p, size_t n)
+{
+    uint16_t crc = 0;
+    for (size_t i = 0; i < n; i++) {
+        crc ^= (uint16_t)(p[i] << 8);
+        for (int b = 0; b < 8; b++)
+            crc = crc & 0x8000 ? (uint16_t)(crc << 1 ^ 0x1021) : (uint16_t)(crc << 1);
+    }
+    return crc;
+}
+
+static const char base32_alphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+
+int jsapi_nkey_public(const char *path, char *out, size_t outlen, char *err, size_t errlen)
+{
+    /* A seed is base32 of: 2 prefix bytes, 32 bytes of Ed25519 seed, CRC-16 (little endian). */
+    char text[256] = "";
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "could not read the NKey seed file %s", path);
+        return -1;
+    }
+    /* The file may hold other lines (a creds file does): take the first that looks like a
+     * user seed. */
+    char line[256];
+    while (fgets(line, sizeof(line), f)) {
+        char *t = line + strspn(line, " \t");
+        if (strncmp(t, "SU", 2) == 0) {
+            snprintf(text, sizeof(text), "%.*s", (int)strcspn(t, " \t\r\n"), t);
+            break;
+        }
+    }
+    fclose(f);
+    unsigned char raw[40];
+    size_t n = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (const char *c = text; *c && n < sizeof(raw); c++) {
+        const char *pos = strchr(base32_alphabet, *c);
+        if (!pos) {
+            n = 0;
+            break;
+        }
+        acc = acc << 5 | (uint32_t)(pos - base32_alphabet);
+        bits += 5;
+        if (bits >= 8) {
+            bits -= 8;
+            raw[n++] = (unsigned char)(acc >> bits & 0xff);
+        }
+    }
+    if (n != 36 || crc16(raw, 34) != (uint16_t)(raw[34] | raw[35] << 8) ||
+        (raw[0] & 0xf8) != 18 << 3) {
+        snprintf(err, errlen, "%s holds no valid NKey user seed (a line starting with SU)", path);
+        OPENSSL_cleanse(raw, sizeof(raw));
+        return -1;
+    }
+    unsigned char prefix = (unsigned char)((raw[0] & 7) << 5 | (raw[1] & 0xf8) >> 3);
+    EVP_PKEY *key = EVP_PKEY_new_raw_private_key(EVP_PKEY_ED25519, NULL, raw + 2, 32);
+    OPENSSL_cleanse(raw, sizeof(raw));
+    unsigned char pub[35];
+    size_t publen = 32;
+    if (!key || EVP_PKEY_get_raw_public_key(key, pub + 1, &publen) != 1 || publen != 32) {
+        EVP_PKEY_free(key);
+        snprintf(err, errlen, "could not derive the NKey public key from %s", path);
+        return -1;
+    }
+    EVP_PKEY_free(key);
+    pub[0] = prefix;
+    uint16_t crc = crc16(pub, 33);
+    unsigned char full[35];
+    memcpy(full, pub, 33);
+    full[33] = (unsigned char)(crc & 0xff);
+    full[34] = (unsigned char)(crc >> 8);
+    Buf b;
+    buf_init(&b);
+    acc = 0;
+    bits = 0;
+    for (size_t i = 0; i < sizeof(full); i++) {
+        acc = acc << 8 | full[i];
+        bits += 8;
+        while (bits >= 5) {
+            bits -= 5;
+            buf_putc(&b, base32_alphabet[acc >> bits & 31]);
+        }
+    }
+    if (bits > 0)
+        buf_putc(&b, base32_alphabet[acc << (5 - bits) & 31]);
+    snprintf(out, outlen, "%s", b.data);
+    buf_deinit(&b);
+    return 0;
+}
+
+int jsapi_apply_security(natsOptions *o, char *err, size_t errlen)
+{
+    const NatsSecurity *sec = &security;
+    natsStatus s = NATS_OK;
+    const char *what = "";
+    if (sec->user || sec->password) {
+        what = "user and password";
+        s = natsOptions_SetUserInfo(o, sec->user ? sec->user : "", sec->password);
+    }
+    if (s == NATS_OK && sec->token) {
+        what = "token";
+        s = natsOptions_SetToken(o, sec->token);
+    }
+    if (s == NATS_OK && sec->nkey_seed_file) {
+        char pub[64];
+        if (jsapi_nkey_public(sec->nkey_seed_file, pub, sizeof(pub), err, errlen) < 0)
+            return -1;
+        what = "NKey seed file";
+        s = natsOptions_SetNKeyFromSeed(o, pub, sec->nkey_seed_file);
+    }
+    if (s == NATS_OK && sec->creds_file) {
+        what = "credentials file";
+        s = natsOptions_SetUserCredentialsFromFiles(o, sec->creds_file, NULL);
+    }
+    if (s == NATS_OK && (sec->tls_ca || sec->tls_cert || sec->tls_key || sec->tls_server_name)) {
+        what = "TLS";
+        s = natsOptions_SetSecure(o, true);
+        if (s == NATS_OK && sec->tls_ca) {
+            what = "TLS CA file";
+            s = natsOptions_LoadCATrustedCertificates(o, sec->tls_ca);
+        }
+        if (s == NATS_OK && (sec->tls_cert || sec->tls_key)) {
+            what = "TLS client certificate and key";
+            s = sec->tls_cert && sec->tls_key
+                    ? natsOptions_LoadCertificatesChain(o, sec->tls_cert, sec->tls_key)
+                    : NATS_INVALID_ARG;
+        }
+        if (s == NATS_OK && sec->tls_server_name) {
+            what = "TLS server name";
+            s = natsOptions_SetExpectedHostname(o, sec->tls_server_name);
+        }
+    }
+    if (s != NATS_OK) {
+        const char *last = nats_GetLastError(NULL);
+        snprintf(err, errlen, "could not use the NATS %s: %s%s%s", what, natsStatus_GetText(s),
+                 last && *last ? ": " : "", last && *last ? last : "");
+        return -1;
+    }
+    return 0;
+}
 
 natsStatus jsapi_set_servers(natsOptions *o, const char *urls)
 {
@@ -65,6 +218,10 @@ natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
     natsOptions *o = NULL;
     natsConnection *nc = NULL;
     natsStatus s = natsOptions_Create(&o);
+    if (s == NATS_OK && jsapi_apply_security(o, err, errlen) < 0) {
+        natsOptions_Destroy(o);
+        return NULL;
+    }
     if (s == NATS_OK)
         s = jsapi_set_servers(o, urls);
     if (s == NATS_OK)

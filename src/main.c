@@ -18,7 +18,9 @@
 #include <string.h>
 
 #include "outboxd/config.h"
+#include "outboxd/jetstream.h"
 #include "outboxd/log.h"
+#include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
 #include "outboxd/setup.h"
 #include "outboxd/status.h"
@@ -66,6 +68,63 @@ static void version(void)
            pq % 10000, nats_GetVersion(), JANSSON_VERSION);
 }
 
+/* Secrets read from files, kept for the life of the process. */
+static char pg_password[1024], nats_password[1024], nats_token[4096];
+
+/* Reads the secret in path (one line; a final newline is not part of it) into out. */
+static bool read_secret(const char *flag, const char *path, char *out, size_t outlen)
+{
+    FILE *f = fopen(path, "r");
+    size_t n = f ? fread(out, 1, outlen - 1, f) : 0;
+    bool ok = f && !ferror(f) && feof(f) && n > 0;
+    if (f)
+        fclose(f);
+    if (!ok) {
+        fprintf(stderr, "outboxd: could not read %s %s: %s\n", flag, path,
+                !f ? "cannot open it" : n == 0 ? "it is empty" : "it is too long");
+        return false;
+    }
+    out[n] = '\0';
+    out[strcspn(out, "\r\n")] = '\0';
+    return true;
+}
+
+/* Hands the connection secrets and TLS settings to the modules that connect. */
+static bool load_security(const Config *cfg)
+{
+    if (cfg->pg_password_file) {
+        if (!read_secret("--pg-password-file", cfg->pg_password_file, pg_password,
+                         sizeof(pg_password)))
+            return false;
+        pgstream_set_password(pg_password);
+    }
+    NatsSecurity sec = {
+        .user = cfg->nats_user,
+        .password = cfg->nats_password,
+        .token = cfg->nats_token,
+        .nkey_seed_file = cfg->nats_nkey_seed_file,
+        .creds_file = cfg->nats_creds_file,
+        .tls_ca = cfg->nats_tls_ca,
+        .tls_cert = cfg->nats_tls_cert,
+        .tls_key = cfg->nats_tls_key,
+        .tls_server_name = cfg->nats_tls_server_name,
+    };
+    if (cfg->nats_password_file) {
+        if (!read_secret("--nats-password-file", cfg->nats_password_file, nats_password,
+                         sizeof(nats_password)))
+            return false;
+        sec.password = nats_password;
+    }
+    if (cfg->nats_token_file) {
+        if (!read_secret("--nats-token-file", cfg->nats_token_file, nats_token,
+                         sizeof(nats_token)))
+            return false;
+        sec.token = nats_token;
+    }
+    jsapi_set_security(&sec);
+    return true;
+}
+
 /* Loads the settings from the environment and argv; prints the error and returns false. */
 static bool load_config(Config *cfg, int argc, char **argv)
 {
@@ -75,6 +134,8 @@ static bool load_config(Config *cfg, int argc, char **argv)
         fprintf(stderr, "outboxd: %s\n", err);
         return false;
     }
+    if (!load_security(cfg))
+        return false;
     LogLevel level = LOG_INFO;
     log_level_parse(cfg->log_level, &level);
     log_setup(level, strcmp(cfg->log_format, "json") == 0);

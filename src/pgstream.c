@@ -47,17 +47,29 @@ static void set_pg_error(char *err, size_t errlen, const char *prefix, const cha
     snprintf(err, errlen, "%s: %s", prefix, msg);
 }
 
+static const char *process_password;
+
+void pgstream_set_password(const char *password)
+{
+    process_password = password;
+}
+
 static int connect_mode(PgStream **out, const char *conninfo, bool replication, char *err,
                         size_t errlen)
 {
-    const char *keys[] = {"dbname",  "replication", "client_encoding",
-                          "options", "fallback_application_name", NULL};
-    const char *vals[] = {conninfo, "database", "UTF8", session_options, "outboxd", NULL};
-    if (!replication) {
-        keys[1] = "fallback_application_name";
-        vals[1] = "outboxd";
-        keys[4] = NULL;
+    /* Later keywords override what the expanded connection string (dbname) says. */
+    const char *keys[7] = {"dbname", "client_encoding", "options", "fallback_application_name"};
+    const char *vals[7] = {conninfo, "UTF8", session_options, "outboxd"};
+    int n = 4;
+    if (replication) {
+        keys[n] = "replication";
+        vals[n++] = "database";
     }
+    if (process_password) {
+        keys[n] = "password";
+        vals[n++] = process_password;
+    }
+    keys[n] = vals[n] = NULL;
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(conn) != CONNECTION_OK) {
         const char *msg = PQerrorMessage(conn);

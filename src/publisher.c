@@ -309,6 +309,10 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     atomic_init(&p->wake_armed, true);
 
     natsStatus s = natsOptions_Create(&no);
+    if (s == NATS_OK && jsapi_apply_security(no, err, errlen) < 0) {
+        rc = PUBLISH_CHECK_FAILED;
+        goto done;
+    }
     if (s == NATS_OK)
         s = jsapi_set_servers(no, opts->urls);
     if (s == NATS_OK)

@@ -24,6 +24,29 @@ typedef struct StreamInfo {
     char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
 } StreamInfo;
 
+/* How outboxd authenticates to NATS and protects the connection. Every field may be NULL. */
+typedef struct NatsSecurity {
+    const char *user;
+    const char *password;       /* the secret itself (from a file or the environment) */
+    const char *token;
+    const char *nkey_seed_file; /* the public key is derived from the seed */
+    const char *creds_file;     /* user JWT and NKey seed */
+    const char *tls_ca;         /* any TLS field turns TLS on */
+    const char *tls_cert;
+    const char *tls_key;
+    const char *tls_server_name;
+} NatsSecurity;
+
+/* The security every NATS connection of this process uses (set once at start, before any
+ * connection; NULL fields stay unused). The strings must outlive the process's connections. */
+void jsapi_set_security(const NatsSecurity *sec);
+
+/* Applies the process's security to o. Returns 0, or -1 with the reason in err. */
+int jsapi_apply_security(natsOptions *o, char *err, size_t errlen);
+
+/* The NKey public key ("U...") of the seed in file path, into out (at least 64 bytes). */
+int jsapi_nkey_public(const char *path, char *out, size_t outlen, char *err, size_t errlen);
+
 /* Sets the server list of o from a comma-separated list of URLs. */
 natsStatus jsapi_set_servers(natsOptions *o, const char *urls);
 

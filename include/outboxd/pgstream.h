@@ -36,6 +36,10 @@ typedef struct PgSetup {
     bool create;           /* create the publication and the slot when missing */
 } PgSetup;
 
+/* A password for every connection of this process (from --pg-password-file), over what the
+ * connection string says. Set once at start; the string must outlive the connections. */
+void pgstream_set_password(const char *password);
+
 /*
  * Connects with replication=database and the session settings that fix how values are
  * rendered (UTF8, ISO dates, UTC, hex bytea, exact floats). Returns 0, or

@@ -233,7 +233,9 @@ class PgServer:
     AUTH_USER = "authuser"
     AUTH_PASSWORD = "right-password"
 
-    def __init__(self, root_dir, wal_level="logical", extra_conf=None):
+    def __init__(self, root_dir, wal_level="logical", extra_conf=None, hba_first=()):
+        """hba_first: pg_hba.conf lines put before the defaults (e.g. hostssl ... cert)."""
+        self.hba_first = list(hba_first)
         self.dir = Path(root_dir)
         self.datadir = self.dir / "data"
         self.sockdir = self.dir / "sock"
@@ -293,6 +295,7 @@ class PgServer:
             for k, v in conf.items():
                 f.write(f"{k} = {v}\n")
         with open(self.datadir / "pg_hba.conf", "w") as f:
+            f.writelines(line + "\n" for line in self.hba_first)
             f.write("local all all trust\n"
                     f"host all {self.AUTH_USER} 127.0.0.1/32 scram-sha-256\n"
                     "host all all 127.0.0.1/32 trust\n")
