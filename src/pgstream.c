@@ -328,6 +328,110 @@ done:
     return rc;
 }
 
+/* Reads the outbox through a cursor inside the transaction holding the new slot's snapshot. */
+static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char *err,
+                         size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    int rc = -1;
+    PGresult *res = NULL;
+    buf_puts(&sql, bf->count_only ? "SELECT count(*) FROM " : "DECLARE outboxd_backfill NO SCROLL "
+                                                                "CURSOR FOR SELECT * FROM ");
+    if (!put_ident(s, &sql, setup->schema, err, errlen))
+        goto done;
+    buf_putc(&sql, '.');
+    if (!put_ident(s, &sql, setup->table, err, errlen))
+        goto done;
+    /* Commit order is unknowable for rows older than the slot: their transaction ids, oldest
+     * first, come closest (the order of rows within one transaction is not kept on disk). */
+    if (!bf->count_only)
+        buf_puts(&sql, " ORDER BY age(xmin) DESC, ctid");
+    if (bf->count_only) {
+        if (!(res = query(s, sql.data, err, errlen)))
+            goto done;
+        bf->rows = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+        rc = 0;
+        goto done;
+    }
+    if (command(s, sql.data, "could not read the outbox for the backfill", NULL, err, errlen) < 0)
+        goto done;
+    for (;;) {
+        PQclear(res);
+        if (!(res = query(s, "FETCH 1000 FROM outboxd_backfill", err, errlen)))
+            goto done;
+        int nrows = PQntuples(res), ncols = PQnfields(res);
+        if (nrows == 0)
+            break;
+        const char *names[PGO_MAX_COLUMNS], *values[PGO_MAX_COLUMNS];
+        uint32_t types[PGO_MAX_COLUMNS];
+        int lens[PGO_MAX_COLUMNS];
+        if (ncols > PGO_MAX_COLUMNS)
+            ncols = PGO_MAX_COLUMNS;
+        for (int c = 0; c < ncols; c++) {
+            names[c] = PQfname(res, c);
+            types[c] = (uint32_t)PQftype(res, c);
+        }
+        for (int r = 0; r < nrows; r++) {
+            for (int c = 0; c < ncols; c++) {
+                values[c] = PQgetisnull(res, r, c) ? NULL : PQgetvalue(res, r, c);
+                lens[c] = PQgetlength(res, r, c);
+            }
+            if (bf->on_row(bf->arg, ncols, names, types, values, lens, err, errlen) < 0)
+                goto done;
+            bf->rows++;
+        }
+    }
+    rc = 0;
+done:
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
+}
+
+/* CREATE_REPLICATION_SLOT ... (SNAPSHOT 'use') must be the first command of a repeatable-read
+ * transaction; the rows read in it are exactly those committed before the slot's start. */
+static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const char *create,
+                                     char *sqlstate, char *err, size_t errlen)
+{
+    if (command(s, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                "could not start the backfill transaction", NULL, err, errlen) < 0)
+        return -1;
+    Buf sql;
+    buf_init(&sql);
+    buf_printf(&sql, "%s (SNAPSHOT 'use')", create);
+    PGresult *res = PQexec(s->conn, sql.data);
+    buf_deinit(&sql);
+    int rc = -1;
+    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        snprintf(sqlstate, 6, "%s", code ? code : "");
+        set_pg_error(err, errlen, "could not create replication slot", PQerrorMessage(s->conn));
+        goto done;
+    }
+    if (PQnfields(res) >= 2)
+        lsn_parse(PQgetvalue(res, 0, 1), &setup->backfill->position);
+    rc = backfill_rows(s, setup, setup->backfill, err, errlen);
+done:
+    PQclear(res);
+    char ignored[256];
+    command(s, rc == 0 ? "COMMIT" : "ROLLBACK", "could not end the backfill transaction", NULL,
+            ignored, sizeof(ignored));
+    return rc;
+}
+
+int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
+{
+    if (command(s, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                "could not start reading the outbox", NULL, err, errlen) < 0)
+        return -1;
+    int rc = backfill_rows(s, setup, setup->backfill, err, errlen);
+    char ignored[256];
+    command(s, rc == 0 ? "COMMIT" : "ROLLBACK", "could not end reading the outbox", NULL, ignored,
+            sizeof(ignored));
+    return rc;
+}
+
 static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *err, size_t errlen)
 {
     Buf sql;
@@ -373,11 +477,18 @@ static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *er
     buf_puts(&sql, "CREATE_REPLICATION_SLOT ");
     if (!put_ident(s, &sql, setup->slot, err, errlen))
         goto done;
-    buf_puts(&sql, " LOGICAL pgoutput (SNAPSHOT 'nothing')");
+    buf_puts(&sql, " LOGICAL pgoutput");
     log_info("creating replication slot \"%s\" (this waits for running transactions to end)",
              setup->slot);
     char sqlstate[6] = "";
-    if (command(s, sql.data, "could not create replication slot", sqlstate, err, errlen) < 0) {
+    int made;
+    if (setup->backfill) {
+        made = create_slot_with_backfill(s, setup, sql.data, sqlstate, err, errlen);
+    } else {
+        buf_puts(&sql, " (SNAPSHOT 'nothing')");
+        made = command(s, sql.data, "could not create replication slot", sqlstate, err, errlen);
+    }
+    if (made < 0) {
         if (strcmp(sqlstate, "42710") != 0) /* created meanwhile by another relay: fine */
             goto done;
     } else {

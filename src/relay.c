@@ -97,6 +97,10 @@ typedef struct Relay {
     uint64_t reported;  /* flush position last sent */
     uint64_t checkpointed;
     char checkpoint_key[128];
+    char backfill_key[160]; /* "pending" marker while a first-start backfill is not all acked */
+    PgBackfill backfill;
+    bool backfill_bound;
+    bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
     /* timers */
     int64_t status_interval_us;
     int64_t next_status;
@@ -493,11 +497,11 @@ static size_t drain(Relay *r, int64_t deadline, bool until_stop)
             return st.inflight;
         if (until_stop && *r->stop)
             return st.inflight;
-        if (r->pg && now >= r->next_status)
+        if (r->streaming && now >= r->next_status)
             send_status(r, false);
         bool pg_ready;
         int64_t next = min64(deadline, publisher_next_deadline(r->pub));
-        if (r->pg)
+        if (r->streaming)
             next = min64(next, r->next_status);
         wait_for_work(r, false, next, &pg_ready);
     }
@@ -525,6 +529,80 @@ static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
     if (cap > cfg->retry_max_ms * 1000)
         cap = cfg->retry_max_ms * 1000;
     return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
+}
+
+/* A relation id no table has, for rows read with SQL rather than decoded from the WAL. */
+#define BACKFILL_RELID UINT32_C(0xFFFFFFFE)
+
+/* Waits until the window has room (acknowledgements arriving); -1 on stop or failure. */
+static int wait_for_room(Relay *r)
+{
+    PublisherStatus st;
+    while (!publisher_has_room(r->pub)) {
+        if (*r->stop || poll_acks(r, now_mono_us(), &st) < 0)
+            return -1;
+        bool pg_ready;
+        wait_for_work(r, false, min64(now_mono_us() + 100000, publisher_next_deadline(r->pub)),
+                      &pg_ready);
+    }
+    return 0;
+}
+
+/* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
+ * a streamed one (same mapping, dead letters, window). */
+static int backfill_row(void *arg, int ncols, const char *const *names, const uint32_t *types,
+                        const char *const *values, const int *lens, char *err, size_t errlen)
+{
+    Relay *r = arg;
+    PgoMessage *m = r->msg;
+    /* Backfilled events carry the slot's starting point as their commit LSN. */
+    r->txn.commit_lsn = r->backfill.position;
+    if (!r->backfill_bound) {
+        m->kind = PGO_RELATION;
+        m->u.relation.relid = BACKFILL_RELID;
+        m->u.relation.nspname = outbox_mapper_schema(r->mapper);
+        m->u.relation.relname = outbox_mapper_table(r->mapper);
+        m->u.relation.ncols = (uint16_t)ncols;
+        for (int c = 0; c < ncols; c++) {
+            m->cols[c].name = names[c];
+            m->cols[c].type_oid = types[c];
+        }
+        if (outbox_mapper_relation(r->mapper, m, err, errlen) < 0)
+            return -1;
+        r->backfill_bound = true;
+    }
+    if (wait_for_room(r) < 0) {
+        snprintf(err, errlen, "the backfill was interrupted");
+        return -1;
+    }
+    m->kind = PGO_INSERT;
+    m->u.insert.relid = BACKFILL_RELID;
+    m->u.insert.ncols = (uint16_t)ncols;
+    for (int c = 0; c < ncols; c++) {
+        m->values[c].kind = values[c] ? 't' : 'n';
+        m->values[c].data = values[c];
+        m->values[c].len = values[c] ? (uint32_t)lens[c] : 0;
+    }
+    if (handle_insert(r, m) < 0) {
+        snprintf(err, errlen, "the backfill stopped at a row that cannot be published");
+        return -1;
+    }
+    return 0;
+}
+
+/* The rows of a backfill are published: wait for all to be acknowledged, then clear the
+ * marker. */
+static int finish_backfill(Relay *r, const PgBackfill *bf)
+{
+    if (drain(r, INT64_MAX, true) != 0 || *r->stop)
+        return -1;
+    if (publisher_checkpoint_put(r->pub, r->backfill_key, 0, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot existed",
+             bf->rows, outbox_mapper_qualified(r->mapper));
+    return 0;
 }
 
 /*
@@ -557,6 +635,27 @@ static int connect_pg(Relay *r)
     r->sys = sys;
     r->have_sys = true;
     snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
+    snprintf(r->backfill_key, sizeof(r->backfill_key), "%s.backfill", r->checkpoint_key);
+
+    /* A backfill that did not finish (the relay died before every row was acknowledged) is
+     * done again from the table: what JetStream holds already is dropped as a duplicate. */
+    PgBackfill *bfp = &r->backfill;
+    *bfp = (PgBackfill){.on_row = backfill_row, .arg = r, .count_only = !cfg->backfill};
+    uint64_t pending = 0;
+    PgSlotInfo before;
+    if (pgstream_slot_info(r->pg, cfg->slot, &before, r->err, sizeof(r->err)) < 0 ||
+        publisher_checkpoint_get(r->pub, r->backfill_key, &pending, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        rc = -1;
+        goto fail;
+    }
+    bool will_create = !before.exists && cfg->create;
+    if (will_create && cfg->backfill &&
+        publisher_checkpoint_put(r->pub, r->backfill_key, 1, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        rc = -1;
+        goto fail;
+    }
 
     PgSetup setup = {
         .slot = cfg->slot,
@@ -565,13 +664,37 @@ static int connect_pg(Relay *r)
         .table = outbox_mapper_table(r->mapper),
         .qualified = outbox_mapper_qualified(r->mapper),
         .create = cfg->create,
+        .backfill = will_create ? bfp : NULL,
     };
     bool created;
+    r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
+    r->txn_rows = 0;
     rc = pgstream_setup(r->pg, &setup, check_columns, r->mapper, &created, r->err,
                         sizeof(r->err));
     if (rc != 0) {
         log_error("%s", r->err);
         goto fail;
+    }
+    if (created && bfp->count_only && bfp->rows > 0)
+        log_info("backfill off: the %" PRIu64 " rows already in %s are not published "
+                 "(--backfill=false)",
+                 bfp->rows, outbox_mapper_qualified(r->mapper));
+    if ((created && !bfp->count_only) || (!created && pending != 0)) {
+        if (!created) {
+            log_warn("a backfill was interrupted; publishing the rows of %s again (JetStream "
+                     "drops those it holds already)",
+                     outbox_mapper_qualified(r->mapper));
+            setup.backfill = bfp;
+            if (pgstream_read_outbox(r->pg, &setup, r->err, sizeof(r->err)) < 0) {
+                log_error("could not backfill: %s", r->err);
+                rc = -1;
+                goto fail;
+            }
+        }
+        if (finish_backfill(r, bfp) < 0) {
+            rc = -1;
+            goto fail;
+        }
     }
     /* Status updates must reach the walsender well within wal_sender_timeout, whatever the
      * configured interval. */
@@ -659,6 +782,7 @@ static int acquire_slot(Relay *r)
                 log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
                          r->cfg->slot, LSN_ARGS(start), r->stream.name);
                 notify_systemd("READY=1\nSTATUS=streaming");
+                r->streaming = true;
                 return 0;
             }
             if (rc != PGSTREAM_SLOT_BUSY) {
@@ -708,6 +832,7 @@ static int reconnect_pg(Relay *r)
 static void end_session(Relay *r)
 {
     atomic_store(&metrics.pg_connected, 0);
+    r->streaming = false;
     pgstream_free(r->pg);
     r->pg = NULL;
     size_t left = drain(r, INT64_MAX, true);
@@ -851,7 +976,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         PublisherStatus st;
         poll_acks(&r, now_mono_us(), &st);
     }
-    if (r.pg) {
+    if (r.pg && r.streaming) {
         if (send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
             log_warn("%s", r.err);
     }

@@ -26,6 +26,22 @@ typedef struct PgSystem {
     char dbname[64];
 } PgSystem;
 
+/*
+ * First-start backfill: when the slot is created, the rows already in the outbox, as the slot's
+ * starting snapshot sees them (no more, no less than what the WAL will not bring), are handed
+ * to on_row one by one (in table order, through a cursor: memory stays bounded). values[i] is
+ * NULL for SQL NULL. on_row returns 0 to go on, -1 to stop (with err set). count_only just
+ * counts them into rows.
+ */
+typedef struct PgBackfill {
+    int (*on_row)(void *arg, int ncols, const char *const *names, const uint32_t *types,
+                  const char *const *values, const int *lens, char *err, size_t errlen);
+    void *arg;
+    bool count_only;
+    uint64_t rows;     /* rows seen */
+    uint64_t position; /* the slot's consistent point */
+} PgBackfill;
+
 /* What the relay asks of the database at start-up. */
 typedef struct PgSetup {
     const char *slot;
@@ -34,6 +50,7 @@ typedef struct PgSetup {
     const char *table;
     const char *qualified; /* "schema.table" for messages */
     bool create;           /* create the publication and the slot when missing */
+    PgBackfill *backfill;  /* NULL: the slot is created without a snapshot */
 } PgSetup;
 
 /* A password for every connection of this process (from --pg-password-file), over what the
@@ -83,6 +100,10 @@ typedef struct PgSlotInfo {
 
 int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,
                        size_t errlen);
+
+/* Reads the outbox's current rows (no slot involved) into backfill->on_row, through a cursor
+ * in a repeatable-read transaction: to redo a backfill that was interrupted. */
+int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen);
 
 /* The server's wal_sender_timeout in milliseconds (0 = disabled). */
 int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen);
