@@ -205,8 +205,8 @@ def test_nats_token_from_the_environment(root, request, pg):
         server.kill()
 
 
-def nkey_pair():
-    """A user NKey (seed "SU...", public "U...") made with Ed25519 from python3-cryptography."""
+def nkey(prefix_byte):
+    """An NKey pair of any kind: (seed "S?...", public key, Ed25519 private key)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -222,11 +222,18 @@ def nkey_pair():
         crc = crc16(raw)
         return base64.b32encode(raw + bytes([crc & 0xFF, crc >> 8])).decode().rstrip("=")
 
-    seed = os.urandom(32)
-    pub = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    user, seed_prefix = 20 << 3, 18 << 3
-    return (encode(bytes([seed_prefix | user >> 5, (user & 31) << 3]) + seed),
-            encode(bytes([user]) + pub))
+    raw_seed = os.urandom(32)
+    key = Ed25519PrivateKey.from_private_bytes(raw_seed)
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    seed_prefix = 18 << 3
+    seed = encode(bytes([seed_prefix | prefix_byte >> 5, (prefix_byte & 31) << 3]) + raw_seed)
+    return seed, encode(bytes([prefix_byte]) + pub), key
+
+
+def nkey_pair():
+    """A user NKey: (seed "SU...", public "U...")."""
+    seed, public, _ = nkey(20 << 3)
+    return seed, public
 
 
 @pytest.mark.timeout(120)
@@ -296,5 +303,52 @@ def test_relay_runs_with_only_the_documented_nats_permissions(root, request, pg)
             assert ctx.js.count(ctx.stream) == 5
         finally:
             ctx.cleanup()
+    finally:
+        server.kill()
+
+
+def jwt(signer, issuer_pub, subject_pub, name, nats_claims):
+    """A NATS JWT (ed25519-nkey) for subject, signed by the issuer's key."""
+    import hashlib
+    import time as _time
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+    claims = {"iat": int(_time.time()), "iss": issuer_pub, "name": name, "sub": subject_pub,
+              "nats": nats_claims}
+    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims).encode()).digest()).decode().rstrip("=")
+    head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+    body = b64(json.dumps(claims).encode())
+    sig = signer.sign(f"{head}.{body}".encode())
+    return f"{head}.{body}.{b64(sig)}"
+
+
+@pytest.mark.timeout(120)
+def test_nats_credentials_file_with_a_user_jwt(root, request, pg):
+    op_seed, op_pub, op_key = nkey(14 << 3)      # operator "O..."
+    _, acc_pub, acc_key = nkey(0)                # account "A..."
+    user_seed, user_pub, _ = nkey(20 << 3)       # user "U..."
+    op_jwt = jwt(op_key, op_pub, op_pub, "test operator", {"type": "operator", "version": 2})
+    unlimited = {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+                 "wildcards": True, "conn": -1, "leaf": -1,
+                 "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}
+    acc_jwt = jwt(op_key, op_pub, acc_pub, "app",
+                  {"type": "account", "version": 2, "limits": unlimited})
+    _, sys_pub, _ = nkey(0)                      # the system account JetStream needs
+    sys_jwt = jwt(op_key, op_pub, sys_pub, "SYS", {"type": "account", "version": 2})
+    user_jwt = jwt(acc_key, acc_pub, user_pub, "relay",
+                   {"type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1,
+                    "payload": -1})
+    d = root.mkdir(f"creds-{request.node.name}")
+    creds = d / "relay.creds"
+    creds.write_text("-----BEGIN NATS USER JWT-----\n" + user_jwt + "\n------END NATS USER JWT------\n\n"
+                     "-----BEGIN USER NKEY SEED-----\n" + user_seed + "\n------END USER NKEY SEED------\n")
+    os.chmod(creds, 0o600)
+    server = nats_with(root, request, f"operator: {op_jwt}\nsystem_account: {sys_pub}\n"
+                                      f"resolver: MEMORY\n"
+                                      f"resolver_preload: {{ {acc_pub}: {acc_jwt}, {sys_pub}: {sys_jwt} }}\n")
+    try:
+        run_with_nats(root, request, pg, server, [f"--nats-creds-file={creds}"])
     finally:
         server.kill()
