@@ -71,6 +71,9 @@ struct OutboxMapper {
     SubjectValue *tmpl_values;
     Buf scratch; /* subjects of rejected rows */
     Buf scratch_body; /* decoded bytea bodies of rejected rows */
+    uint64_t txn_lsn; /* the transaction whose commit LSN and time are formatted in txn_text */
+    int64_t txn_time;
+    char txn_text[2][32];
 };
 
 void outbox_event_init(OutboxEvent *ev)
@@ -250,17 +253,18 @@ static const char hexdigits[] = "0123456789ABCDEF";
  * header early, so they are written as %XX. Everything else is kept byte for byte. */
 static void append_header_value(Buf *b, const char *p, size_t n)
 {
-    buf_reserve(b, n + 1);
+    /* Values are almost always clean: copy runs of ordinary bytes in one go. */
+    size_t start = 0;
     for (size_t i = 0; i < n; i++) {
         unsigned char c = (unsigned char)p[i];
-        if (c < 0x20 || c == 0x7f) {
-            buf_putc(b, '%');
-            buf_putc(b, hexdigits[c >> 4]);
-            buf_putc(b, hexdigits[c & 15]);
-        } else {
-            buf_putc(b, (char)c);
-        }
+        if (c >= 0x20 && c != 0x7f)
+            continue;
+        buf_append(b, p + start, i - start);
+        char esc[3] = {'%', hexdigits[c >> 4], hexdigits[c & 15]};
+        buf_append(b, esc, 3);
+        start = i + 1;
     }
+    buf_append(b, p + start, n - start);
 }
 
 /* PostgreSQL renders a timestamptz (DateStyle ISO, TimeZone UTC) as
@@ -405,14 +409,17 @@ OutboxReject outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const Out
             append_header_value(&ev->hvals, cv->data, cv->len);
         buf_putc(&ev->hvals, '\0');
     }
+    /* Every event of a transaction shares these two: format them once per transaction. */
+    if (txn->commit_lsn != m->txn_lsn || txn->commit_time != m->txn_time || !m->txn_text[0][0]) {
+        m->txn_lsn = txn->commit_lsn;
+        m->txn_time = txn->commit_time;
+        lsn_format(txn->commit_lsn, m->txn_text[0]);
+        pg_time_format_rfc3339(txn->commit_time, m->txn_text[1]);
+    }
     add_header(ev, OUTBOX_HDR_COMMIT_LSN, ev->hvals.len);
-    buf_printf(&ev->hvals, LSN_FMT, LSN_ARGS(txn->commit_lsn));
-    buf_putc(&ev->hvals, '\0');
+    buf_append(&ev->hvals, m->txn_text[0], strlen(m->txn_text[0]) + 1);
     add_header(ev, OUTBOX_HDR_COMMIT_TIME, ev->hvals.len);
-    char when[32];
-    pg_time_format_rfc3339(txn->commit_time, when);
-    buf_puts(&ev->hvals, when);
-    buf_putc(&ev->hvals, '\0');
+    buf_append(&ev->hvals, m->txn_text[1], strlen(m->txn_text[1]) + 1);
     ev->msg_id = ev->hvals.data;
 
     expand_subject(m, b, ins, &ev->subject);

@@ -491,10 +491,26 @@ static size_t event_size(const OutboxEvent *ev)
     return n;
 }
 
+/* "<inbox>.<seq>.<attempt>", without printf: it runs for every event. */
 static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, char *out,
                           size_t outlen)
 {
-    snprintf(out, outlen, "%s.%" PRIu64 ".%u", p->inbox, seq, attempt & 0xff);
+    char digits[24], *d = digits + sizeof(digits);
+    *--d = '\0';
+    unsigned a = attempt & 0xff;
+    do
+        *--d = (char)('0' + a % 10);
+    while ((a /= 10) != 0);
+    *--d = '.';
+    do
+        *--d = (char)('0' + seq % 10);
+    while ((seq /= 10) != 0);
+    *--d = '.';
+    size_t n = strlen(p->inbox), k = strlen(d);
+    if (n + k + 1 > outlen)
+        n = outlen - k - 1;
+    memcpy(out, p->inbox, n);
+    memcpy(out + n, d, k + 1);
 }
 
 /* Builds a message for ev; expected (may be NULL) becomes Nats-Expected-Last-Msg-Id. */
