@@ -117,6 +117,7 @@ struct Publisher {
     int wake_fd;
     atomic_bool wake_armed;
     atomic_bool closing; /* we are closing the connection ourselves */
+    atomic_bool closed;  /* nats.c ran the closed callback: no callback of ours runs after it */
     char urls[512];      /* without credentials, for messages */
 };
 
@@ -267,6 +268,14 @@ static void on_reconnected(natsConnection *nc, void *closure)
     (void)ignored;
 }
 
+/* nats.c runs the connection's callbacks one after the other on one thread, and this one last:
+ * once it ran, none of them touches the Publisher any more. */
+static void on_closed(natsConnection *nc, void *closure)
+{
+    Publisher *p = closure;
+    atomic_store(&p->closed, true);
+}
+
 static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
 {
     Publisher *p = closure;
@@ -327,6 +336,8 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         s = natsOptions_SetReconnectBufSize(no, 8 * 1024 * 1024);
     if (s == NATS_OK)
         s = natsOptions_SetDisconnectedCB(no, on_disconnected, p);
+    if (s == NATS_OK)
+        s = natsOptions_SetClosedCB(no, on_closed, p);
     if (s == NATS_OK)
         s = natsOptions_SetReconnectedCB(no, on_reconnected, p);
     if (s != NATS_OK) {
@@ -412,6 +423,9 @@ void publisher_free(Publisher *p)
     }
     if (p->nc) {
         natsConnection_Close(p->nc);
+        /* The disconnected and closed callbacks may still be queued: free p after them. */
+        for (int i = 0; i < 2000 && !atomic_load(&p->closed); i++)
+            nats_Sleep(1);
         natsConnection_Destroy(p->nc);
     }
     if (p->ring) {
