@@ -5,6 +5,11 @@
  *   outboxd status [--json] [--max-lag BYTES] [settings]
  *   outboxd setup [--apply] [--role NAME] [--stream NAME] [--stream-replicas N] [settings]
  *   outboxd doctor [--json] [settings]
+ *   outboxd replay [--since TIME] [--until TIME] [--aggregate-id ID] [--event-type T]
+ *                  [--new-ids] [--dry-run] [--rate N] [settings]
+ *   outboxd slot list [--json] | create | advance (--to LSN | --past-commit LSN) [--yes]
+ *                | drop [--with-bookmarks | --bookmarks-only] [--yes]   [settings]
+ *   outboxd rewind --to TIME|LSN [--yes] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
@@ -22,7 +27,9 @@
 #include "outboxd/log.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
+#include "outboxd/replay.h"
 #include "outboxd/setup.h"
+#include "outboxd/slot.h"
 #include "outboxd/status.h"
 #include "outboxd_version.h"
 
@@ -51,6 +58,26 @@ static void usage(FILE *out)
                  "  outboxd doctor [--json] [settings]\n"
                  "                             check everything outboxd needs; exit 1 on a\n"
                  "                             failed check\n"
+                 "  outboxd replay [--since TIME] [--until TIME] [--aggregate-id ID]\n"
+                 "                 [--event-type T] [--new-ids] [--dry-run] [--rate N] [settings]\n"
+                 "                             publish the outbox rows still in the table again\n"
+                 "                             (occurred_at in [since, until)); --new-ids gives\n"
+                 "                             them new message ids so the stream stores them\n"
+                 "                             again; the relay may keep running\n"
+                 "  outboxd slot list [--json] [settings]\n"
+                 "                             the database's logical slots and bookmarks\n"
+                 "  outboxd slot create [settings]\n"
+                 "                             the publication, then the slot\n"
+                 "  outboxd slot drop [--with-bookmarks | --bookmarks-only] [--yes] [settings]\n"
+                 "                             drop the relay's slot (the relay must be stopped),\n"
+                 "                             its bookmarks too, or only its bookmarks\n"
+                 "  outboxd slot advance (--to LSN | --past-commit LSN) [--yes] [settings]\n"
+                 "                             skip forward; --past-commit C skips the\n"
+                 "                             transaction committed at C (a poison event)\n"
+                 "  outboxd rewind --to TIME|LSN [--yes] [settings]\n"
+                 "                             put the slot back to a bookmark so that the\n"
+                 "                             transactions committed at or after the target are\n"
+                 "                             published again (the relay must be stopped)\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
                  "Settings (flag > environment > settings file > default):\n",
@@ -298,6 +325,130 @@ static int cmd_doctor(int argc, char **argv)
     return with_config(nrest, rest, run_doctor, &json);
 }
 
+static int run_replay(const Config *cfg, void *arg)
+{
+    return replay_run(cfg, arg);
+}
+
+static int cmd_replay(int argc, char **argv)
+{
+    ReplayOptions opts = {0};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--new-ids") == 0) {
+            opts.new_ids = true;
+        } else if (strcmp(argv[i], "--dry-run") == 0) {
+            opts.dry_run = true;
+        } else if ((v = option_value(argc, argv, &i, "--since", &bad))) {
+            opts.since = v;
+        } else if ((v = option_value(argc, argv, &i, "--until", &bad))) {
+            opts.until = v;
+        } else if ((v = option_value(argc, argv, &i, "--aggregate-id", &bad))) {
+            opts.aggregate_id = v;
+        } else if ((v = option_value(argc, argv, &i, "--event-type", &bad))) {
+            opts.event_type = v;
+        } else if ((v = option_value(argc, argv, &i, "--rate", &bad))) {
+            char *end;
+            long long n = strtoll(v, &end, 10);
+            if (*v == '\0' || *end != '\0' || n < 1) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --rate: expected events per "
+                                "second, at least 1\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+            opts.rate = n;
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_replay, &opts);
+}
+
+static int run_slot(const Config *cfg, void *arg)
+{
+    return slot_run(cfg, arg);
+}
+
+static int cmd_slot(int argc, char **argv)
+{
+    static const char *const actions[] = {"list", "create", "drop", "advance"}; /* SlotAction */
+    SlotOptions opts = {0};
+    size_t a = 0;
+    while (a < ARRAY_SIZE(actions) && !(argc > 0 && strcmp(argv[0], actions[a]) == 0))
+        a++;
+    if (a == ARRAY_SIZE(actions)) {
+        fprintf(stderr, "outboxd: slot needs an action: list, create, drop or advance (see "
+                        "outboxd --help)\n");
+        return EXIT_OUTBOXD_USAGE;
+    }
+    opts.action = (SlotAction)a;
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 1; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--yes") == 0 && (opts.action == SLOT_DROP ||
+                                               opts.action == SLOT_ADVANCE)) {
+            opts.yes = true;
+        } else if (strcmp(argv[i], "--json") == 0 && opts.action == SLOT_LIST) {
+            opts.json = true;
+        } else if (strcmp(argv[i], "--with-bookmarks") == 0 && opts.action == SLOT_DROP) {
+            opts.with_bookmarks = true;
+        } else if (strcmp(argv[i], "--bookmarks-only") == 0 && opts.action == SLOT_DROP) {
+            opts.bookmarks_only = true;
+        } else if (opts.action == SLOT_ADVANCE &&
+                   (v = option_value(argc, argv, &i, "--to", &bad))) {
+            opts.to = v;
+        } else if (opts.action == SLOT_ADVANCE &&
+                   (v = option_value(argc, argv, &i, "--past-commit", &bad))) {
+            opts.past_commit = v;
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_slot, &opts);
+}
+
+static int run_rewind(const Config *cfg, void *arg)
+{
+    return rewind_run(cfg, arg);
+}
+
+static int cmd_rewind(int argc, char **argv)
+{
+    RewindOptions opts = {0};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--yes") == 0) {
+            opts.yes = true;
+        } else if ((v = option_value(argc, argv, &i, "--to", &bad))) {
+            opts.to = v;
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    if (!opts.to || !*opts.to) {
+        fprintf(stderr, "outboxd: rewind needs --to TIME or --to LSN\n");
+        return EXIT_OUTBOXD_USAGE;
+    }
+    return with_config(nrest, rest, run_rewind, &opts);
+}
+
 int main(int argc, char **argv)
 {
     const char *cmd = argc > 1 ? argv[1] : NULL;
@@ -319,6 +470,12 @@ int main(int argc, char **argv)
         return cmd_setup(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "doctor") == 0)
         return cmd_doctor(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "replay") == 0)
+        return cmd_replay(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "slot") == 0)
+        return cmd_slot(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "rewind") == 0)
+        return cmd_rewind(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
         return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);
