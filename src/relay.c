@@ -1004,8 +1004,9 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
             log_warn("%zu events still unacknowledged; they are sent again at the next start",
                      left);
     } else {
-        PublisherStatus st;
-        poll_acks(&r, now_mono_us(), &st);
+        /* Let what was published before the failure be acknowledged (bounded), so the slot is
+         * confirmed right up to it: a restart then repeats nothing before the failure. */
+        drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
     }
     if (r.pg && r.streaming) {
         if (send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
