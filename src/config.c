@@ -174,7 +174,7 @@ static const Setting settings[] = {
      .check = check_nonempty, .placeholder = "FILE", .help = "client key for NATS TLS"},
     {.key = "nats_tls_server_name", .type = SET_STRING, .offset = FIELD(nats_tls_server_name),
      .check = check_nonempty, .placeholder = "NAME",
-     .help = "name to expect in the NATS server's certificate (default: the URL's host)"},
+     .help = "name the NATS server's certificate must carry, when it is not the URL's host"},
     {.key = "http_addr", .type = SET_STRING, .offset = FIELD(http_addr), .def = ":9847",
      .check = check_nonempty, .placeholder = "ADDR",
      .help = "where to serve /metrics, /healthz and /readyz (host:port, :port, or off)"},
