@@ -31,7 +31,6 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <malloc.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -53,8 +52,6 @@
 #define STANDBY_POLL_US INT64_C(1000000)
 /* How often the server's WAL position is read for the lag gauge. */
 #define MONITOR_US INT64_C(5000000)
-/* How often freed memory is handed back to the system (see trim_memory). */
-#define TRIM_US INT64_C(1000000)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
 
@@ -111,7 +108,6 @@ typedef struct Relay {
     int64_t next_status;
     int64_t next_checkpoint;
     int64_t next_summary;
-    int64_t next_trim;
     uint64_t summary_events;
     char err[1024];
 } Relay;
@@ -420,18 +416,6 @@ static void monitor_wal(Relay *r, int64_t now)
     atomic_store_explicit(&metrics.server_wal_lsn, lsn, memory_order_relaxed);
 }
 
-/* Messages are built on this thread and freed, once acknowledged, while nats.c's threads
- * allocate the acknowledgements: glibc's per-thread arenas then keep freed memory, and the
- * resident size crept up with the backlog (138 MiB after a 1M-event drain) although the window
- * bounds what is live. Trimming once a second keeps it bounded by the window (tens of µs). */
-static void trim_memory(Relay *r, int64_t now)
-{
-    if (now < r->next_trim)
-        return;
-    r->next_trim = now + TRIM_US;
-    malloc_trim(0);
-}
-
 static void summary(Relay *r, int64_t now, const PublisherStatus *st)
 {
     if (now < r->next_summary)
@@ -489,7 +473,6 @@ static StreamEnd stream(Relay *r)
             pgstream_free(r->monitor); /* monitor_wal opens it again */
             r->monitor = NULL;
         }
-        trim_memory(r, now);
         summary(r, now, &st);
         if (more)
             continue;
