@@ -285,32 +285,7 @@ static void append_timestamptz(Buf *b, const char *p, size_t n)
     }
 }
 
-static int hexval(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
-/* bytea in hex output format: "\x" followed by two hex digits per byte. */
-static int decode_bytea(Buf *out, const char *p, size_t n)
-{
-    if (n < 2 || p[0] != '\\' || p[1] != 'x' || (n - 2) % 2 != 0)
-        return -1;
-    buf_reset(out);
-    buf_reserve(out, (n - 2) / 2);
-    for (size_t i = 2; i < n; i += 2) {
-        int hi = hexval((unsigned char)p[i]), lo = hexval((unsigned char)p[i + 1]);
-        if (hi < 0 || lo < 0)
-            return -1;
-        out->data[out->len++] = (char)(hi << 4 | lo);
-    }
-    return 0;
-}
 
 static void add_header(OutboxEvent *ev, const char *name, size_t off)
 {
@@ -377,7 +352,7 @@ OutboxReject outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const Out
         return OUTBOX_NULL_PAYLOAD;
     }
     if (b->col_type[COL_PAYLOAD] == OID_BYTEA) {
-        if (decode_bytea(&ev->body_buf, payload->data, payload->len) < 0) {
+        if (!bytea_hex_decode(payload->data, payload->len, &ev->body_buf)) {
             snprintf(err, errlen, "payload is bytea but not in hex format");
             return OUTBOX_NULL_PAYLOAD;
         }
@@ -458,7 +433,7 @@ void outbox_describe_row(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn
         /* A bytea payload travels as its bytes, as it would have in the event; one that is
          * not valid hex stays as the text PostgreSQL sent. */
         if (b->col_type[COL_PAYLOAD] == OID_BYTEA &&
-            decode_bytea(&m->scratch_body, dl->body, dl->body_len) == 0) {
+            bytea_hex_decode(dl->body, dl->body_len, &m->scratch_body)) {
             dl->body = m->scratch_body.data ? m->scratch_body.data : "";
             dl->body_len = m->scratch_body.len;
         }

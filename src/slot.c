@@ -75,17 +75,6 @@ static void fail(const char *fmt, ...)
     va_end(ap);
 }
 
-static void human_bytes(uint64_t n, char *out, size_t outlen)
-{
-    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)n;
-    size_t u = 0;
-    while (v >= 1024 && u + 1 < ARRAY_SIZE(units)) {
-        v /= 1024;
-        u++;
-    }
-    snprintf(out, outlen, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-}
 
 static void unix_rfc3339(int64_t unix_us, char out[static 32])
 {
@@ -279,33 +268,7 @@ static void put_peek(Buf *sql, const char *slot, const char *publication, uint64
     buf_puts(sql, ") AS c");
 }
 
-static int hexval(unsigned char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
-/* bytea text in hex format ("\x...") into bytes. */
-static bool bytea_decode(const char *text, Buf *out)
-{
-    size_t n = strlen(text);
-    if (n < 2 || text[0] != '\\' || text[1] != 'x' || n % 2 != 0)
-        return false;
-    buf_reset(out);
-    buf_reserve(out, n / 2);
-    for (size_t i = 2; i < n; i += 2) {
-        int hi = hexval((unsigned char)text[i]), lo = hexval((unsigned char)text[i + 1]);
-        if (hi < 0 || lo < 0)
-            return false;
-        out->data[out->len++] = (char)(hi << 4 | lo);
-    }
-    return true;
-}
 
 /*
  * The first transaction in slot's stream (decoded up to upto) committed at or after unix_us:
@@ -332,7 +295,8 @@ static int peek_first_at(PgStream *pg, const char *slot, const char *publication
         buf_init(&bytes);
         PgoMessage *m = xmalloc(sizeof(PgoMessage));
         char err[256];
-        if (!bytea_decode(pgrows_value(rows, 0, 0), &bytes) ||
+        const char *hex = pgrows_value(rows, 0, 0);
+        if (!hex || !bytea_hex_decode(hex, strlen(hex), &bytes) ||
             pgoutput_decode(bytes.data, bytes.len, m, err, sizeof(err)) < 0 ||
             m->kind != PGO_BEGIN) {
             fail("could not decode the Begin message the slot sent");
@@ -535,8 +499,8 @@ static int slot_list(const Config *cfg, PgStream *pg, bool as_json)
         char held[24] = "-";
         if (s->pid)
             snprintf(held, sizeof(held), "PID %d", s->pid);
-        human_bytes(lagb, lag, sizeof(lag));
-        human_bytes(keptb, kept, sizeof(kept));
+        format_bytes_human(lagb, lag, sizeof(lag));
+        format_bytes_human(keptb, kept, sizeof(kept));
         printf("%-40s %-10s %-10s %-12s %-10s %-10s %-10s %s\n", s->name, s->plugin, held,
                s->has_confirmed ? lsn_format(s->confirmed, lsn) : "-", lag, kept,
                s->wal_status[0] ? s->wal_status : "-", note);
@@ -685,14 +649,14 @@ static int slot_drop(const Config *cfg, PgStream *pg, const SlotOptions *opts)
         goto done;
     if (!opts->yes) {
         if (s) {
-            human_bytes(retained(s, all.wal), kept, sizeof(kept));
+            format_bytes_human(retained(s, all.wal), kept, sizeof(kept));
             printf("would drop replication slot \"%s\" (confirmed %s, holding %s of WAL)\n",
                    s->name, s->has_confirmed ? lsn_format(s->confirmed, lsn) : "-", kept);
             printf("a relay started afterwards creates a new slot at the server's WAL position "
                    "then: transactions committed in between are never published\n");
         }
         if (nbm > 0) {
-            human_bytes(retained(bms[0], all.wal), kept, sizeof(kept));
+            format_bytes_human(retained(bms[0], all.wal), kept, sizeof(kept));
             printf("%s %d bookmark%s of \"%s\" (%s ... %s, the oldest holding %s of WAL)%s\n",
                    the_bookmarks ? "would drop" : "would keep", nbm, nbm == 1 ? "" : "s", cfg->slot,
                    bms[0]->name, bms[nbm - 1]->name, kept,
@@ -784,7 +748,7 @@ static int slot_advance(const Config *cfg, PgStream *pg, const SlotOptions *opts
              lsn_format(one.flush, f));
         goto done;
     }
-    human_bytes(target - s->confirmed, range, sizeof(range));
+    format_bytes_human(target - s->confirmed, range, sizeof(range));
     int64_t txns = -1, rows = -1;
     if (target - s->confirmed <= COUNT_LIMIT_BYTES &&
         peek_count(pg, s->name, cfg->publication, target, &txns, &rows) < 0)

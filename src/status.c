@@ -95,17 +95,6 @@ static uint64_t retained_of(const Report *rep)
     return rep->slot.wal > rep->slot.restart ? rep->slot.wal - rep->slot.restart : 0;
 }
 
-static void human_bytes(uint64_t n, char *out, size_t outlen)
-{
-    const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    double v = (double)n;
-    size_t u = 0;
-    while (v >= 1024 && u + 1 < ARRAY_SIZE(units)) {
-        v /= 1024;
-        u++;
-    }
-    snprintf(out, outlen, u ? "%.1f %s" : "%.0f %s", v, units[u]);
-}
 
 static void print_text(const Config *cfg, const Report *rep, const char *verdict)
 {
@@ -115,8 +104,8 @@ static void print_text(const Config *cfg, const Report *rep, const char *verdict
     } else if (!rep->slot.exists) {
         printf("slot:       \"%s\" does not exist\n", cfg->slot);
     } else {
-        human_bytes(lag_of(rep), a, sizeof(a));
-        human_bytes(retained_of(rep), b, sizeof(b));
+        format_bytes_human(lag_of(rep), a, sizeof(a));
+        format_bytes_human(retained_of(rep), b, sizeof(b));
         printf("slot:       \"%s\" (%s), %s", cfg->slot, rep->slot.plugin,
                rep->slot.active_pid ? "held by PID " : "not held by any relay");
         if (rep->slot.active_pid)

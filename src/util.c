@@ -125,6 +125,46 @@ void buf_printf(Buf *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+void format_bytes_human(uint64_t n, char *out, size_t outlen)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = (double)n;
+    size_t u = 0;
+    while (v >= 1024 && u + 1 < ARRAY_SIZE(units)) {
+        v /= 1024;
+        u++;
+    }
+    snprintf(out, outlen, u ? "%.1f %s" : "%.0f %s", v, units[u]);
+}
+
+static int hexval(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+bool bytea_hex_decode(const char *text, size_t n, Buf *out)
+{
+    if (n < 2 || text[0] != '\\' || text[1] != 'x' || (n - 2) % 2 != 0)
+        return false;
+    buf_reset(out);
+    buf_reserve(out, (n - 2) / 2);
+    for (size_t i = 2; i < n; i += 2) {
+        int hi = hexval((unsigned char)text[i]), lo = hexval((unsigned char)text[i + 1]);
+        if (hi < 0 || lo < 0)
+            return false;
+        out->data[out->len++] = (char)(hi << 4 | lo);
+    }
+    if (out->data)
+        out->data[out->len] = '\0';
+    return true;
+}
+
 void text_one_line(char *s)
 {
     for (; *s; s++)

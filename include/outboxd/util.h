@@ -43,6 +43,13 @@ void buf_printf(Buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3
  * stays one line. */
 void text_one_line(char *s);
 
+/* Formats a byte count for people: "512 B", "1.5 KiB", "3.2 GiB". */
+void format_bytes_human(uint64_t n, char *out, size_t outlen);
+
+/* Decodes PostgreSQL's hex bytea text ("\\x" and two hex digits per byte) into out; false
+ * when text is not in that form. */
+bool bytea_hex_decode(const char *text, size_t n, Buf *out);
+
 /* CLOCK_MONOTONIC in microseconds: for deadlines and intervals. */
 int64_t now_mono_us(void);
 /* CLOCK_REALTIME in microseconds since the Unix epoch. */
