@@ -1,13 +1,12 @@
 """The README's first command: scripts/demo starts its own PostgreSQL and NATS, relays sample
 orders (one of them rolled back) and stops everything it started."""
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from harness import build_dir
+from harness import build_dir, clean_env
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(240)
 def test_demo_runs_end_to_end_and_cleans_up(root):
     demo_dir = root.mkdir("demo") / "run"  # under the harness's temp root, reachable by postgres
-    env = dict(os.environ, OUTBOXD_DEMO_DIR=str(demo_dir), OUTBOXD_BUILD_DIR=str(build_dir()))
+    # The runner's own OUTBOXD_* variables (OUTBOXD_TEST_STAGES, ...) are not outboxd settings.
+    env = clean_env({"OUTBOXD_DEMO_DIR": str(demo_dir), "OUTBOXD_BUILD_DIR": str(build_dir())})
     r = subprocess.run([str(REPO / "scripts" / "demo"), "--once"], capture_output=True, text=True,
                        env=env, timeout=220, stdin=subprocess.DEVNULL)
     out = r.stdout + r.stderr
