@@ -440,7 +440,8 @@ static StreamEnd stream(Relay *r)
     PublisherStatus st;
     while (!*r->stop) {
         bool reply = false;
-        bool more = false; /* libpq may still hold complete messages */
+        bool more = false;    /* stopped at BATCH: libpq may still hold complete messages */
+        bool drained = false; /* libpq holds no complete message: the socket may be read */
         for (int i = 0; publisher_has_room(r->pub); i++) {
             if (i == BATCH) {
                 more = true;
@@ -453,8 +454,10 @@ static StreamEnd stream(Relay *r)
                 log_warn("%s", r->err);
                 return STREAM_PG_LOST;
             }
-            if (got == 0)
+            if (got == 0) {
+                drained = true;
                 break;
+            }
             if (handle_copy(r, buf, len, &reply) < 0)
                 return STREAM_FATAL;
         }
@@ -476,9 +479,14 @@ static StreamEnd stream(Relay *r)
         summary(r, now, &st);
         if (more)
             continue;
+        bool want_pg = publisher_has_room(r->pub);
+        /* Room came back while libpq still holds complete messages (the window was full): read
+         * those first. Reading the socket now would make libpq grow its buffer to hold both,
+         * doubling it again and again over a long backlog. */
+        if (want_pg && !drained)
+            continue;
         int64_t deadline = min64(min64(r->next_status, r->next_monitor),
                                  publisher_next_deadline(r->pub));
-        bool want_pg = publisher_has_room(r->pub);
         bool pg_ready;
         if (wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
             return STREAM_FATAL;
