@@ -47,6 +47,7 @@ typedef struct Doctor {
     PgStream *pg;
     char *user;   /* current_user */
     char *l_slot; /* the slot's name as a SQL literal */
+    size_t table;  /* the outbox table being checked */
     char *l_schema, *l_table;
     char *q_table; /* "schema"."table", for fixes */
     OutboxMapper *mapper;
@@ -54,30 +55,6 @@ typedef struct Doctor {
     natsConnection *nc;
     char stream[256]; /* the stream capturing the template's subjects, "" when none */
 } Doctor;
-
-static char *vstrf(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
-
-static char *vstrf(const char *fmt, va_list ap)
-{
-    va_list aq;
-    va_copy(aq, ap);
-    int n = vsnprintf(NULL, 0, fmt, aq);
-    va_end(aq);
-    char *s = xmalloc((size_t)n + 1);
-    vsnprintf(s, (size_t)n + 1, fmt, ap);
-    return s;
-}
-
-static char *strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static char *strf(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    char *s = vstrf(fmt, ap);
-    va_end(ap);
-    return s;
-}
 
 /* Records a check; returns it so that the caller can add the fix. */
 static Check *report(Doctor *d, const char *name, Verdict v, const char *fmt, ...)
@@ -222,7 +199,7 @@ static void check_role(Doctor *d)
 /* The table exists and has event_id, payload and every column the template names. */
 static void check_table(Doctor *d)
 {
-    const char *qualified = outbox_mapper_qualified(d->mapper);
+    const char *qualified = outbox_mapper_qualified(d->mapper, d->table);
     char *sql = strf("SELECT a.attname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
                      "ON n.oid = c.relnamespace LEFT JOIN pg_catalog.pg_attribute a ON "
                      "a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped WHERE "
@@ -251,12 +228,13 @@ static void check_table(Doctor *d)
     for (int i = 0; i < n; i++)
         if (pgrows_value(rows, i, 0))
             names[count++] = pgrows_value(rows, i, 0);
-    if (outbox_mapper_check_columns(d->mapper, names, count, err, sizeof(err)) < 0)
+    if (outbox_mapper_check_columns(d->mapper, d->table, names, count, err, sizeof(err)) < 0)
         fix(report(d, "outbox_table", FAIL, "%s", err),
-            "add the column (scripts/outbox.sql has the default table), or change --table or "
-            "--subject");
+            "add the column (scripts/outbox.sql has the default table), or change --table, "
+            "--columns, --column-* or --subject");
     else
-        report(d, "outbox_table", PASS, "%s has event_id, payload and the columns of --subject",
+        report(d, "outbox_table", PASS,
+               "%s has the event id and payload columns and those --subject and --header read",
                qualified);
     free(names);
     pgrows_free(rows);
@@ -265,7 +243,7 @@ static void check_table(Doctor *d)
 static void check_publication(Doctor *d)
 {
     const Config *cfg = d->cfg;
-    const char *qualified = outbox_mapper_qualified(d->mapper);
+    const char *qualified = outbox_mapper_qualified(d->mapper, d->table);
     char *lp = quoted(cfg->publication, false), *qp = quoted(cfg->publication, true);
     /* exists, publishes inserts, covers the table, could we create it */
     char *sql = strf(
@@ -444,6 +422,22 @@ static void check_slot(Doctor *d)
     pgrows_free(r);
 }
 
+/* Points the table checks at outbox table i. */
+static void select_table(Doctor *d, size_t i)
+{
+    free(d->l_schema);
+    free(d->l_table);
+    free(d->q_table);
+    d->table = i;
+    d->l_schema = quoted(outbox_mapper_schema(d->mapper, i), false);
+    d->l_table = quoted(outbox_mapper_table(d->mapper, i), false);
+    char *qs = quoted(outbox_mapper_schema(d->mapper, i), true);
+    char *qt = quoted(outbox_mapper_table(d->mapper, i), true);
+    d->q_table = strf("%s.%s", qs, qt);
+    free(qs);
+    free(qt);
+}
+
 static void check_postgres(Doctor *d)
 {
     check_reachable(d);
@@ -451,8 +445,11 @@ static void check_postgres(Doctor *d)
         return;
     check_wal_level(d);
     check_role(d);
-    check_table(d);
-    check_publication(d);
+    for (size_t i = 0; i < outbox_mapper_ntables(d->mapper); i++) {
+        select_table(d, i);
+        check_table(d);
+        check_publication(d);
+    }
     check_slots_free(d);
     check_wal_senders(d);
     check_wal_keep(d);
@@ -510,7 +507,7 @@ static void check_stream(Doctor *d)
 {
     Buf filter;
     buf_init(&filter);
-    relay_subject_filter(d->cfg->subject, &filter);
+    relay_subject_filter(d->cfg, &filter);
     char err[512];
     bool found = false;
     if (jsapi_find_stream(d->nc, filter.data, d->stream, sizeof(d->stream), &found, err,
@@ -653,18 +650,11 @@ int doctor_run(const Config *cfg, bool as_json)
     memset(&d, 0, sizeof(d));
     d.cfg = cfg;
     char err[512];
-    if (outbox_mapper_new(&d.mapper, cfg->table, cfg->subject, err, sizeof(err)) < 0) {
+    if (outbox_mapper_from_config(&d.mapper, cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "outboxd: %s\n", err);
         return EXIT_OUTBOXD_USAGE;
     }
     d.l_slot = quoted(cfg->slot, false);
-    d.l_schema = quoted(outbox_mapper_schema(d.mapper), false);
-    d.l_table = quoted(outbox_mapper_table(d.mapper), false);
-    char *qs = quoted(outbox_mapper_schema(d.mapper), true);
-    char *qt = quoted(outbox_mapper_table(d.mapper), true);
-    d.q_table = strf("%s.%s", qs, qt);
-    free(qs);
-    free(qt);
 
     check_postgres(&d);
     check_nats(&d);

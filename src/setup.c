@@ -87,21 +87,6 @@ typedef struct Plan {
     int64_t duplicate_window_ms;
 } Plan;
 
-static char *strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static char *strf(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    char *s = xmalloc((size_t)n + 1);
-    va_start(ap, fmt);
-    vsnprintf(s, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    return s;
-}
-
 static char *ident(const char *name)
 {
     Buf b;
@@ -159,9 +144,10 @@ static bool valid_stream_name(const char *s)
 static json_t *stream_subjects(const Config *cfg, const char *filter)
 {
     json_t *subjects = json_array();
-    size_t first = strcspn(cfg->subject, ".");
-    if (!memchr(cfg->subject, '{', first)) {
-        char *prefix = strf("%.*s.>", (int)first, cfg->subject);
+    const char *subject = cfg->tables[0].subject;
+    size_t first = strcspn(subject, ".");
+    if (!memchr(subject, '{', first)) {
+        char *prefix = strf("%.*s.>", (int)first, subject);
         if (subject_covers(prefix, filter) && subject_covers(prefix, cfg->dead_letter_subject)) {
             json_array_append_new(subjects, json_string(prefix));
             free(prefix);
@@ -181,13 +167,21 @@ static int plan_init(Plan *p, const Config *cfg, const SetupOptions *opts)
     p->cfg = cfg;
     p->opts = opts;
     char err[512];
-    if (outbox_mapper_new(&p->mapper, cfg->table, cfg->subject, err, sizeof(err)) < 0) {
+    if (cfg->ntables > 1) {
+        fprintf(stderr, "outboxd: setup makes one outbox table, and the settings list %zu: "
+                        "create your tables, then let outboxd create the publication for all of "
+                        "them on its first start (--create), or run CREATE PUBLICATION %s FOR "
+                        "TABLE <each table> WITH (publish = 'insert')\n",
+                cfg->ntables, cfg->publication);
+        return -1;
+    }
+    if (outbox_mapper_from_config(&p->mapper, cfg, err, sizeof(err)) < 0) {
         fprintf(stderr, "outboxd: %s\n", err);
         return -1;
     }
-    p->schema = outbox_mapper_schema(p->mapper);
-    p->table = outbox_mapper_table(p->mapper);
-    p->qualified = outbox_mapper_qualified(p->mapper);
+    p->schema = outbox_mapper_schema(p->mapper, 0);
+    p->table = outbox_mapper_table(p->mapper, 0);
+    p->qualified = outbox_mapper_qualified(p->mapper, 0);
     p->own_schema = strcmp(p->schema, "public") != 0;
     const char *too_long = strlen(p->schema) > PG_NAME_MAX    ? p->schema
                            : strlen(p->table) > PG_NAME_MAX   ? p->table
@@ -198,7 +192,8 @@ static int plan_init(Plan *p, const Config *cfg, const SetupOptions *opts)
         return -1;
     }
     /* The default table has the required columns: only a template column can be missing. */
-    if (outbox_mapper_check_columns(p->mapper, outbox_column_names, ARRAY_SIZE(outbox_column_names),
+    if (outbox_mapper_check_columns(p->mapper, 0, outbox_column_names,
+                                    ARRAY_SIZE(outbox_column_names),
                                     err, sizeof(err)) < 0)
         p->missing_column = xstrdup(err);
 
@@ -246,7 +241,7 @@ static int plan_init(Plan *p, const Config *cfg, const SetupOptions *opts)
 
     Buf filter;
     buf_init(&filter);
-    relay_subject_filter(cfg->subject, &filter);
+    relay_subject_filter(cfg, &filter);
     p->filter = filter.data;
     int64_t need = cfg->checkpoint_interval_ms + cfg->ack_timeout_ms + 60000;
     p->duplicate_window_ms =
@@ -500,7 +495,7 @@ static int apply_table(Apply *a)
     for (int i = 0; i < n; i++)
         names[i] = pgrows_value(rows, i, 0);
     char why[512];
-    if (outbox_mapper_check_columns(p->mapper, names, (size_t)n, why, sizeof(why)) < 0) {
+    if (outbox_mapper_check_columns(p->mapper, 0, names, (size_t)n, why, sizeof(why)) < 0) {
         snprintf(a->err, sizeof(a->err),
                  "%s: add the column (scripts/outbox.sql has the default table), or change "
                  "--table or --subject",

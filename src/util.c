@@ -51,6 +51,26 @@ char *xstrndup(const char *s, size_t n)
     return p;
 }
 
+char *vstrf(const char *fmt, va_list ap)
+{
+    va_list aq;
+    va_copy(aq, ap);
+    int n = vsnprintf(NULL, 0, fmt, aq);
+    va_end(aq);
+    char *s = xmalloc((size_t)n + 1);
+    vsnprintf(s, (size_t)n + 1, fmt, ap);
+    return s;
+}
+
+char *strf(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *s = vstrf(fmt, ap);
+    va_end(ap);
+    return s;
+}
+
 void buf_init(Buf *b)
 {
     b->data = NULL;

@@ -8,6 +8,7 @@
 #define OUTBOXD_UTIL_H
 
 #include <stdbool.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -22,6 +23,9 @@ void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t n);
 char *xstrdup(const char *s);
 char *xstrndup(const char *s, size_t n);
+/* printf into a new heap string. */
+char *strf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+char *vstrf(const char *fmt, va_list ap) __attribute__((format(printf, 1, 0)));
 
 /* A growable byte buffer, always NUL-terminated after data[len] once anything was appended. */
 typedef struct Buf {
