@@ -60,15 +60,53 @@ typedef struct Setting {
     StringCheck *check;           /* SET_STRING: NULL or extra validation */
     const char *placeholder;      /* value name in --help */
     bool secret;                  /* never echo the value */
+    bool per_table;               /* a TableConfig field: may appear in [table] sections */
+    bool list;                    /* SET_STRING: comma-separated; repeats in one source add up */
     const char *help;             /* one line */
 } Setting;
 
 static StringCheck check_nonempty, check_slot, check_name63, check_subject, check_plain_subject,
-    check_kv_bucket, check_table;
+    check_kv_bucket, check_table, check_column, check_headers;
 
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"text", "json", NULL};
 static const char *const poison_actions[] = {"dead-letter", "stop", NULL};
+static const char *const layouts[] = {"outboxd", "debezium", NULL};
+static const char *const body_modes[] = {"payload", "envelope", NULL};
+
+const char *const config_role_names[CONFIG_NROLES] = {
+    "event_id", "aggregate_type", "aggregate_id",   "event_type",
+    "payload",  "occurred_at",    "schema_version", "trace_id",
+};
+
+/* Debezium's outbox event router reads these columns; it has no occurred-at, schema version
+ * or trace id column of its own. */
+static const char *const debezium_columns[CONFIG_NROLES] = {
+    "id", "aggregatetype", "aggregateid", "type", "payload", NULL, NULL, NULL,
+};
+
+const char *config_role_column(const TableConfig *tc, int role)
+{
+    if (tc->column[role])
+        return tc->column[role];
+    if (tc->columns && strcmp(tc->columns, "debezium") == 0)
+        return debezium_columns[role];
+    return config_role_names[role];
+}
+
+void config_each_header(const TableConfig *tc, void (*fn)(void *arg, const char *column,
+                        size_t column_len, const char *header, size_t header_len), void *arg)
+{
+    for (const char *p = tc->headers; p && *p;) {
+        size_t n = strcspn(p, ",");
+        const char *colon = memchr(p, ':', n);
+        if (colon)
+            fn(arg, p, (size_t)(colon - p), colon + 1, n - (size_t)(colon - p) - 1);
+        p += n;
+        if (*p == ',')
+            p++;
+    }
+}
 
 #define FIELD(f) offsetof(Config, f)
 
@@ -88,13 +126,54 @@ static const Setting settings[] = {
     {.key = "publication", .type = SET_STRING, .offset = FIELD(publication), .def = "outboxd",
      .check = check_name63, .placeholder = "NAME",
      .help = "publication that covers the outbox table"},
-    {.key = "table", .type = SET_STRING, .offset = FIELD(table), .def = "public.outbox",
+    {.key = "table", .type = SET_STRING, .offset = FIELD(t.table), .per_table = true,
+     .def = "public.outbox",
      .check = check_table, .placeholder = "TABLE",
-     .help = "outbox table, as schema.table or table"},
-    {.key = "subject", .type = SET_STRING, .offset = FIELD(subject),
+     .help = "outbox table, as schema.table or table (several: [table NAME] sections in --config)"},
+    {.key = "subject", .type = SET_STRING, .offset = FIELD(t.subject), .per_table = true,
      .def = "outbox.{aggregate_type}.{event_type}", .check = check_subject,
      .placeholder = "TEMPLATE",
-     .help = "subject template; {column} is replaced by the row's escaped column value"},
+     .help = "subject template; {column} or {role} is replaced by the row's escaped value"},
+    {.key = "columns", .type = SET_CHOICE, .offset = FIELD(t.columns), .per_table = true,
+     .def = "outboxd", .choices = layouts, .placeholder = "LAYOUT",
+     .help = "column names to expect: outboxd (event_id, payload, ...) or debezium (id, "
+             "aggregatetype, aggregateid, type, payload)"},
+    {.key = "column_event_id", .type = SET_STRING, .offset = FIELD(t.column[ROLE_EVENT_ID]),
+     .per_table = true, .check = check_column, .placeholder = "COLUMN",
+     .help = "column holding the event id (Nats-Msg-Id), over what --columns says"},
+    {.key = "column_aggregate_type", .type = SET_STRING,
+     .offset = FIELD(t.column[ROLE_AGGREGATE_TYPE]), .per_table = true, .check = check_column,
+     .placeholder = "COLUMN", .help = "column holding the aggregate type"},
+    {.key = "column_aggregate_id", .type = SET_STRING,
+     .offset = FIELD(t.column[ROLE_AGGREGATE_ID]), .per_table = true, .check = check_column,
+     .placeholder = "COLUMN", .help = "column holding the aggregate id"},
+    {.key = "column_event_type", .type = SET_STRING, .offset = FIELD(t.column[ROLE_EVENT_TYPE]),
+     .per_table = true, .check = check_column, .placeholder = "COLUMN",
+     .help = "column holding the event type"},
+    {.key = "column_payload", .type = SET_STRING, .offset = FIELD(t.column[ROLE_PAYLOAD]),
+     .per_table = true, .check = check_column, .placeholder = "COLUMN",
+     .help = "column holding the message body (jsonb, json, text or bytea)"},
+    {.key = "column_occurred_at", .type = SET_STRING,
+     .offset = FIELD(t.column[ROLE_OCCURRED_AT]), .per_table = true, .check = check_column,
+     .placeholder = "COLUMN", .help = "column holding when the event happened (also read by prune)"},
+    {.key = "column_schema_version", .type = SET_STRING,
+     .offset = FIELD(t.column[ROLE_SCHEMA_VERSION]), .per_table = true, .check = check_column,
+     .placeholder = "COLUMN", .help = "column holding the payload's schema version"},
+    {.key = "column_trace_id", .type = SET_STRING, .offset = FIELD(t.column[ROLE_TRACE_ID]),
+     .per_table = true, .check = check_column, .placeholder = "COLUMN",
+     .help = "column holding a trace id"},
+    {.key = "header", .type = SET_STRING, .offset = FIELD(t.headers), .per_table = true,
+     .list = true, .check = check_headers, .placeholder = "COLUMN:NAME",
+     .help = "also send column COLUMN as header NAME (repeatable, or comma-separated)"},
+    {.key = "body", .type = SET_CHOICE, .offset = FIELD(t.body), .per_table = true,
+     .def = "payload", .choices = body_modes, .placeholder = "BODY",
+     .help = "message body: the payload column, or an envelope (the whole row as JSON)"},
+    {.key = "messages", .type = SET_BOOL, .offset = FIELD(messages), .def = "true",
+     .placeholder = "BOOL",
+     .help = "also relay transactional pg_logical_emit_message events (the table-less outbox)"},
+    {.key = "message_prefix", .type = SET_STRING, .offset = FIELD(message_prefix),
+     .def = "outbox", .check = check_nonempty, .placeholder = "PREFIX",
+     .help = "prefix of the logical decoding messages that are events"},
     {.key = "create", .type = SET_BOOL, .offset = FIELD(create), .def = "true",
      .placeholder = "BOOL", .help = "create the publication, then the slot, when missing"},
     {.key = "max_inflight", .type = SET_INT, .offset = FIELD(max_inflight), .def = "4096",
@@ -247,6 +326,55 @@ static bool check_table(const char *value, char *why, size_t whylen)
         }
     }
     return check_nonempty(value, why, whylen);
+}
+
+/* A column name as PostgreSQL stores it: 1 to 63 bytes without control bytes or commas. */
+static bool check_column(const char *value, char *why, size_t whylen)
+{
+    size_t n = strlen(value);
+    bool ok = n >= 1 && n <= 63;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = (unsigned char)value[i] >= 0x20 && value[i] != 0x7f && value[i] != ',';
+    if (!ok)
+        snprintf(why, whylen, "expected a column name of 1 to 63 bytes");
+    return ok;
+}
+
+/* "column:Header-Name" pairs, comma-separated. Header names are letters, digits, '-' and '_';
+ * Nats-* would change what JetStream does with the message and Outbox-* are outboxd's own. */
+static bool check_headers(const char *value, char *why, size_t whylen)
+{
+    for (const char *p = value;;) {
+        size_t n = strcspn(p, ",");
+        const char *colon = memchr(p, ':', n);
+        char column[64];
+        size_t clen = colon ? (size_t)(colon - p) : 0;
+        const char *h = colon ? colon + 1 : NULL;
+        size_t hlen = colon ? n - clen - 1 : 0;
+        bool ok = colon && clen > 0 && clen < sizeof column && hlen > 0 && hlen <= 64;
+        for (size_t i = 0; ok && i < hlen; i++)
+            ok = (h[i] >= 'a' && h[i] <= 'z') || (h[i] >= 'A' && h[i] <= 'Z') ||
+                 (h[i] >= '0' && h[i] <= '9') || h[i] == '-' || h[i] == '_';
+        if (ok) {
+            memcpy(column, p, clen);
+            column[clen] = '\0';
+            ok = check_column(column, why, whylen);
+        }
+        if (!ok) {
+            snprintf(why, whylen, "expected COLUMN:Header-Name pairs such as tenant_id:Tenant-Id "
+                                  "(header names: letters, digits, '-' and '_')");
+            return false;
+        }
+        if (strncasecmp(h, "Nats-", 5) == 0 || strncasecmp(h, "Outbox-", 7) == 0) {
+            snprintf(why, whylen, "header names starting with Nats- or Outbox- are reserved: "
+                                  "choose another name for column %s", column);
+            return false;
+        }
+        p += n;
+        if (*p == '\0')
+            return true;
+        p++;
+    }
 }
 
 /* A concrete subject (no template, no wildcards). */
@@ -504,16 +632,25 @@ static void quote_value(const char *value, char *out, size_t n)
 
 /* ---- applying a value ---- */
 
-/* The Config field of setting s. */
-static void *field_ptr(Config *cfg, const Setting *s)
+/* Where a value goes: a Config, or (for a [table] section) one TableConfig of it. */
+typedef struct Target {
+    Config *cfg;
+    TableConfig *tc; /* NULL: cfg itself */
+    bool append;     /* a list setting adds to what this source gave before */
+} Target;
+
+/* The field of setting s in the target. */
+static void *field_ptr(const Target *t, const Setting *s)
 {
-    return (char *)cfg + s->offset;
+    if (t->tc && s->per_table)
+        return (char *)t->tc + (s->offset - offsetof(Config, t));
+    return (char *)t->cfg + s->offset;
 }
 
-static void store_string(Config *cfg, const Setting *s, const char *value)
+static void store_string(const Target *t, const Setting *s, const char *value)
 {
-    char **field = field_ptr(cfg, s);
-    char *copy = xstrdup(value);
+    char **field = field_ptr(t, s);
+    char *copy = t->append && s->list && *field ? strf("%s,%s", *field, value) : xstrdup(value);
     free(*field);
     *field = copy;
 }
@@ -522,17 +659,17 @@ static void store_string(Config *cfg, const Setting *s, const char *value)
  * Parses value for setting s and stores it in cfg. On a bad value returns -1 with a message
  * naming the flag and the environment variable; cfg is unchanged then.
  */
-static int apply(Config *cfg, const Setting *s, const char *value, char *err, size_t errlen)
+static int apply(const Target *t, const Setting *s, const char *value, char *err, size_t errlen)
 {
     char why[256];
     why[0] = '\0';
-    void *field = field_ptr(cfg, s);
+    void *field = field_ptr(t, s);
 
     switch (s->type) {
     case SET_STRING:
         if (s->check && !s->check(value, why, sizeof why))
             goto bad;
-        store_string(cfg, s, value);
+        store_string(t, s, value);
         return 0;
     case SET_BOOL: {
         bool b;
@@ -570,7 +707,7 @@ static int apply(Config *cfg, const Setting *s, const char *value, char *err, si
     case SET_CHOICE: {
         for (size_t i = 0; s->choices[i]; i++) {
             if (strcasecmp(value, s->choices[i]) == 0) {
-                store_string(cfg, s, s->choices[i]);
+                store_string(t, s, s->choices[i]);
                 return 0;
             }
         }
@@ -600,12 +737,13 @@ bad:;
 void config_init(Config *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    Target t = {.cfg = cfg};
     for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
         const Setting *s = &settings[i];
         if (!s->def)
             continue;
         char err[512];
-        if (apply(cfg, s, s->def, err, sizeof err) < 0) {
+        if (apply(&t, s, s->def, err, sizeof err) < 0) {
             /* A bad default is a bug in the table above, found by the first test run. */
             fprintf(stderr, "outboxd: bad default: %s\n", err);
             abort();
@@ -613,12 +751,29 @@ void config_init(Config *cfg)
     }
 }
 
+static void table_config_deinit(TableConfig *tc)
+{
+    Target t = {.tc = tc};
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        if (!settings[i].per_table)
+            continue;
+        char **field = field_ptr(&t, &settings[i]);
+        free(*field);
+        *field = NULL;
+    }
+}
+
 void config_deinit(Config *cfg)
 {
+    for (size_t i = 0; i < cfg->ntables; i++)
+        table_config_deinit(&cfg->tables[i]);
+    free(cfg->tables);
+    cfg->tables = NULL;
+    cfg->ntables = 0;
     for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
         const Setting *s = &settings[i];
         if (s->type == SET_STRING || s->type == SET_CHOICE) {
-            char **field = field_ptr(cfg, s);
+            char **field = (char **)((char *)cfg + s->offset);
             free(*field);
             *field = NULL;
         }
@@ -700,8 +855,62 @@ static bool unquote(char *v)
     return true;
 }
 
-/* Applies a settings file. Errors name the file and line. */
-static int apply_file(Config *cfg, const char *path, char *err, size_t errlen)
+/* Fills the unset per-table fields of dst with copies of src's. */
+static void table_config_inherit(TableConfig *dst, const TableConfig *src)
+{
+    Target d = {.tc = dst}, f = {.tc = (TableConfig *)src};
+    for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
+        if (!settings[i].per_table)
+            continue;
+        char **to = field_ptr(&d, &settings[i]);
+        char *const *from = field_ptr(&f, &settings[i]);
+        if (!*to && *from)
+            *to = xstrdup(*from);
+    }
+}
+
+/* "schema.table" for a table setting, so that "orders" and "public.orders" compare equal. */
+static void qualified_name(const char *table, char *out, size_t n)
+{
+    snprintf(out, n, "%s%s", strchr(table, '.') ? "" : "public.", table);
+}
+
+/* Starts a [table NAME] section: a new entry in cfg->tables. */
+static int begin_section(Config *cfg, char *text, const char *path, int lineno, char *err,
+                         size_t errlen)
+{
+    size_t n = strlen(text);
+    char *name = NULL;
+    if (n > 7 && strncmp(text, "[table", 6) == 0 && (text[6] == ' ' || text[6] == '\t') &&
+        text[n - 1] == ']') {
+        text[n - 1] = '\0';
+        name = trim(text + 6);
+    }
+    char why[256];
+    if (!name || !unquote(name) || !check_table(name, why, sizeof why)) {
+        set_err(err, errlen, "%s:%d: expected a section header such as [table public.orders_outbox]",
+                path, lineno);
+        return -1;
+    }
+    char q[512], other[512];
+    qualified_name(name, q, sizeof q);
+    for (size_t i = 0; i < cfg->ntables; i++) {
+        qualified_name(cfg->tables[i].table, other, sizeof other);
+        if (strcmp(q, other) == 0) {
+            set_err(err, errlen, "%s:%d: table %s has a section already", path, lineno, q);
+            return -1;
+        }
+    }
+    cfg->tables = xrealloc(cfg->tables, (cfg->ntables + 1) * sizeof(*cfg->tables));
+    TableConfig *tc = &cfg->tables[cfg->ntables++];
+    memset(tc, 0, sizeof(*tc));
+    tc->table = xstrdup(name);
+    return 0;
+}
+
+/* Applies a settings file: top-level lines to cfg, lines after "[table NAME]" to that table.
+ * given[i] tells whether settings[i] appeared at the top level. Errors name the file and line. */
+static int apply_file(Config *cfg, const char *path, bool *given, char *err, size_t errlen)
 {
     FILE *f = fopen(path, "r");
     if (!f) {
@@ -710,6 +919,8 @@ static int apply_file(Config *cfg, const char *path, char *err, size_t errlen)
     }
     char line[8192];
     int rc = 0;
+    bool in_section = false;
+    bool section_given[ARRAY_SIZE(settings)];
     for (int lineno = 1; rc == 0 && fgets(line, sizeof(line), f); lineno++) {
         if (!strchr(line, '\n') && !feof(f)) {
             set_err(err, errlen, "%s:%d: line longer than %zu bytes", path, lineno,
@@ -721,6 +932,12 @@ static int apply_file(Config *cfg, const char *path, char *err, size_t errlen)
         char *text = trim(line);
         if (*text == '\0' || *text == '#')
             continue;
+        if (*text == '[') {
+            rc = begin_section(cfg, text, path, lineno, err, errlen);
+            in_section = true;
+            memset(section_given, 0, sizeof section_given);
+            continue;
+        }
         char *eq = strchr(text, '=');
         if (!eq) {
             set_err(err, errlen, "%s:%d: expected key = value", path, lineno);
@@ -729,28 +946,72 @@ static int apply_file(Config *cfg, const char *path, char *err, size_t errlen)
         }
         *eq = '\0';
         char *key = trim(text), *value = trim(eq + 1);
-        const Setting *s = NULL;
+        size_t idx = ARRAY_SIZE(settings);
         for (size_t i = 0; i < ARRAY_SIZE(settings); i++)
             if (strcmp(settings[i].key, key) == 0)
-                s = &settings[i];
+                idx = i;
+        const Setting *s = idx < ARRAY_SIZE(settings) ? &settings[idx] : NULL;
+        Target t = {.cfg = cfg};
         if (!s || strcmp(key, "config") == 0) {
             set_err(err, errlen, "%s:%d: unknown setting '%s' (keys are the snake_case names, "
                                  "e.g. nats_url; see outboxd --help)",
                     path, lineno, key);
             rc = -1;
-        } else if (!unquote(value)) {
+            continue;
+        }
+        if (in_section && (!s->per_table || strcmp(key, "table") == 0)) {
+            set_err(err, errlen, "%s:%d: %s is not a per-table setting: move it above the first "
+                                 "[table] section (per table: subject, columns, column_*, "
+                                 "header, body)",
+                    path, lineno, key);
+            rc = -1;
+            continue;
+        }
+        if (in_section) {
+            t.tc = &cfg->tables[cfg->ntables - 1];
+            t.append = section_given[idx];
+            section_given[idx] = true;
+        } else {
+            t.append = given[idx];
+            given[idx] = true;
+        }
+        char why[1024];
+        if (!unquote(value)) {
             set_err(err, errlen, "%s:%d: unbalanced quote in the value of %s", path, lineno, key);
             rc = -1;
-        } else {
-            char why[1024];
-            if (apply(cfg, s, value, why, sizeof(why)) < 0) {
-                set_err(err, errlen, "%s:%d: %s", path, lineno, why);
-                rc = -1;
-            }
+        } else if (apply(&t, s, value, why, sizeof(why)) < 0) {
+            set_err(err, errlen, "%s:%d: %s", path, lineno, why);
+            rc = -1;
         }
     }
     fclose(f);
     return rc;
+}
+
+static size_t setting_index(const char *key)
+{
+    size_t i = 0;
+    while (i < ARRAY_SIZE(settings) && strcmp(settings[i].key, key) != 0)
+        i++;
+    return i;
+}
+
+/* Fills cfg->tables: the [table] sections with the top-level per-table values as defaults, or
+ * the top-level table alone. */
+static int resolve_tables(Config *cfg, bool table_given, char *err, size_t errlen)
+{
+    if (cfg->ntables > 0 && table_given) {
+        set_err(err, errlen, "the settings file lists tables in [table] sections, so --table "
+                             "(OUTBOXD_TABLE, table =) has no meaning: drop it or add a section");
+        return -1;
+    }
+    if (cfg->ntables == 0) {
+        cfg->tables = xcalloc(1, sizeof(*cfg->tables));
+        cfg->ntables = 1;
+    }
+    for (size_t i = 0; i < cfg->ntables; i++)
+        table_config_inherit(&cfg->tables[i], &cfg->t);
+    return 0;
 }
 
 /* The settings file named by --config (last one wins) or else OUTBOXD_CONFIG, or NULL. */
@@ -770,16 +1031,19 @@ int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
 {
     if (check_unknown_env(err, errlen) < 0)
         return -1;
+    bool given[ARRAY_SIZE(settings)] = {false}, flag_given[ARRAY_SIZE(settings)] = {false};
     const char *file = config_path(argc, argv);
-    if (file && *file && apply_file(cfg, file, err, errlen) < 0)
+    if (file && *file && apply_file(cfg, file, given, err, errlen) < 0)
         return -1;
 
     for (size_t i = 0; i < ARRAY_SIZE(settings); i++) {
         char env[NAME_MAX_LEN];
         env_name(&settings[i], env);
         const char *value = getenv(env);
-        if (value && apply(cfg, &settings[i], value, err, errlen) < 0)
+        Target t = {.cfg = cfg};
+        if (value && apply(&t, &settings[i], value, err, errlen) < 0)
             return -1;
+        given[i] |= value != NULL;
     }
 
     for (int i = 0; i < argc; i++) {
@@ -839,10 +1103,15 @@ int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen)
             }
             value = argv[++i];
         }
-        if (apply(cfg, s, value, err, errlen) < 0)
+        size_t idx = (size_t)(s - settings);
+        Target t = {.cfg = cfg, .append = flag_given[idx]};
+        if (apply(&t, s, value, err, errlen) < 0)
             return -1;
+        flag_given[idx] = given[idx] = true;
     }
 
+    if (resolve_tables(cfg, given[setting_index("table")], err, errlen) < 0)
+        return -1;
     if (!cfg->pg_url) {
         set_err(err, errlen,
                 "missing setting: --pg-url or OUTBOXD_PG_URL (the PostgreSQL connection string, "

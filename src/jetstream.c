@@ -265,8 +265,9 @@ json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body,
     return root;
 }
 
-int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
-                      bool *found, char *err, size_t errlen)
+/* The first stream capturing one filter. */
+static int find_one_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
+                           bool *found, char *err, size_t errlen)
 {
     json_t *req = json_pack("{s:s}", "subject", filter);
     char *body = json_dumps(req, JSON_COMPACT);
@@ -281,6 +282,35 @@ int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t
     if (*found)
         snprintf(name, namelen, "%s", json_string_value(json_array_get(names, 0)) ?: "");
     json_decref(reply);
+    return 0;
+}
+
+int jsapi_find_stream(natsConnection *nc, const char *filters, char *name, size_t namelen,
+                      bool *found, char *err, size_t errlen)
+{
+    char first[256] = "", other[256], filter[1024], first_filter[1024] = "";
+    *found = true;
+    for (const char *p = filters; *p && *found;) {
+        size_t n = strcspn(p, " ");
+        snprintf(filter, sizeof filter, "%.*s", (int)n, p);
+        p += n + (p[n] == ' ');
+        if (find_one_stream(nc, filter, other, sizeof other, found, err, errlen) < 0)
+            return -1;
+        if (*found && first[0] && strcmp(first, other) != 0) {
+            snprintf(err, errlen,
+                     "subjects %s go to stream \"%s\" but %s to stream \"%s\": outboxd keeps "
+                     "commit order within one stream, so one stream must capture every subject "
+                     "template (add the subjects to one stream)",
+                     first_filter, first, filter, other);
+            return -1;
+        }
+        if (*found && !first[0]) {
+            snprintf(first, sizeof first, "%s", other);
+            snprintf(first_filter, sizeof first_filter, "%s", filter);
+        }
+    }
+    if (*found)
+        snprintf(name, namelen, "%s", first);
     return 0;
 }
 

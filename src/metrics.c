@@ -45,6 +45,7 @@ static const char *const dead_letter_names[DLR_COUNT] = {
     [DLR_TOO_LARGE] = "too_large",
     [DLR_INVALID_SUBJECT] = "invalid_subject",
     [DLR_REJECTED] = "rejected",
+    [DLR_INVALID_ENVELOPE] = "invalid_envelope",
 };
 
 #define RELAXED memory_order_relaxed
@@ -182,6 +183,10 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
 
     counter(out, "outboxd_publish_retries_total", "events published again after a failure",
             load_u64(&m->publish_retries));
+    counter(out, "outboxd_messages_refused_total",
+            "non-transactional logical decoding messages with the events' prefix, not published "
+            "because they escape rollback",
+            load_u64(&m->messages_refused));
 
     family(out, "outboxd_dead_letter_total", "counter",
            "events sent to the dead-letter subject, by reason");

@@ -216,9 +216,11 @@ static int check_wal_level(PgStream *s, char *err, size_t errlen)
     return rc;
 }
 
-static int check_table(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
-                       char *err, size_t errlen)
+static int check_table(PgStream *s, const PgSetup *setup, size_t t, char *err, size_t errlen)
 {
+    const char *schema = outbox_mapper_schema(setup->mapper, t);
+    const char *table = outbox_mapper_table(setup->mapper, t);
+    const char *qualified = outbox_mapper_qualified(setup->mapper, t);
     Buf sql;
     buf_init(&sql);
     buf_puts(&sql, "SELECT a.attname FROM pg_catalog.pg_class c "
@@ -228,10 +230,10 @@ static int check_table(PgStream *s, const PgSetup *setup, PgColumnCheck check_co
                    "WHERE c.relkind IN ('r', 'p') AND n.nspname = ");
     int rc = -1;
     PGresult *res = NULL;
-    if (!put_literal(s, &sql, setup->schema, err, errlen))
+    if (!put_literal(s, &sql, schema, err, errlen))
         goto done;
     buf_puts(&sql, " AND c.relname = ");
-    if (!put_literal(s, &sql, setup->table, err, errlen))
+    if (!put_literal(s, &sql, table, err, errlen))
         goto done;
     buf_puts(&sql, " ORDER BY a.attnum");
     res = query(s, sql.data, err, errlen);
@@ -242,7 +244,7 @@ static int check_table(PgStream *s, const PgSetup *setup, PgColumnCheck check_co
         snprintf(err, errlen,
                  "outbox table %s does not exist: create it (scripts/outbox.sql has the default "
                  "table) or point --table at yours",
-                 setup->qualified);
+                 qualified);
         rc = PGSTREAM_CHECK_FAILED;
         goto done;
     }
@@ -251,7 +253,9 @@ static int check_table(PgStream *s, const PgSetup *setup, PgColumnCheck check_co
     for (int i = 0; i < n; i++)
         if (!PQgetisnull(res, i, 0))
             names[count++] = PQgetvalue(res, i, 0);
-    rc = check_columns(arg, names, count, err, errlen) < 0 ? PGSTREAM_CHECK_FAILED : 0;
+    rc = outbox_mapper_check_columns(setup->mapper, t, names, count, err, errlen) < 0
+             ? PGSTREAM_CHECK_FAILED
+             : 0;
     free(names);
 done:
     PQclear(res);
@@ -259,18 +263,61 @@ done:
     return rc;
 }
 
-static int setup_publication(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
+/* Appends "schema"."table" of outbox table t. */
+static bool put_table(PgStream *s, Buf *sql, const OutboxMapper *m, size_t t, char *err,
+                      size_t errlen)
 {
+    if (!put_ident(s, sql, outbox_mapper_schema(m, t), err, errlen))
+        return false;
+    buf_putc(sql, '.');
+    return put_ident(s, sql, outbox_mapper_table(m, t), err, errlen);
+}
+
+/* Creates the publication for every outbox table, inserts only. */
+static int create_publication(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
+{
+    const OutboxMapper *m = setup->mapper;
+    Buf sql;
+    buf_init(&sql);
+    int rc = -1;
+    buf_puts(&sql, "CREATE PUBLICATION ");
+    if (!put_ident(s, &sql, setup->publication, err, errlen))
+        goto done;
+    buf_puts(&sql, " FOR TABLE ");
+    for (size_t t = 0; t < outbox_mapper_ntables(m); t++) {
+        if (t > 0)
+            buf_puts(&sql, ", ");
+        if (!put_table(s, &sql, m, t, err, errlen))
+            goto done;
+    }
+    buf_puts(&sql, " WITH (publish = 'insert')");
+    if (command(s, sql.data, "could not create publication", NULL, err, errlen) < 0)
+        goto done;
+    for (size_t t = 0; t < outbox_mapper_ntables(m); t++)
+        log_info("created publication \"%s\" for %s (inserts only)", setup->publication,
+                 outbox_mapper_qualified(m, t));
+    rc = 0;
+done:
+    buf_deinit(&sql);
+    return rc;
+}
+
+/* Checks that the publication exists, publishes inserts and covers outbox table t; creates
+ * it (for every table) when it is missing and that is allowed. */
+static int check_publication(PgStream *s, const PgSetup *setup, size_t t, char *err,
+                             size_t errlen)
+{
+    const char *qualified = outbox_mapper_qualified(setup->mapper, t);
     Buf sql;
     buf_init(&sql);
     int rc = -1;
     PGresult *res = NULL;
     buf_puts(&sql, "SELECT pubinsert, EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t "
                    "WHERE t.pubname = p.pubname AND t.schemaname = ");
-    if (!put_literal(s, &sql, setup->schema, err, errlen))
+    if (!put_literal(s, &sql, outbox_mapper_schema(setup->mapper, t), err, errlen))
         goto done;
     buf_puts(&sql, " AND t.tablename = ");
-    if (!put_literal(s, &sql, setup->table, err, errlen))
+    if (!put_literal(s, &sql, outbox_mapper_table(setup->mapper, t), err, errlen))
         goto done;
     buf_puts(&sql, ") FROM pg_catalog.pg_publication p WHERE p.pubname = ");
     if (!put_literal(s, &sql, setup->publication, err, errlen))
@@ -284,32 +331,17 @@ static int setup_publication(PgStream *s, const PgSetup *setup, char *err, size_
             snprintf(err, errlen,
                      "publication \"%s\" does not exist: create it with CREATE PUBLICATION %s "
                      "FOR TABLE %s WITH (publish = 'insert'), or run with --create",
-                     setup->publication, setup->publication, setup->qualified);
+                     setup->publication, setup->publication, qualified);
             rc = PGSTREAM_CHECK_FAILED;
             goto done;
         }
-        buf_reset(&sql);
-        buf_puts(&sql, "CREATE PUBLICATION ");
-        if (!put_ident(s, &sql, setup->publication, err, errlen))
-            goto done;
-        buf_puts(&sql, " FOR TABLE ");
-        if (!put_ident(s, &sql, setup->schema, err, errlen))
-            goto done;
-        buf_putc(&sql, '.');
-        if (!put_ident(s, &sql, setup->table, err, errlen))
-            goto done;
-        buf_puts(&sql, " WITH (publish = 'insert')");
-        if (command(s, sql.data, "could not create publication", NULL, err, errlen) < 0)
-            goto done;
-        log_info("created publication \"%s\" for %s (inserts only)", setup->publication,
-                 setup->qualified);
-        rc = 0;
+        rc = create_publication(s, setup, err, errlen);
         goto done;
     }
     if (strcmp(PQgetvalue(res, 0, 1), "t") != 0) {
         snprintf(err, errlen,
                  "publication \"%s\" does not cover %s: run ALTER PUBLICATION %s ADD TABLE %s",
-                 setup->publication, setup->qualified, setup->publication, setup->qualified);
+                 setup->publication, qualified, setup->publication, qualified);
         rc = PGSTREAM_CHECK_FAILED;
         goto done;
     }
@@ -329,8 +361,8 @@ done:
 }
 
 /* Reads the outbox through a cursor inside the transaction holding the new slot's snapshot. */
-static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char *err,
-                         size_t errlen)
+static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfill *bf,
+                          char *err, size_t errlen)
 {
     Buf sql;
     buf_init(&sql);
@@ -338,10 +370,7 @@ static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char
     PGresult *res = NULL;
     buf_puts(&sql, bf->count_only ? "SELECT count(*) FROM " : "DECLARE outboxd_backfill NO SCROLL "
                                                                 "CURSOR FOR SELECT * FROM ");
-    if (!put_ident(s, &sql, setup->schema, err, errlen))
-        goto done;
-    buf_putc(&sql, '.');
-    if (!put_ident(s, &sql, setup->table, err, errlen))
+    if (!put_table(s, &sql, setup->mapper, t, err, errlen))
         goto done;
     /* Commit order is unknowable for rows older than the slot: their transaction ids, oldest
      * first, come closest (the order of rows within one transaction is not kept on disk). */
@@ -350,7 +379,7 @@ static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char
     if (bf->count_only) {
         if (!(res = query(s, sql.data, err, errlen)))
             goto done;
-        bf->rows = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+        bf->rows += strtoull(PQgetvalue(res, 0, 0), NULL, 10);
         rc = 0;
         goto done;
     }
@@ -377,16 +406,27 @@ static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char
                 values[c] = PQgetisnull(res, r, c) ? NULL : PQgetvalue(res, r, c);
                 lens[c] = PQgetlength(res, r, c);
             }
-            if (bf->on_row(bf->arg, ncols, names, types, values, lens, err, errlen) < 0)
+            if (bf->on_row(bf->arg, t, ncols, names, types, values, lens, err, errlen) < 0)
                 goto done;
             bf->rows++;
         }
     }
-    rc = 0;
+    rc = command(s, "CLOSE outboxd_backfill", "could not read the outbox for the backfill", NULL,
+                 err, errlen);
 done:
     PQclear(res);
     buf_deinit(&sql);
     return rc;
+}
+
+/* Reads every outbox table, one after the other, in the current transaction. */
+static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char *err,
+                         size_t errlen)
+{
+    for (size_t t = 0; t < outbox_mapper_ntables(setup->mapper); t++)
+        if (backfill_table(s, setup, t, bf, err, errlen) < 0)
+            return -1;
+    return 0;
 }
 
 /* CREATE_REPLICATION_SLOT ... (SNAPSHOT 'use') must be the first command of a repeatable-read
@@ -502,17 +542,20 @@ done:
     return rc;
 }
 
-int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
-                   bool *created_slot, char *err, size_t errlen)
+int pgstream_setup(PgStream *s, const PgSetup *setup, bool *created_slot, char *err,
+                   size_t errlen)
 {
     int rc;
     *created_slot = false;
     if ((rc = check_wal_level(s, err, errlen)) != 0)
         return rc;
-    if ((rc = check_table(s, setup, check_columns, arg, err, errlen)) != 0)
-        return rc;
-    if ((rc = setup_publication(s, setup, err, errlen)) != 0)
-        return rc;
+    size_t n = outbox_mapper_ntables(setup->mapper);
+    for (size_t t = 0; t < n; t++)
+        if ((rc = check_table(s, setup, t, err, errlen)) != 0)
+            return rc;
+    for (size_t t = 0; t < n; t++)
+        if ((rc = check_publication(s, setup, t, err, errlen)) != 0)
+            return rc;
     return setup_slot(s, setup, created_slot, err, errlen);
 }
 
@@ -587,8 +630,8 @@ static void put_doubled(Buf *b, const char *s, char quote)
     }
 }
 
-int pgstream_start(PgStream *s, const char *slot, const char *publication, uint64_t start_lsn,
-                   char *err, size_t errlen)
+int pgstream_start(PgStream *s, const char *slot, const char *publication, bool messages,
+                   uint64_t start_lsn, char *err, size_t errlen)
 {
     Buf sql;
     buf_init(&sql);
@@ -604,7 +647,7 @@ int pgstream_start(PgStream *s, const char *slot, const char *publication, uint6
     put_doubled(&ident, publication, '"');
     put_doubled(&sql, ident.data, '\'');
     buf_deinit(&ident);
-    buf_puts(&sql, "\"')");
+    buf_puts(&sql, messages ? "\"', messages 'true')" : "\"')");
 
     PGresult *res = PQexec(s->conn, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {

@@ -101,7 +101,8 @@ typedef struct Relay {
     char checkpoint_key[128];
     char backfill_key[160]; /* "pending" marker while a first-start backfill is not all acked */
     PgBackfill backfill;
-    bool backfill_bound;
+    size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
+    char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
     /* timers */
     int64_t status_interval_us;
@@ -151,7 +152,7 @@ static uint64_t marks_release(Marks *m, uint64_t first_unacked)
     return lsn;
 }
 
-void relay_subject_filter(const char *tmpl, Buf *out)
+void relay_template_filter(const char *tmpl, Buf *out)
 {
     const char *p = tmpl;
     for (;;) {
@@ -168,14 +169,37 @@ void relay_subject_filter(const char *tmpl, Buf *out)
     }
 }
 
+/* Appends tmpl's filter to the space-separated list in out unless it is there already. */
+static void add_filter(const char *tmpl, Buf *out)
+{
+    Buf f;
+    buf_init(&f);
+    relay_template_filter(tmpl, &f);
+    bool seen = false;
+    for (const char *p = out->data; p && *p && !seen;) {
+        size_t n = strcspn(p, " ");
+        seen = n == f.len && memcmp(p, f.data, n) == 0;
+        p += n + (p[n] == ' ');
+    }
+    if (!seen) {
+        if (out->len > 0)
+            buf_putc(out, ' ');
+        buf_append(out, f.data, f.len);
+    }
+    buf_deinit(&f);
+}
+
+void relay_subject_filter(const Config *cfg, Buf *out)
+{
+    for (size_t i = 0; i < cfg->ntables; i++)
+        add_filter(cfg->tables[i].subject, out);
+    if (cfg->messages)
+        add_filter(cfg->t.subject, out);
+}
+
 static int64_t min64(int64_t a, int64_t b)
 {
     return a < b ? a : b;
-}
-
-static int check_columns(void *arg, const char *const *names, size_t n, char *err, size_t errlen)
-{
-    return outbox_mapper_check_columns(arg, names, n, err, errlen);
 }
 
 /* ---- confirming ------------------------------------------------------------------------------ */
@@ -227,11 +251,13 @@ static const char *const reject_reasons[] = {
     [OUTBOX_INVALID_EVENT_ID] = "invalid_event_id",
     [OUTBOX_NULL_PAYLOAD] = "null_payload",
     [OUTBOX_INVALID_SUBJECT] = "invalid_subject",
+    [OUTBOX_INVALID_ENVELOPE] = "invalid_envelope",
 };
 static const DeadLetterReason reject_metric[] = {
     [OUTBOX_INVALID_EVENT_ID] = DLR_INVALID_EVENT_ID,
     [OUTBOX_NULL_PAYLOAD] = DLR_NULL_PAYLOAD,
     [OUTBOX_INVALID_SUBJECT] = DLR_INVALID_SUBJECT,
+    [OUTBOX_INVALID_ENVELOPE] = DLR_INVALID_ENVELOPE,
 };
 
 /* A row that can never be published: dead-letter it in its place, or stop. */
@@ -260,23 +286,22 @@ static int poison(Relay *r, DeadLetter *dl, DeadLetterReason metric)
     return 0;
 }
 
-static int handle_insert(Relay *r, const PgoMessage *m)
+/* Fills a dead letter from the row or message an event came from. */
+typedef void Describe(OutboxMapper *m, const PgoMessage *msg, const OutboxTxn *txn,
+                      uint32_t index, DeadLetter *dl);
+
+/* Publishes r->ev, mapped from m, the index-th event of its transaction; a rejected mapping
+ * or an event the server can never take goes to poison(). */
+static int publish_event(Relay *r, OutboxReject rej, const PgoMessage *m, Describe *describe,
+                         uint32_t index)
 {
-    if (!outbox_mapper_is_outbox(r->mapper, m->u.insert.relid))
-        return 0;
-    uint32_t index = r->txn_rows++;
-    if (r->skip_rows > 0 && r->txn.commit_lsn == r->skip_commit_lsn) {
-        r->skip_rows--; /* stored before the connection was lost */
-        return 0;
-    }
-    OutboxReject rej = outbox_map_insert(r->mapper, m, &r->txn, &r->ev, r->err, sizeof(r->err));
     if (rej == OUTBOX_UNKNOWN_RELATION) {
         log_error("%s", r->err);
         return -1;
     }
+    DeadLetter dl;
     if (rej != OUTBOX_OK) {
-        DeadLetter dl;
-        outbox_describe_row(r->mapper, m, &r->txn, index, &dl);
+        describe(r->mapper, m, &r->txn, index, &dl);
         dl.reason = reject_reasons[rej];
         dl.detail = r->err;
         return poison(r, &dl, reject_metric[rej]);
@@ -284,10 +309,11 @@ static int handle_insert(Relay *r, const PgoMessage *m)
     uint64_t seq;
     int rc = publisher_publish(r->pub, &r->ev, false, &seq, r->err, sizeof(r->err));
     if (rc == PUBLISH_UNPUBLISHABLE) {
-        DeadLetter dl = {
+        describe(r->mapper, m, &r->txn, index, &dl);
+        dl = (DeadLetter){
             .reason = "too_large",
             .detail = r->err,
-            .table = outbox_mapper_qualified(r->mapper),
+            .table = dl.table,
             .event_id = r->ev.msg_id,
             .event_id_len = strlen(r->ev.msg_id),
             .subject = r->ev.subject.data,
@@ -305,6 +331,49 @@ static int handle_insert(Relay *r, const PgoMessage *m)
         return -1;
     }
     return 0;
+}
+
+/* The position of the next event in its transaction; false when it was stored before the
+ * connection was lost (skip it). */
+static bool next_event(Relay *r, uint32_t *index)
+{
+    *index = r->txn_rows++;
+    if (r->skip_rows > 0 && r->txn.commit_lsn == r->skip_commit_lsn) {
+        r->skip_rows--; /* stored before the connection was lost */
+        return false;
+    }
+    return true;
+}
+
+static int handle_insert(Relay *r, const PgoMessage *m)
+{
+    uint32_t index;
+    if (!outbox_mapper_is_outbox(r->mapper, m->u.insert.relid) || !next_event(r, &index))
+        return 0;
+    OutboxReject rej = outbox_map_insert(r->mapper, m, &r->txn, &r->ev, r->err, sizeof(r->err));
+    return publish_event(r, rej, m, outbox_describe_row, index);
+}
+
+/* A logical decoding message: a table-less event when it carries the events' prefix. */
+static int handle_message(Relay *r, const PgoMessage *m)
+{
+    if (!outbox_mapper_wants_message(r->mapper, m))
+        return 0;
+    if (!(m->u.message.flags & 1) || !r->in_txn) {
+        /* pg_logical_emit_message(false, ...) is written at once, even by a transaction that
+         * rolls back later: publishing it could publish an event that never happened. */
+        atomic_fetch_add_explicit(&metrics.messages_refused, 1, memory_order_relaxed);
+        log_warn("ignored a non-transactional message with prefix \"%s\" at " LSN_FMT
+                 ": it escapes rollback, so it is never published; emit events with "
+                 "pg_logical_emit_message(true, ...) or outbox_emit()",
+                 m->u.message.prefix, LSN_ARGS(m->u.message.lsn));
+        return 0;
+    }
+    uint32_t index;
+    if (!next_event(r, &index))
+        return 0;
+    OutboxReject rej = outbox_map_message(r->mapper, m, &r->txn, &r->ev, r->err, sizeof(r->err));
+    return publish_event(r, rej, m, outbox_describe_message, index);
 }
 
 static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
@@ -341,7 +410,9 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         return 0;
     case PGO_INSERT:
         return handle_insert(r, m);
-    default: /* updates, deletes, truncates, types, origins, messages: nothing to publish */
+    case PGO_MESSAGE:
+        return handle_message(r, m);
+    default: /* updates, deletes, truncates, types, origins: nothing to publish */
         return 0;
     }
 }
@@ -565,18 +636,19 @@ static int wait_for_room(Relay *r)
 
 /* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
  * a streamed one (same mapping, dead letters, window). */
-static int backfill_row(void *arg, int ncols, const char *const *names, const uint32_t *types,
-                        const char *const *values, const int *lens, char *err, size_t errlen)
+static int backfill_row(void *arg, size_t table, int ncols, const char *const *names,
+                        const uint32_t *types, const char *const *values, const int *lens,
+                        char *err, size_t errlen)
 {
     Relay *r = arg;
     PgoMessage *m = r->msg;
     /* Backfilled events carry the slot's starting point as their commit LSN. */
     r->txn.commit_lsn = r->backfill.position;
-    if (!r->backfill_bound) {
+    if (r->backfill_table != table + 1) {
         m->kind = PGO_RELATION;
         m->u.relation.relid = BACKFILL_RELID;
-        m->u.relation.nspname = outbox_mapper_schema(r->mapper);
-        m->u.relation.relname = outbox_mapper_table(r->mapper);
+        m->u.relation.nspname = outbox_mapper_schema(r->mapper, table);
+        m->u.relation.relname = outbox_mapper_table(r->mapper, table);
         m->u.relation.ncols = (uint16_t)ncols;
         for (int c = 0; c < ncols; c++) {
             m->cols[c].name = names[c];
@@ -584,7 +656,7 @@ static int backfill_row(void *arg, int ncols, const char *const *names, const ui
         }
         if (outbox_mapper_relation(r->mapper, m, err, errlen) < 0)
             return -1;
-        r->backfill_bound = true;
+        r->backfill_table = table + 1;
     }
     if (wait_for_room(r) < 0) {
         snprintf(err, errlen, "the backfill was interrupted");
@@ -616,7 +688,7 @@ static int finish_backfill(Relay *r, const PgBackfill *bf)
         return -1;
     }
     log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot existed",
-             bf->rows, outbox_mapper_qualified(r->mapper));
+             bf->rows, r->tables);
     return 0;
 }
 
@@ -675,17 +747,14 @@ static int connect_pg(Relay *r)
     PgSetup setup = {
         .slot = cfg->slot,
         .publication = cfg->publication,
-        .schema = outbox_mapper_schema(r->mapper),
-        .table = outbox_mapper_table(r->mapper),
-        .qualified = outbox_mapper_qualified(r->mapper),
+        .mapper = r->mapper,
         .create = cfg->create,
         .backfill = will_create ? bfp : NULL,
     };
     bool created;
     r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
     r->txn_rows = 0;
-    rc = pgstream_setup(r->pg, &setup, check_columns, r->mapper, &created, r->err,
-                        sizeof(r->err));
+    rc = pgstream_setup(r->pg, &setup, &created, r->err, sizeof(r->err));
     if (rc != 0) {
         log_error("%s", r->err);
         goto fail;
@@ -693,12 +762,12 @@ static int connect_pg(Relay *r)
     if (created && bfp->count_only && bfp->rows > 0)
         log_info("backfill off: the %" PRIu64 " rows already in %s are not published "
                  "(--backfill=false)",
-                 bfp->rows, outbox_mapper_qualified(r->mapper));
+                 bfp->rows, r->tables);
     if ((created && !bfp->count_only) || (!created && pending != 0)) {
         if (!created) {
             log_warn("a backfill was interrupted; publishing the rows of %s again (JetStream "
                      "drops those it holds already)",
-                     outbox_mapper_qualified(r->mapper));
+                     r->tables);
             setup.backfill = bfp;
             if (pgstream_read_outbox(r->pg, &setup, r->err, sizeof(r->err)) < 0) {
                 log_error("could not backfill: %s", r->err);
@@ -782,7 +851,8 @@ static int acquire_slot(Relay *r)
         int rc = 0;
         if (info.active_pid == 0) {
             uint64_t start = start_position(r, info.confirmed);
-            rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, start, r->err,
+            rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
+                                r->err,
                                 sizeof(r->err));
             if (rc == 0) {
                 if (standby)
@@ -886,13 +956,13 @@ static int start_nats(Relay *r)
         .retry_max_ms = cfg->retry_max_ms,
         .dead_letter_subject =
             strcmp(cfg->on_poison, "dead-letter") == 0 ? cfg->dead_letter_subject : NULL,
-        .table = outbox_mapper_qualified(r->mapper),
+        .table = r->tables,
     };
     int rc = publisher_new(&r->pub, &po, r->err, sizeof(r->err));
     if (rc == 0) {
         Buf filter;
         buf_init(&filter);
-        relay_subject_filter(cfg->subject, &filter);
+        relay_subject_filter(cfg, &filter);
         rc = publisher_bind_stream(r->pub, filter.data, &r->stream, r->err, sizeof(r->err));
         if (rc == 0)
             log_info("connected to NATS; stream \"%s\" (%d replicas) captures %s", r->stream.name,
@@ -927,11 +997,12 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     r.next_summary = now_mono_us() + SUMMARY_US;
     srand((unsigned)now_unix_us());
 
-    if (outbox_mapper_new(&r.mapper, cfg->table, cfg->subject, r.err, sizeof(r.err)) < 0) {
+    if (outbox_mapper_from_config(&r.mapper, cfg, r.err, sizeof(r.err)) < 0) {
         log_error("%s", r.err);
         code = EXIT_OUTBOXD_USAGE;
         goto done;
     }
+    outbox_mapper_describe_tables(r.mapper, r.tables, sizeof(r.tables));
     if (cfg->bookmark_every_ms > 0 &&
         bookmarks_new(&r.bookmarks, cfg->slot, cfg->bookmark_every_ms, cfg->bookmark_keep_ms,
                       r.err, sizeof(r.err)) < 0) {

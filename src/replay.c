@@ -50,11 +50,13 @@ typedef struct Replay {
     OutboxEvent ev;
     Buf sql;
     Buf where;
+    size_t table;   /* the outbox table being replayed */
     uint32_t relid;
     int ncols;
     char **colnames;
-    bool has_col[4]; /* occurred_at, aggregate_id, event_type, event_id */
-    int64_t total;
+    const char *col[CONFIG_NROLES]; /* the table's column for each role, NULL when none */
+    int64_t total;      /* rows to replay, in the tables opened so far */
+    int64_t table_rows; /* ... in the current table */
     int64_t sent;
     int64_t skipped;
     int64_t started_us; /* unix */
@@ -65,8 +67,6 @@ typedef struct Replay {
     bool failed;
     char err[1024];
 } Replay;
-
-enum { HAS_OCCURRED_AT, HAS_AGGREGATE_ID, HAS_EVENT_TYPE, HAS_EVENT_ID };
 
 static void fail(Replay *r, const char *msg)
 {
@@ -90,9 +90,9 @@ static int learn_table(Replay *r)
                   "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid "
                   "AND a.attnum > 0 AND NOT a.attisdropped "
                   "WHERE c.relkind IN ('r', 'p') AND n.nspname = ");
-    pgstream_quote_literal(sql, outbox_mapper_schema(r->mapper));
+    pgstream_quote_literal(sql, outbox_mapper_schema(r->mapper, r->table));
     buf_puts(sql, " AND c.relname = ");
-    pgstream_quote_literal(sql, outbox_mapper_table(r->mapper));
+    pgstream_quote_literal(sql, outbox_mapper_table(r->mapper, r->table));
     buf_puts(sql, " ORDER BY a.attnum");
     PgRows *rows = NULL;
     if (pgstream_sql(r->pg, sql->data, "could not read the outbox table's columns", &rows, NULL,
@@ -102,11 +102,10 @@ static int learn_table(Replay *r)
     int rc = 0;
     if (n == 0 || n > PGO_MAX_COLUMNS) {
         snprintf(r->err, sizeof(r->err), "outbox table %s does not exist",
-                 outbox_mapper_qualified(r->mapper));
+                 outbox_mapper_qualified(r->mapper, r->table));
         rc = EXIT_OUTBOXD_CHECK;
         goto done;
     }
-    static const char *const known[] = {"occurred_at", "aggregate_id", "event_type", "event_id"};
     PgoMessage *m = r->msg;
     memset(m, 0, offsetof(PgoMessage, cols));
     r->colnames = xcalloc((size_t)n, sizeof(char *));
@@ -114,8 +113,8 @@ static int learn_table(Replay *r)
     r->relid = (uint32_t)strtoul(pgrows_value(rows, 0, 0), NULL, 10);
     m->kind = PGO_RELATION;
     m->u.relation.relid = r->relid;
-    m->u.relation.nspname = outbox_mapper_schema(r->mapper);
-    m->u.relation.relname = outbox_mapper_table(r->mapper);
+    m->u.relation.nspname = outbox_mapper_schema(r->mapper, r->table);
+    m->u.relation.relname = outbox_mapper_table(r->mapper, r->table);
     m->u.relation.replident = 'd';
     m->u.relation.ncols = (uint16_t)n;
     for (int i = 0; i < n; i++) {
@@ -126,9 +125,11 @@ static int learn_table(Replay *r)
             .type_oid = (uint32_t)strtoul(pgrows_value(rows, i, 2), NULL, 10),
             .typmod = -1,
         };
-        for (size_t k = 0; k < ARRAY_SIZE(known); k++)
-            if (strcmp(r->colnames[i], known[k]) == 0)
-                r->has_col[k] = true;
+        for (int k = 0; k < CONFIG_NROLES; k++) {
+            const char *c = outbox_mapper_role_column(r->mapper, r->table, k);
+            if (c && strcmp(r->colnames[i], c) == 0)
+                r->col[k] = r->colnames[i];
+        }
     }
     if (outbox_mapper_relation(r->mapper, m, r->err, sizeof(r->err)) < 0)
         rc = EXIT_OUTBOXD_CHECK;
@@ -143,28 +144,32 @@ static int build_filter(Replay *r)
     const ReplayOptions *o = r->opts;
     struct {
         const char *value;
-        int col;
-        const char *sql;
+        int role;
+        const char *op;
     } f[] = {
-        {o->since, HAS_OCCURRED_AT, "occurred_at >= "},
-        {o->until, HAS_OCCURRED_AT, "occurred_at < "},
-        {o->aggregate_id, HAS_AGGREGATE_ID, "aggregate_id = "},
-        {o->event_type, HAS_EVENT_TYPE, "event_type = "},
+        {o->since, ROLE_OCCURRED_AT, " >= "},
+        {o->until, ROLE_OCCURRED_AT, " < "},
+        {o->aggregate_id, ROLE_AGGREGATE_ID, " = "},
+        {o->event_type, ROLE_EVENT_TYPE, " = "},
     };
-    static const char *const names[] = {"occurred_at", "aggregate_id", "event_type"};
     buf_reset(&r->where);
     for (size_t i = 0; i < ARRAY_SIZE(f); i++) {
         if (!f[i].value)
             continue;
-        if (!r->has_col[f[i].col]) {
-            snprintf(r->err, sizeof(r->err), "outbox table %s has no column \"%s\" to filter on",
-                     outbox_mapper_qualified(r->mapper), names[f[i].col]);
+        if (!r->col[f[i].role]) {
+            snprintf(r->err, sizeof(r->err),
+                     "outbox table %s has no %s column to filter on (--column-%s names it)",
+                     outbox_mapper_qualified(r->mapper, r->table), config_role_names[f[i].role],
+                     f[i].role == ROLE_OCCURRED_AT    ? "occurred-at"
+                     : f[i].role == ROLE_AGGREGATE_ID ? "aggregate-id"
+                                                      : "event-type");
             return EXIT_OUTBOXD_USAGE;
         }
         buf_puts(&r->where, r->where.len ? " AND " : " WHERE ");
-        buf_puts(&r->where, f[i].sql);
+        pgstream_quote_ident(&r->where, r->col[f[i].role]);
+        buf_puts(&r->where, f[i].op);
         pgstream_quote_literal(&r->where, f[i].value);
-        if (f[i].col == HAS_OCCURRED_AT)
+        if (f[i].role == ROLE_OCCURRED_AT)
             buf_puts(&r->where, "::timestamptz");
     }
     return 0;
@@ -172,9 +177,9 @@ static int build_filter(Replay *r)
 
 static void put_table(Replay *r, Buf *b)
 {
-    pgstream_quote_ident(b, outbox_mapper_schema(r->mapper));
+    pgstream_quote_ident(b, outbox_mapper_schema(r->mapper, r->table));
     buf_putc(b, '.');
-    pgstream_quote_ident(b, outbox_mapper_table(r->mapper));
+    pgstream_quote_ident(b, outbox_mapper_table(r->mapper, r->table));
 }
 
 /* Reads --since and --until as timestamptz, so that a bad one is named as such. */
@@ -214,7 +219,8 @@ static int open_rows(Replay *r)
     if (pgstream_sql(r->pg, sql->data, "could not select the outbox rows", &rows, sqlstate, r->err,
                      sizeof(r->err)) < 0)
         return strncmp(sqlstate, "22", 2) == 0 ? EXIT_OUTBOXD_USAGE : EXIT_OUTBOXD_FAILURE;
-    r->total = strtoll(pgrows_value(rows, 0, 0) ?: "0", NULL, 10);
+    r->table_rows = strtoll(pgrows_value(rows, 0, 0) ?: "0", NULL, 10);
+    r->total += r->table_rows;
     pgrows_free(rows);
 
     buf_reset(sql);
@@ -228,13 +234,41 @@ static int open_rows(Replay *r)
     put_table(r, sql);
     buf_puts(sql, r->where.data ? r->where.data : "");
     buf_puts(sql, " ORDER BY ");
-    if (r->has_col[HAS_OCCURRED_AT])
-        buf_puts(sql, "occurred_at, ");
-    buf_puts(sql, "event_id");
+    if (r->col[ROLE_OCCURRED_AT]) {
+        pgstream_quote_ident(sql, r->col[ROLE_OCCURRED_AT]);
+        buf_puts(sql, ", ");
+    }
+    pgstream_quote_ident(sql, r->col[ROLE_EVENT_ID]);
     if (pgstream_sql(r->pg, sql->data, "could not select the outbox rows", NULL, NULL, r->err,
                      sizeof(r->err)) < 0)
         return EXIT_OUTBOXD_FAILURE;
     return 0;
+}
+
+/* Reads table r->table's columns, checks the filters and opens a snapshot and a cursor over
+ * its rows. */
+static int open_table(Replay *r)
+{
+    int code;
+    if ((code = learn_table(r)) != 0 || (code = build_filter(r)) != 0 ||
+        (code = check_times(r)) != 0 || (code = open_rows(r)) != 0)
+        return code;
+    return 0;
+}
+
+/* Ends the table's snapshot and forgets its columns. */
+static void close_table(Replay *r)
+{
+    char err[256];
+    if (r->pg)
+        pgstream_sql(r->pg, "ROLLBACK", "could not end the snapshot", NULL, NULL, err,
+                     sizeof(err));
+    for (int i = 0; i < r->ncols; i++)
+        free(r->colnames[i]);
+    free(r->colnames);
+    r->colnames = NULL;
+    r->ncols = 0;
+    memset(r->col, 0, sizeof(r->col));
 }
 
 static void progress(Replay *r, bool force)
@@ -329,7 +363,7 @@ static int publish_row(Replay *r, const PgRows *rows, int row, PublisherStatus *
             DeadLetter dl;
             outbox_describe_row(r->mapper, m, &txn, 0, &dl);
             char msg[1024];
-            snprintf(msg, sizeof(msg), "skipped row with event_id %.*s: %s",
+            snprintf(msg, sizeof(msg), "skipped row with event id %.*s: %s",
                      dl.event_id ? (int)(dl.event_id_len > 64 ? 64 : dl.event_id_len) : 4,
                      dl.event_id ? dl.event_id : "null", why);
             text_one_line(msg);
@@ -422,20 +456,24 @@ int replay_run(const Config *cfg, const ReplayOptions *opts)
     char filter[512];
     describe_filter(opts, filter, sizeof(filter));
 
-    if (outbox_mapper_new(&r.mapper, cfg->table, cfg->subject, r.err, sizeof(r.err)) < 0) {
+    if (outbox_mapper_from_config(&r.mapper, cfg, r.err, sizeof(r.err)) < 0) {
         code = EXIT_OUTBOXD_USAGE;
         goto fail;
     }
+    char tables[512];
+    outbox_mapper_describe_tables(r.mapper, tables, sizeof(tables));
     if (pgstream_connect_plain(&r.pg, cfg->pg_url, r.err, sizeof(r.err)) != 0) {
         code = EXIT_OUTBOXD_CHECK;
         goto fail;
     }
-    if ((code = learn_table(&r)) != 0 || (code = build_filter(&r)) != 0 ||
-        (code = check_times(&r)) != 0 || (code = open_rows(&r)) != 0)
-        goto fail;
     if (opts->dry_run) {
-        printf("would replay %" PRId64 " events (%s) from %s\n", r.total, filter,
-               outbox_mapper_qualified(r.mapper));
+        for (r.table = 0; r.table < outbox_mapper_ntables(r.mapper); r.table++) {
+            if ((code = open_table(&r)) != 0)
+                goto fail;
+            printf("would replay %" PRId64 " events (%s) from %s\n", r.table_rows, filter,
+                   outbox_mapper_qualified(r.mapper, r.table));
+            close_table(&r);
+        }
         code = 0;
         goto done;
     }
@@ -449,13 +487,13 @@ int replay_run(const Config *cfg, const ReplayOptions *opts)
         .retry_min_ms = cfg->retry_min_ms,
         .retry_max_ms = cfg->retry_max_ms,
         .dead_letter_subject = NULL,
-        .table = outbox_mapper_qualified(r.mapper),
+        .table = tables,
     };
     int rc = publisher_new(&r.pub, &po, r.err, sizeof(r.err));
     if (rc == 0) {
         Buf f;
         buf_init(&f);
-        relay_subject_filter(cfg->subject, &f);
+        relay_subject_filter(cfg, &f);
         StreamInfo info;
         rc = publisher_bind_stream(r.pub, f.data, &info, r.err, sizeof(r.err));
         buf_deinit(&f);
@@ -469,7 +507,13 @@ int replay_run(const Config *cfg, const ReplayOptions *opts)
     r.started_mono = now_mono_us();
     pg_time_format_rfc3339(r.started_us - PG_EPOCH_OFFSET_US, r.stamp);
     uint64_t dup0 = atomic_load(&metrics.events_duplicate), acked0 = acked();
-    rc = publish_all(&r);
+    /* One table after the other, each in a snapshot of its own. */
+    for (r.table = 0, rc = 0; rc == 0 && r.table < outbox_mapper_ntables(r.mapper); r.table++) {
+        if ((code = open_table(&r)) != 0)
+            goto fail;
+        rc = publish_all(&r);
+        close_table(&r);
+    }
     progress(&r, true);
     if (r.tty)
         fputc('\n', stderr);
@@ -496,16 +540,11 @@ int replay_run(const Config *cfg, const ReplayOptions *opts)
 fail:
     fail(&r, r.err);
 done:
-    if (r.pg)
-        pgstream_sql(r.pg, "ROLLBACK", "could not end the snapshot", NULL, NULL, r.err,
-                     sizeof(r.err));
+    close_table(&r);
     publisher_free(r.pub);
     pgstream_free(r.pg);
     outbox_mapper_free(r.mapper);
     outbox_event_deinit(&r.ev);
-    for (int i = 0; i < r.ncols; i++)
-        free(r.colnames[i]);
-    free(r.colnames);
     buf_deinit(&r.sql);
     buf_deinit(&r.where);
     free(r.msg);

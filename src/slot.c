@@ -519,11 +519,6 @@ static int slot_list(const Config *cfg, PgStream *pg, bool as_json)
 
 /* ---- slot create ---------------------------------------------------------------------------- */
 
-static int check_columns(void *arg, const char *const *names, size_t n, char *err, size_t errlen)
-{
-    return outbox_mapper_check_columns(arg, names, n, err, errlen);
-}
-
 static int slot_create(const Config *cfg, PgStream *pg)
 {
     char err[1024];
@@ -535,10 +530,12 @@ static int slot_create(const Config *cfg, PgStream *pg)
         fail("%s", err);
         return EXIT_OUTBOXD_USAGE;
     }
-    if (outbox_mapper_new(&mapper, cfg->table, cfg->subject, err, sizeof(err)) < 0) {
+    if (outbox_mapper_from_config(&mapper, cfg, err, sizeof(err)) < 0) {
         fail("%s", err);
         return EXIT_OUTBOXD_USAGE;
     }
+    char tables[512];
+    outbox_mapper_describe_tables(mapper, tables, sizeof(tables));
     Buf sql;
     buf_init(&sql);
     buf_puts(&sql, "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = ");
@@ -556,24 +553,20 @@ static int slot_create(const Config *cfg, PgStream *pg)
     PgSetup setup = {
         .slot = cfg->slot,
         .publication = cfg->publication,
-        .schema = outbox_mapper_schema(mapper),
-        .table = outbox_mapper_table(mapper),
-        .qualified = outbox_mapper_qualified(mapper),
+        .mapper = mapper,
         .create = true,
     };
     bool created = false;
-    rc = pgstream_setup(rep, &setup, check_columns, mapper, &created, err, sizeof(err));
+    rc = pgstream_setup(rep, &setup, &created, err, sizeof(err));
     if (rc != 0) {
         fail("%s", err);
         code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_REFUSED;
         goto done;
     }
     if (had_publication)
-        printf("publication \"%s\" already there (covers %s)\n", cfg->publication,
-               outbox_mapper_qualified(mapper));
+        printf("publication \"%s\" already there (covers %s)\n", cfg->publication, tables);
     else
-        printf("created publication \"%s\" for %s (inserts only)\n", cfg->publication,
-               outbox_mapper_qualified(mapper));
+        printf("created publication \"%s\" for %s (inserts only)\n", cfg->publication, tables);
     Slots one;
     char lsn[18] = "?";
     if (read_slots(pg, cfg->slot, &one, err, sizeof(err)) == 0) {

@@ -58,7 +58,7 @@ static void read_nats(const Config *cfg, Report *rep)
         goto done;
     Buf filter;
     buf_init(&filter);
-    relay_subject_filter(cfg->subject, &filter);
+    relay_subject_filter(cfg, &filter);
     bool found = false;
     int rc = jsapi_find_stream(nc, filter.data, rep->stream.name, sizeof(rep->stream.name), &found,
                                err, sizeof(err));

@@ -13,6 +13,41 @@
 #include <stdint.h>
 #include <stdio.h>
 
+/* The roles an outbox column can play, in this order; CONFIG_NROLES of them. */
+enum {
+    ROLE_EVENT_ID,
+    ROLE_AGGREGATE_TYPE,
+    ROLE_AGGREGATE_ID,
+    ROLE_EVENT_TYPE,
+    ROLE_PAYLOAD,
+    ROLE_OCCURRED_AT,
+    ROLE_SCHEMA_VERSION,
+    ROLE_TRACE_ID,
+    CONFIG_NROLES
+};
+/* The role names: "event_id", "aggregate_type", ... They are also the column names of the
+ * default ("outboxd") layout and the field names of the table-less envelope. */
+extern const char *const config_role_names[CONFIG_NROLES];
+
+/* How one outbox table is relayed. NULL fields of a [table ...] section take the top-level
+ * value. */
+typedef struct TableConfig {
+    char *table;   /* "schema.table" or "table" (schema public) */
+    char *subject; /* subject template, "{column}" or "{role}" placeholders */
+    char *columns; /* the column layout a role falls back on: "outboxd" or "debezium" */
+    char *column[CONFIG_NROLES]; /* the column playing each role; NULL: from the layout */
+    char *headers; /* extra headers, "column:Header-Name,..." */
+    char *body;    /* "payload" or "envelope" (every column as a JSON object) */
+    int headers_pass; /* where headers came from (repeats within one source add up) */
+} TableConfig;
+
+/* The column playing role in tc (after the layout), or NULL when it has none. */
+const char *config_role_column(const TableConfig *tc, int role);
+
+/* Parses tc->headers; calls fn for each "column:Header-Name" pair. */
+void config_each_header(const TableConfig *tc, void (*fn)(void *arg, const char *column,
+                        size_t column_len, const char *header, size_t header_len), void *arg);
+
 typedef struct Config {
     char *config_file; /* settings file read before the environment and the flags */
     /* connections */
@@ -21,8 +56,11 @@ typedef struct Config {
     /* what to relay */
     char *slot;        /* logical replication slot name */
     char *publication; /* publication name */
-    char *table;       /* outbox table, "schema.table" or "table" (schema public) */
-    char *subject;     /* subject template, "{column}" placeholders */
+    TableConfig t;     /* the outbox table, or the defaults of [table] sections */
+    TableConfig *tables; /* what is relayed: the [table] sections, or t alone */
+    size_t ntables;
+    bool messages;       /* relay transactional logical decoding messages too */
+    char *message_prefix; /* ... those with this prefix */
     bool create;       /* create the publication, then the slot, when missing */
     /* publishing */
     int64_t max_inflight;       /* events published but not yet acknowledged, at most */
@@ -68,13 +106,15 @@ void config_init(Config *cfg);
 
 /*
  * Applies the settings file (--config FILE or OUTBOXD_CONFIG: "key = value" lines with the
- * snake_case keys, '#' comments, values optionally in double quotes), then the environment
+ * snake_case keys, '#' comments, values optionally in double quotes; "[table NAME]" starts a
+ * section of per-table settings for one more outbox table), then the environment
  * (OUTBOXD_*), then the flags in argv[0..argc) over cfg, and validates
  * the result. argv holds options only (the subcommand already removed). "--help" is not handled
  * here. Returns 0 on success; on a bad or missing setting returns -1 and writes one line into
  * err saying which setting is wrong and how to fix it. cfg stays valid to deinit either way.
  */
 int config_parse(Config *cfg, int argc, char **argv, char *err, size_t errlen);
+/* After config_parse(): cfg->tables holds the [table] sections, or a copy of cfg->t. */
 
 void config_deinit(Config *cfg);
 

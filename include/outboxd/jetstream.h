@@ -62,7 +62,8 @@ void jsapi_redact_urls(const char *urls, char *out, size_t outlen);
 json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body,
                       bool *no_responders, char *err, size_t errlen);
 
-/* The first stream capturing subjects matching filter, into name; *found false when none. */
+/* The stream capturing subjects matching filters (space-separated), into name; *found false
+ * when one of them has none; -1 with a reason when they go to different streams. */
 int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
                       bool *found, char *err, size_t errlen);
 

@@ -32,6 +32,7 @@ typedef enum DeadLetterReason {
     DLR_TOO_LARGE,        /* "too_large": over the server's max_payload */
     DLR_INVALID_SUBJECT,  /* "invalid_subject" */
     DLR_REJECTED,         /* "rejected": JetStream refused it for good */
+    DLR_INVALID_ENVELOPE, /* "invalid_envelope": a message that is not a valid event envelope */
     DLR_COUNT
 } DeadLetterReason;
 
@@ -45,6 +46,7 @@ typedef struct Metrics {
     _Atomic uint64_t events_duplicate;  /* acked as duplicate by JetStream */
     _Atomic uint64_t publish_errors[PUBERR_COUNT];
     _Atomic uint64_t publish_retries;   /* events sent again after a failure */
+    _Atomic uint64_t messages_refused;  /* non-transactional messages with the events' prefix */
     _Atomic uint64_t dead_letter[DLR_COUNT];
     _Atomic int64_t in_flight;          /* published, not yet acknowledged */
     _Atomic int64_t oldest_pending_unix_us; /* commit time of the oldest unacked event; 0 = none */

@@ -12,6 +12,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "outboxd/config.h"
 #include "outboxd/pgoutput.h"
 #include "outboxd/util.h"
 
@@ -33,7 +34,9 @@
 #define OUTBOX_HDR_EVENT_ID "Outbox-Event-Id"
 #define OUTBOX_HDR_TABLE "Outbox-Table"
 
-#define OUTBOX_MAX_HEADERS 16
+#define OUTBOX_MAX_HEADERS 32
+/* Most extra headers an event may add (--header columns, or an envelope's "headers"). */
+#define OUTBOX_MAX_EXTRA_HEADERS 16
 /* Longest subject outboxd publishes to: a NATS publish line is limited to 4 KiB. */
 #define OUTBOX_MAX_SUBJECT 2048
 /* Longest event_id accepted as a Nats-Msg-Id. */
@@ -54,6 +57,7 @@ typedef struct OutboxEvent {
     const char *body;           /* into the decoded message, or into body_buf for bytea */
     size_t body_len;
     Buf body_buf;
+    char names[OUTBOX_MAX_EXTRA_HEADERS][65]; /* header names taken from an envelope */
     uint64_t commit_lsn;
     int64_t commit_time;        /* µs since 2000-01-01 */
 } OutboxEvent;
@@ -71,38 +75,54 @@ typedef struct OutboxTxn {
     int64_t commit_time; /* µs since 2000-01-01 */
 } OutboxTxn;
 
-/* Columns the mapper looks for, by name. event_id and payload are required. */
-extern const char *const outbox_required_columns[2];
-
 /*
- * Creates a mapper for table ("schema.table" or "table", meaning public.table) and a subject
- * template. Returns 0, or -1 with a reason in err (a malformed template or table name).
+ * Creates a mapper for the outbox tables (each "schema.table" or "table", meaning public.table,
+ * with its subject template, column roles, extra headers and body), and, when message_prefix
+ * is not NULL, for table-less events: logical decoding messages with that prefix, routed by
+ * message_subject. Returns 0, or -1 with a reason in err (a malformed template or table name).
  */
-int outbox_mapper_new(OutboxMapper **out, const char *table, const char *subject_template,
-                      char *err, size_t errlen);
+int outbox_mapper_new(OutboxMapper **out, const TableConfig *tables, size_t ntables,
+                      const char *message_prefix, const char *message_subject, char *err,
+                      size_t errlen);
+/* The same from the settings: cfg->tables, and messages when cfg->messages. */
+int outbox_mapper_from_config(OutboxMapper **out, const Config *cfg, char *err, size_t errlen);
+/* One table with the default column layout, no messages: for tools and tests. */
+int outbox_mapper_new_table(OutboxMapper **out, const char *table, const char *subject_template,
+                            char *err, size_t errlen);
 void outbox_mapper_free(OutboxMapper *m);
 
-const char *outbox_mapper_schema(const OutboxMapper *m);
-const char *outbox_mapper_table(const OutboxMapper *m);
+/* The tables, numbered 0..ntables-1 in the order they were given. */
+size_t outbox_mapper_ntables(const OutboxMapper *m);
+const char *outbox_mapper_schema(const OutboxMapper *m, size_t i);
+const char *outbox_mapper_table(const OutboxMapper *m, size_t i);
 /* "schema.table", for messages. */
-const char *outbox_mapper_qualified(const OutboxMapper *m);
+const char *outbox_mapper_qualified(const OutboxMapper *m, size_t i);
+/* "public.a, public.b": the tables, for messages. */
+void outbox_mapper_describe_tables(const OutboxMapper *m, char *out, size_t n);
+/* The column of table i playing role (ROLE_*), or NULL when it has none. */
+const char *outbox_mapper_role_column(const OutboxMapper *m, size_t i, int role);
 
 /*
- * Checks a table's column names (as the catalog lists them) against what the mapper needs:
- * event_id, payload and every column the subject template names. Returns 0, or -1 with a
- * start-up error in err naming the missing column.
+ * Checks table i's column names (as the catalog lists them) against what the mapper needs:
+ * the event id and payload columns, every column the subject template reads and every
+ * --header column. Returns 0, or -1 with a start-up error in err naming the missing column.
  */
-int outbox_mapper_check_columns(const OutboxMapper *m, const char *const *names, size_t n,
-                                char *err, size_t errlen);
+int outbox_mapper_check_columns(const OutboxMapper *m, size_t i, const char *const *names,
+                                size_t n, char *err, size_t errlen);
 
 /*
- * Learns a relation from a decoded Relation message. Relations other than the outbox are
- * remembered as such. Returns 0, or -1 when the outbox table lacks a needed column.
+ * Learns a relation from a decoded Relation message. Relations other than the outbox tables
+ * are remembered as such. Returns 0, or -1 when an outbox table lacks a needed column.
  */
 int outbox_mapper_relation(OutboxMapper *m, const PgoMessage *rel, char *err, size_t errlen);
 
-/* True when relid is the outbox table (as learned from Relation messages). */
+/* True when relid is an outbox table (as learned from Relation messages). */
 bool outbox_mapper_is_outbox(const OutboxMapper *m, uint32_t relid);
+
+/* True when a decoded logical decoding message has the events' prefix (and messages are on). */
+bool outbox_mapper_wants_message(const OutboxMapper *m, const PgoMessage *msg);
+/* "message prefix outbox": where table-less events come from, for logs and dead letters. */
+const char *outbox_mapper_message_label(const OutboxMapper *m);
 
 /* Why a row cannot become an event: the outcome of outbox_map_insert(). */
 typedef enum OutboxReject {
@@ -111,6 +131,7 @@ typedef enum OutboxReject {
     OUTBOX_NULL_PAYLOAD,     /* null, or a bytea that is not hex */
     OUTBOX_INVALID_SUBJECT,  /* the expanded subject is too long */
     OUTBOX_UNKNOWN_RELATION, /* not an outbox table: a bug or a corrupt stream, never a row */
+    OUTBOX_INVALID_ENVELOPE, /* a message that is not a JSON object, or bad "headers" */
 } OutboxReject;
 
 /*
@@ -121,6 +142,16 @@ typedef enum OutboxReject {
  */
 OutboxReject outbox_map_insert(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
                                OutboxEvent *ev, char *err, size_t errlen);
+
+/*
+ * Maps a table-less event: a transactional logical decoding message whose content is the JSON
+ * envelope {"event_id": "...", "payload": <any JSON>, "aggregate_type": ..., "aggregate_id":
+ * ..., "event_type": ..., "occurred_at": ..., "schema_version": ..., "trace_id": ...,
+ * "headers": {"Name": "value"}}. The body is the payload's JSON text exactly as written; the
+ * message must stay alive while ev is used. Returns OUTBOX_OK or why it cannot be an event.
+ */
+OutboxReject outbox_map_message(OutboxMapper *m, const PgoMessage *msg, const OutboxTxn *txn,
+                                OutboxEvent *ev, char *err, size_t errlen);
 
 /* What a dead letter says about the event it replaces. Unknown parts are NULL. */
 typedef struct DeadLetter {
@@ -153,5 +184,9 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
  * refer to the message and the mapper. */
 void outbox_describe_row(OutboxMapper *m, const PgoMessage *ins, const OutboxTxn *txn,
                          uint32_t index, DeadLetter *dl);
+
+/* Fills dl from a message that outbox_map_message() rejected, as far as it allows. */
+void outbox_describe_message(OutboxMapper *m, const PgoMessage *msg, const OutboxTxn *txn,
+                             uint32_t index, DeadLetter *dl);
 
 #endif

@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "outboxd/outbox.h"
+
 #define PGSTREAM_CHECK_FAILED 1
 #define PGSTREAM_SLOT_BUSY 2 /* another session streams from the slot */
 
@@ -34,7 +36,7 @@ typedef struct PgSystem {
  * counts them into rows.
  */
 typedef struct PgBackfill {
-    int (*on_row)(void *arg, int ncols, const char *const *names, const uint32_t *types,
+    int (*on_row)(void *arg, size_t table, int ncols, const char *const *names, const uint32_t *types,
                   const char *const *values, const int *lens, char *err, size_t errlen);
     void *arg;
     bool count_only;
@@ -46,9 +48,7 @@ typedef struct PgBackfill {
 typedef struct PgSetup {
     const char *slot;
     const char *publication;
-    const char *schema;
-    const char *table;
-    const char *qualified; /* "schema.table" for messages */
+    const OutboxMapper *mapper; /* the outbox tables and the columns each needs */
     bool create;           /* create the publication and the slot when missing */
     PgBackfill *backfill;  /* NULL: the slot is created without a snapshot */
 } PgSetup;
@@ -77,16 +77,14 @@ int pgstream_identify(PgStream *s, PgSystem *sys, char *err, size_t errlen);
 
 /*
  * The start-up checks and setup, in the order that matters: wal_level, the role's REPLICATION
- * attribute, the table and its columns (column names handed to check_columns), then the
- * publication (created first when allowed) covering the table, then the slot (created after
+ * attribute, each outbox table and its columns (checked against the mapper), then the
+ * publication (created first when allowed) covering the tables, then the slot (created after
  * the publication when allowed; a slot made first would fail on the changes in between).
  * Returns 0, -1 on an unexpected error, or PGSTREAM_CHECK_FAILED with the failed check in err.
  * *created_slot tells whether this call created the slot.
  */
-typedef int (*PgColumnCheck)(void *arg, const char *const *names, size_t n, char *err,
-                             size_t errlen);
-int pgstream_setup(PgStream *s, const PgSetup *setup, PgColumnCheck check_columns, void *arg,
-                   bool *created_slot, char *err, size_t errlen);
+int pgstream_setup(PgStream *s, const PgSetup *setup, bool *created_slot, char *err,
+                   size_t errlen);
 
 typedef struct PgSlotInfo {
     bool exists;
@@ -110,8 +108,8 @@ int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t 
 
 /* START_REPLICATION SLOT slot LOGICAL start (proto_version 1, the publication). Returns
  * PGSTREAM_SLOT_BUSY when another session holds the slot. */
-int pgstream_start(PgStream *s, const char *slot, const char *publication, uint64_t start_lsn,
-                   char *err, size_t errlen);
+int pgstream_start(PgStream *s, const char *slot, const char *publication, bool messages,
+                   uint64_t start_lsn, char *err, size_t errlen);
 
 /*
  * Reads the next CopyData message without blocking. Returns 1 with buf and len set (valid until

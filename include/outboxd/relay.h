@@ -28,6 +28,10 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop);
  * The subject filter that covers every subject a template can produce: each token holding a
  * placeholder becomes "*" ("outbox.{a}.{b}" -> "outbox.*.*"). Appends it to out.
  */
-void relay_subject_filter(const char *tmpl, Buf *out);
+void relay_template_filter(const char *tmpl, Buf *out);
+
+/* The distinct filters of every template the relay publishes with (each table's, and the
+ * messages' when they are on), separated by spaces: "orders.* payments.*.*". */
+void relay_subject_filter(const Config *cfg, Buf *out);
 
 #endif

@@ -96,12 +96,17 @@ static void check_config(const Config *c)
     for (const char *p = c->slot; *p; p++)
         FUZZ_ASSERT((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_');
     FUZZ_ASSERT(c->publication && in_range((int64_t)strlen(c->publication), 1, 63));
-    FUZZ_ASSERT(c->table && c->table[0] != '\0');
-    FUZZ_ASSERT(c->subject);
-    SubjectTemplate *t;
-    char err[256];
-    FUZZ_ASSERT(subject_template_new(&t, c->subject, err, sizeof err) == 0);
-    subject_template_free(t);
+    FUZZ_ASSERT(c->ntables >= 1);
+    for (size_t i = 0; i < c->ntables; i++) {
+        const TableConfig *tc = &c->tables[i];
+        FUZZ_ASSERT(tc->table && tc->table[0] != '\0');
+        FUZZ_ASSERT(tc->subject && tc->columns && tc->body);
+        SubjectTemplate *t;
+        char err[256];
+        FUZZ_ASSERT(subject_template_new(&t, tc->subject, err, sizeof err) == 0);
+        subject_template_free(t);
+        FUZZ_ASSERT(config_role_column(tc, ROLE_EVENT_ID) && config_role_column(tc, ROLE_PAYLOAD));
+    }
     FUZZ_ASSERT(c->dead_letter_subject &&
                 subject_is_valid(c->dead_letter_subject, strlen(c->dead_letter_subject)));
     FUZZ_ASSERT(c->checkpoint_bucket && in_range((int64_t)strlen(c->checkpoint_bucket), 1, 64));
@@ -124,7 +129,8 @@ static bool same_config(const Config *a, const Config *b)
 {
     return str_eq(a->pg_url, b->pg_url) && str_eq(a->nats_url, b->nats_url) &&
            str_eq(a->slot, b->slot) && str_eq(a->publication, b->publication) &&
-           str_eq(a->table, b->table) && str_eq(a->subject, b->subject) &&
+           str_eq(a->t.table, b->t.table) && str_eq(a->t.subject, b->t.subject) &&
+           str_eq(a->t.headers, b->t.headers) && a->ntables == b->ntables &&
            a->create == b->create && a->max_inflight == b->max_inflight &&
            a->max_inflight_bytes == b->max_inflight_bytes &&
            a->ack_timeout_ms == b->ack_timeout_ms &&

@@ -146,7 +146,7 @@ static void map_one(OutboxMapper *m, const OutboxTxn *txn, uint32_t index, size_
         memset(&dl, 0, sizeof dl);
         dl.reason = "too_large";
         dl.detail = "the event is larger than the server allows";
-        dl.table = outbox_mapper_qualified(m);
+        dl.table = outbox_mapper_qualified(m, 0);
         dl.event_id = ev->msg_id;
         dl.event_id_len = strlen(ev->msg_id);
         dl.subject = ev->subject.data;
@@ -177,14 +177,50 @@ static void map_one(OutboxMapper *m, const OutboxTxn *txn, uint32_t index, size_
     check_dead_letter(dlq, &dl, max_body);
 }
 
+/* A logical decoding message: an event, or a dead letter saying why not. */
+static void map_message(OutboxMapper *m, const OutboxTxn *txn, uint32_t index,
+                        const PgoMessage *msg, OutboxEvent *ev, OutboxEvent *dlq)
+{
+    if (!outbox_mapper_wants_message(m, msg))
+        return;
+    char err[512];
+    err[0] = '\0';
+    OutboxReject rej = outbox_map_message(m, msg, txn, ev, err, sizeof err);
+    if (rej == OUTBOX_OK) {
+        FUZZ_ASSERT(ev->msg_id && ev->msg_id[0]);
+        FUZZ_ASSERT(subject_is_valid(ev->subject.data, ev->subject.len));
+        FUZZ_ASSERT(ev->body_len <= msg->u.message.len);
+        FUZZ_ASSERT(ev->body >= msg->u.message.content &&
+                    ev->body + ev->body_len <= msg->u.message.content + msg->u.message.len);
+        for (size_t i = 0; i < ev->nheaders; i++)
+            touch(ev->hvals.data + ev->headers[i].off, strlen(ev->hvals.data + ev->headers[i].off));
+        return;
+    }
+    FUZZ_ASSERT(err[0] != '\0');
+    DeadLetter dl;
+    outbox_describe_message(m, msg, txn, index, &dl);
+    dl.reason = "invalid_envelope";
+    dl.detail = err;
+    if (dl.event_id)
+        touch(dl.event_id, dl.event_id_len);
+    outbox_dead_letter(dlq, DLQ_SUBJECT, &dl, 256);
+    check_dead_letter(dlq, &dl, 256);
+}
+
 static int new_mapper(OutboxMapper **m, FuzzInput *in, Pool *pool)
 {
-    uint8_t tc = fuzz_u8(in), tb = fuzz_u8(in);
+    uint8_t tc = fuzz_u8(in), tb = fuzz_u8(in), shape = fuzz_u8(in);
     const char *tmpl = tc % 8 < 7 ? templates[tc % 8] : keep(pool, fuzz_str(in));
     const char *table = tb % 4 < 3 ? tables[tb % 4] : keep(pool, fuzz_str(in));
     char err[512];
     err[0] = '\0';
-    if (outbox_mapper_new(m, table, tmpl, err, sizeof err) < 0) {
+    /* The shape bits: envelope bodies, the Debezium layout, an extra header. */
+    TableConfig tcfg = {.table = (char *)table,
+                        .subject = (char *)tmpl,
+                        .body = shape & 1 ? "envelope" : "payload",
+                        .columns = shape & 2 ? "debezium" : "outboxd",
+                        .headers = shape & 4 ? "aggregate_id:Agg" : NULL};
+    if (outbox_mapper_new(m, &tcfg, 1, "outbox", tmpl, err, sizeof err) < 0) {
         FUZZ_ASSERT(err[0] != '\0'); /* may quote the table name, newlines and all */
         return -1;
     }
@@ -224,6 +260,9 @@ static void run_wire(FuzzInput *in, Pool *pool)
         case PGO_INSERT:
             map_one(m, &txn, index++, 256, &ev, &dlq);
             break;
+        case PGO_MESSAGE:
+            map_message(m, &txn, index++, msg, &ev, &dlq);
+            break;
         default:
             break;
         }
@@ -240,15 +279,15 @@ static void read_relation(FuzzInput *in, Pool *pool, const OutboxMapper *m)
     uint8_t names = fuzz_u8(in);
     switch (names % 4) {
     case 0: /* the outbox */
-        rel.u.relation.nspname = outbox_mapper_schema(m);
-        rel.u.relation.relname = outbox_mapper_table(m);
+        rel.u.relation.nspname = outbox_mapper_schema(m, 0);
+        rel.u.relation.relname = outbox_mapper_table(m, 0);
         break;
     case 1: /* same table, other schema */
         rel.u.relation.nspname = "other";
-        rel.u.relation.relname = outbox_mapper_table(m);
+        rel.u.relation.relname = outbox_mapper_table(m, 0);
         break;
     case 2:
-        rel.u.relation.nspname = outbox_mapper_schema(m);
+        rel.u.relation.nspname = outbox_mapper_schema(m, 0);
         rel.u.relation.relname = "orders";
         break;
     default:

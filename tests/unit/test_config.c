@@ -109,8 +109,8 @@ static void test_defaults(void)
     CHECK_STR(cfg.nats_url, "nats://127.0.0.1:4222");
     CHECK_STR(cfg.slot, "outboxd");
     CHECK_STR(cfg.publication, "outboxd");
-    CHECK_STR(cfg.table, "public.outbox");
-    CHECK_STR(cfg.subject, "outbox.{aggregate_type}.{event_type}");
+    CHECK_STR(cfg.t.table, "public.outbox");
+    CHECK_STR(cfg.t.subject, "outbox.{aggregate_type}.{event_type}");
     CHECK(cfg.create == true);
     CHECK(cfg.max_inflight == 4096);
     CHECK(cfg.max_inflight_bytes == 16 * 1024 * 1024);
@@ -174,9 +174,9 @@ static void test_env_and_flags(void)
     CHECK(cfg.shutdown_timeout_ms == 0);
     CHECK_STR(cfg.log_format, "json");
     CHECK_STR(cfg.nats_url, "nats://a:1,nats://b:2");
-    CHECK_STR(cfg.table, "app.events");
+    CHECK_STR(cfg.t.table, "app.events");
     CHECK_STR(cfg.publication, "pub");
-    CHECK_STR(cfg.subject, "ev.{type}");
+    CHECK_STR(cfg.t.subject, "ev.{type}");
     CHECK(cfg.create == true);
     config_deinit(&cfg);
 
@@ -430,7 +430,7 @@ static void test_argument_errors(void)
 
     /* "--" with nothing after it is fine; so is --key=--value */
     CHECK(parse(&cfg, PG, "--table=--x", "--", (char *)NULL) == 0);
-    CHECK_STR(cfg.table, "--x");
+    CHECK_STR(cfg.t.table, "--x");
     config_deinit(&cfg);
 
     e = FAILS("--slot=x");
@@ -520,6 +520,17 @@ static const char *write_conf(const char *text)
     return path;
 }
 
+/* The error of a parse with a settings file holding text (and --pg-url). */
+static const char *conf_error(Config *cfg, const char *text, int line)
+{
+    const char *path = write_conf(text);
+    char flag[128];
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    const char *e = parse_fails(cfg, line, flag, PG, (char *)NULL);
+    unlink(path);
+    return e;
+}
+
 static void test_kubernetes_service_variables_are_not_typos(void)
 {
     Config cfg;
@@ -585,21 +596,15 @@ static void test_settings_file(void)
     const char *e = FAILS(flag, PG);
     CHECK(strstr(e, ":2: unknown setting 'sloot'") != NULL);
     unlink(path);
-    path = write_conf("ack_timeout = soon\n");
-    snprintf(flag, sizeof flag, "--config=%s", path);
-    e = FAILS(flag, PG);
+    e = conf_error(&cfg, "ack_timeout = soon\n", __LINE__);
     CHECK(strstr(e, ":1: invalid value 'soon' for --ack-timeout") != NULL);
-    unlink(path);
     path = write_conf("pg_url = \"postgresql://u:hunter2@h/db\n");
     snprintf(flag, sizeof flag, "--config=%s", path);
     e = FAILS(flag);
     CHECK(strstr(e, "unbalanced quote") != NULL && strstr(e, "hunter2") == NULL);
     unlink(path);
-    path = write_conf("just words\n");
-    snprintf(flag, sizeof flag, "--config=%s", path);
-    e = FAILS(flag, PG);
+    e = conf_error(&cfg, "just words\n", __LINE__);
     CHECK(strstr(e, ":1: expected key = value") != NULL);
-    unlink(path);
     e = FAILS("--config=/nonexistent/outboxd.conf", PG);
     CHECK(strstr(e, "could not read settings file /nonexistent/outboxd.conf") != NULL);
 }
@@ -690,12 +695,80 @@ static void test_help(void)
     free(text);
 }
 
+/* Column roles, extra headers and [table] sections. */
+static void test_tables(void)
+{
+    Config cfg;
+    /* One table from the top level; --header repeats add up, a later source replaces. */
+    CHECK(parse(&cfg, PG, "--columns=debezium", "--column-occurred-at=created_at",
+                "--header=tenant:Tenant-Id", "--header", "region:Region", (char *)NULL) == 0);
+    CHECK(cfg.ntables == 1);
+    CHECK_STR(cfg.tables[0].table, "public.outbox");
+    CHECK_STR(cfg.tables[0].headers, "tenant:Tenant-Id,region:Region");
+    CHECK_STR(config_role_column(&cfg.tables[0], ROLE_EVENT_ID), "id");
+    CHECK_STR(config_role_column(&cfg.tables[0], ROLE_AGGREGATE_TYPE), "aggregatetype");
+    CHECK_STR(config_role_column(&cfg.tables[0], ROLE_OCCURRED_AT), "created_at");
+    CHECK(config_role_column(&cfg.tables[0], ROLE_TRACE_ID) == NULL);
+    CHECK(cfg.messages && strcmp(cfg.message_prefix, "outbox") == 0);
+    config_deinit(&cfg);
+    CHECK(parse(&cfg, PG, (char *)NULL) == 0);
+    CHECK_STR(config_role_column(&cfg.tables[0], ROLE_EVENT_ID), "event_id");
+    CHECK_STR(cfg.tables[0].body, "payload");
+    config_deinit(&cfg);
+
+    const char *e = FAILS(PG, "--header=tenant");
+    CHECK(strstr(e, "COLUMN:Header-Name") != NULL);
+    e = FAILS(PG, "--header=x:Nats-Expected-Stream");
+    CHECK(strstr(e, "reserved") != NULL);
+    e = FAILS(PG, "--columns=kafka");
+    CHECK(strstr(e, "outboxd, debezium") != NULL);
+    e = FAILS(PG, "--body=xml");
+    CHECK(strstr(e, "payload, envelope") != NULL);
+
+    /* Sections: each table inherits the top-level per-table values it does not set. */
+    const char *path = write_conf("subject = \"all.{event_type}\"\n"
+                                  "header = tenant:Tenant-Id\n"
+                                  "[table orders_outbox]\n"
+                                  "subject = orders.{aggregate_id}\n"
+                                  "[table \"billing.outbox\"]\n"
+                                  "columns = debezium\n"
+                                  "body = envelope\n"
+                                  "header = a:A\n"
+                                  "header = b:B\n");
+    char flag[128];
+    snprintf(flag, sizeof flag, "--config=%s", path);
+    CHECK(parse(&cfg, PG, flag, (char *)NULL) == 0);
+    CHECK(cfg.ntables == 2);
+    CHECK_STR(cfg.tables[0].table, "orders_outbox");
+    CHECK_STR(cfg.tables[0].subject, "orders.{aggregate_id}");
+    CHECK_STR(cfg.tables[0].headers, "tenant:Tenant-Id");
+    CHECK_STR(cfg.tables[0].columns, "outboxd");
+    CHECK_STR(cfg.tables[1].table, "billing.outbox");
+    CHECK_STR(cfg.tables[1].subject, "all.{event_type}");
+    CHECK_STR(cfg.tables[1].headers, "a:A,b:B");
+    CHECK_STR(cfg.tables[1].body, "envelope");
+    CHECK_STR(config_role_column(&cfg.tables[1], ROLE_EVENT_ID), "id");
+    config_deinit(&cfg);
+    /* --table next to sections is a contradiction */
+    e = FAILS(flag, PG, "--table=x");
+    CHECK(strstr(e, "[table] sections") != NULL);
+    unlink(path);
+
+    e = conf_error(&cfg, "[table a]\nslot = s\n", __LINE__);
+    CHECK(strstr(e, ":2: slot is not a per-table setting") != NULL);
+    e = conf_error(&cfg, "[table a]\n[table public.a]\n", __LINE__);
+    CHECK(strstr(e, ":2: table public.a has a section already") != NULL);
+    e = conf_error(&cfg, "[tables a]\n", __LINE__);
+    CHECK(strstr(e, ":1: expected a section header") != NULL);
+}
+
 int main(void)
 {
     clear_env();
     test_defaults();
     test_failure_settings();
     test_settings_file();
+    test_tables();
     test_kubernetes_service_variables_are_not_typos();
     test_env_and_flags();
     test_bool_forms();

@@ -19,6 +19,7 @@ static const struct {
     {"outboxd_events_duplicate_total", "counter"},
     {"outboxd_publish_errors_total", "counter"},
     {"outboxd_publish_retries_total", "counter"},
+    {"outboxd_messages_refused_total", "counter"},
     {"outboxd_dead_letter_total", "counter"},
     {"outboxd_in_flight_events", "gauge"},
     {"outboxd_oldest_pending_age_seconds", "gauge"},
@@ -271,6 +272,7 @@ static void test_names(void)
     CHECK_STR(metrics_dead_letter_name(DLR_NULL_PAYLOAD), "null_payload");
     CHECK_STR(metrics_dead_letter_name(DLR_TOO_LARGE), "too_large");
     CHECK_STR(metrics_dead_letter_name(DLR_INVALID_SUBJECT), "invalid_subject");
+    CHECK_STR(metrics_dead_letter_name(DLR_INVALID_ENVELOPE), "invalid_envelope");
     CHECK_STR(metrics_dead_letter_name(DLR_REJECTED), "rejected");
     CHECK_STR(metrics_dead_letter_name(DLR_COUNT), "unknown");
 }

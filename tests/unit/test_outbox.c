@@ -53,9 +53,9 @@ static void test_default_table(void)
 {
     OutboxMapper *m;
     char err[256];
-    CHECK(outbox_mapper_new(&m, "public.outbox", "outbox.{aggregate_type}.{event_type}", err,
+    CHECK(outbox_mapper_new_table(&m, "public.outbox", "outbox.{aggregate_type}.{event_type}", err,
                             sizeof(err)) == 0);
-    CHECK_STR(outbox_mapper_qualified(m), "public.outbox");
+    CHECK_STR(outbox_mapper_qualified(m, 0), "public.outbox");
     Col cols[] = {
         {"event_id", OID_UUID, "5e5f88a5-1281-4836-8412-0c2a3a9b23b2"},
         {"aggregate_type", OID_TEXT, "order"},
@@ -132,8 +132,8 @@ static void test_columns_by_name_and_bytea(void)
 {
     OutboxMapper *m;
     char err[256];
-    CHECK(outbox_mapper_new(&m, "events", "ev.{aggregate_id}", err, sizeof(err)) == 0);
-    CHECK_STR(outbox_mapper_qualified(m), "public.events");
+    CHECK(outbox_mapper_new_table(&m, "events", "ev.{aggregate_id}", err, sizeof(err)) == 0);
+    CHECK_STR(outbox_mapper_qualified(m, 0), "public.events");
     /* Another order, an extra column, a bytea payload. */
     Col cols[] = {
         {"extra", OID_TEXT, "x"},
@@ -174,28 +174,28 @@ static void test_start_up_column_check(void)
 {
     OutboxMapper *m;
     char err[256];
-    CHECK(outbox_mapper_new(&m, "public.outbox", "o.{tenant}", err, sizeof(err)) == 0);
+    CHECK(outbox_mapper_new_table(&m, "public.outbox", "o.{tenant}", err, sizeof(err)) == 0);
     const char *good[] = {"event_id", "payload", "tenant"};
-    CHECK(outbox_mapper_check_columns(m, good, 3, err, sizeof(err)) == 0);
+    CHECK(outbox_mapper_check_columns(m, 0, good, 3, err, sizeof(err)) == 0);
     const char *no_tenant[] = {"event_id", "payload"};
-    CHECK(outbox_mapper_check_columns(m, no_tenant, 2, err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_check_columns(m, 0, no_tenant, 2, err, sizeof(err)) < 0);
     CHECK(strstr(err, "subject template names column \"tenant\"") != NULL);
     const char *no_payload[] = {"event_id", "tenant"};
-    CHECK(outbox_mapper_check_columns(m, no_payload, 2, err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_check_columns(m, 0, no_payload, 2, err, sizeof(err)) < 0);
     CHECK(strstr(err, "has no column \"payload\"") != NULL);
     outbox_mapper_free(m);
 
-    CHECK(outbox_mapper_new(&m, "a.b.c", "o", err, sizeof(err)) < 0);
-    CHECK(outbox_mapper_new(&m, ".b", "o", err, sizeof(err)) < 0);
-    CHECK(outbox_mapper_new(&m, "a.", "o", err, sizeof(err)) < 0);
-    CHECK(outbox_mapper_new(&m, "t", "o.{", err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_new_table(&m, "a.b.c", "o", err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_new_table(&m, ".b", "o", err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_new_table(&m, "a.", "o", err, sizeof(err)) < 0);
+    CHECK(outbox_mapper_new_table(&m, "t", "o.{", err, sizeof(err)) < 0);
 }
 
 static void test_dead_letters(void)
 {
     OutboxMapper *m;
     char err[256];
-    CHECK(outbox_mapper_new(&m, "public.outbox", "outbox.{aggregate_type}", err, sizeof(err)) ==
+    CHECK(outbox_mapper_new_table(&m, "public.outbox", "outbox.{aggregate_type}", err, sizeof(err)) ==
           0);
     Col cols[] = {
         {"event_id", OID_TEXT, NULL},
@@ -248,6 +248,200 @@ static void test_dead_letters(void)
     outbox_mapper_free(m);
 }
 
+/* A Debezium outbox table through the preset: id, aggregatetype, aggregateid, type, payload;
+ * "{aggregate_type}" in the template reads aggregatetype. */
+static void test_debezium_preset_and_extra_headers(void)
+{
+    OutboxMapper *m;
+    char err[256];
+    TableConfig tc = {.table = "public.outboxevent",
+                      .subject = "outbox.event.{aggregate_type}.{aggregate_id}",
+                      .columns = "debezium",
+                      .headers = "tenant:Tenant-Id,created:Created-At"};
+    CHECK(outbox_mapper_new(&m, &tc, 1, NULL, NULL, err, sizeof(err)) == 0);
+    CHECK(outbox_mapper_role_column(m, 0, ROLE_EVENT_ID) != NULL);
+    CHECK_STR(outbox_mapper_role_column(m, 0, ROLE_EVENT_ID), "id");
+    CHECK(outbox_mapper_role_column(m, 0, ROLE_OCCURRED_AT) == NULL);
+    Col cols[] = {
+        {"id", OID_UUID, "0b6d6c3a-6c3e-4b87-9b4e-2f1e0c2d3a4b"},
+        {"aggregatetype", OID_TEXT, "Order"},
+        {"aggregateid", OID_TEXT, "o.17"},
+        {"type", OID_TEXT, "OrderCreated"},
+        {"payload", OID_JSONB, "{\"total\": 5}"},
+        {"tenant", OID_TEXT, "acme"},
+        {"created", OID_TIMESTAMPTZ, "2026-11-22 10:00:00+00"},
+    };
+    const char *names[] = {"id", "aggregatetype", "aggregateid", "type", "payload"};
+    CHECK(outbox_mapper_check_columns(m, 0, names, 5, err, sizeof(err)) < 0);
+    CHECK(strstr(err, "--header names column \"tenant\"") != NULL);
+    relation(20000, "public", "outboxevent", cols, 7);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    insert(20000, cols, 7);
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    CHECK_STR(ev.subject.data, "outbox.event.Order.o%2E17");
+    CHECK_STR(ev.msg_id, "0b6d6c3a-6c3e-4b87-9b4e-2f1e0c2d3a4b");
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_EVENT_TYPE), "OrderCreated");
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID), "o.17");
+    CHECK_STR(outbox_event_header(&ev, "Tenant-Id"), "acme");
+    CHECK_STR(outbox_event_header(&ev, "Created-At"), "2026-11-22T10:00:00Z");
+    CHECK_MEM(ev.body, ev.body_len, "{\"total\": 5}", 12);
+
+    /* A missing id names the column and the setting that changes it. */
+    const char *no_id[] = {"aggregatetype", "payload", "tenant", "created", "aggregateid"};
+    CHECK(outbox_mapper_check_columns(m, 0, no_id, 5, err, sizeof(err)) < 0);
+    CHECK(strstr(err, "no column \"id\"") != NULL && strstr(err, "--column-event-id") != NULL);
+    outbox_event_deinit(&ev);
+    outbox_mapper_free(m);
+}
+
+/* --body envelope: every column in one JSON object, typed. */
+static void test_envelope_body(void)
+{
+    OutboxMapper *m;
+    char err[256];
+    TableConfig tc = {.table = "outbox", .subject = "o.{event_type}", .body = "envelope"};
+    CHECK(outbox_mapper_new(&m, &tc, 1, NULL, NULL, err, sizeof(err)) == 0);
+    Col cols[] = {
+        {"event_id", OID_TEXT, "e1"},
+        {"event_type", OID_TEXT, "say \"hi\"\n"},
+        {"payload", OID_JSONB, "{\"a\": [1, 2]}"},
+        {"n", 20 /* int8 */, "-12"},
+        {"ok", 16 /* bool */, "t"},
+        {"x", 1700 /* numeric */, "NaN"},
+        {"gone", OID_TEXT, NULL},
+        {"raw", OID_BYTEA, "\\x00ff"},
+    };
+    relation(1, "public", "outbox", cols, 8);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    insert(1, cols, 8);
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    const char *want = "{\"event_id\":\"e1\",\"event_type\":\"say \\\"hi\\\"\\u000A\","
+                       "\"payload\":{\"a\": [1, 2]},\"n\":-12,\"ok\":true,\"x\":\"NaN\","
+                       "\"gone\":null,\"raw\":\"\\\\x00ff\"}";
+    CHECK_MEM(ev.body, ev.body_len, want, strlen(want));
+    outbox_event_deinit(&ev);
+    outbox_mapper_free(m);
+}
+
+/* Two tables, each with its own template; other relations are not outbox tables. */
+static void test_several_tables(void)
+{
+    OutboxMapper *m;
+    char err[256];
+    TableConfig tcs[] = {
+        {.table = "orders_outbox", .subject = "orders.{aggregate_id}"},
+        {.table = "billing.outbox", .subject = "billing.{event_type}"},
+    };
+    CHECK(outbox_mapper_new(&m, tcs, 2, NULL, NULL, err, sizeof(err)) == 0);
+    CHECK(outbox_mapper_ntables(m) == 2);
+    char text[128];
+    outbox_mapper_describe_tables(m, text, sizeof(text));
+    CHECK_STR(text, "public.orders_outbox, billing.outbox");
+    Col cols[] = {
+        {"event_id", OID_TEXT, "a"},
+        {"aggregate_id", OID_TEXT, "7"},
+        {"event_type", OID_TEXT, "paid"},
+        {"payload", OID_TEXT, "x"},
+    };
+    relation(10, "public", "orders_outbox", cols, 4);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    relation(11, "billing", "outbox", cols, 4);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    relation(12, "public", "outbox", cols, 4);
+    CHECK(outbox_mapper_relation(m, msg, err, sizeof(err)) == 0);
+    CHECK(outbox_mapper_is_outbox(m, 10) && outbox_mapper_is_outbox(m, 11));
+    CHECK(!outbox_mapper_is_outbox(m, 12));
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+    insert(10, cols, 4);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    CHECK_STR(ev.subject.data, "orders.7");
+    insert(11, cols, 4);
+    CHECK(outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    CHECK_STR(ev.subject.data, "billing.paid");
+    outbox_event_deinit(&ev);
+    outbox_mapper_free(m);
+
+    TableConfig twice[] = {{.table = "t", .subject = "a"}, {.table = "public.t", .subject = "b"}};
+    CHECK(outbox_mapper_new(&m, twice, 2, NULL, NULL, err, sizeof(err)) < 0);
+    CHECK(strstr(err, "listed twice") != NULL);
+}
+
+static void message(uint8_t flags, const char *prefix, const char *content)
+{
+    memset(msg, 0, sizeof(*msg));
+    msg->kind = PGO_MESSAGE;
+    msg->u.message.flags = flags;
+    msg->u.message.prefix = prefix;
+    msg->u.message.content = content;
+    msg->u.message.len = (uint32_t)strlen(content);
+}
+
+/* Table-less events: the envelope's fields, the payload's exact text as the body. */
+static void test_messages(void)
+{
+    OutboxMapper *m;
+    char err[256];
+    TableConfig tc = {.table = "outbox", .subject = "outbox.{aggregate_type}.{event_type}"};
+    CHECK(outbox_mapper_new(&m, &tc, 1, "outbox", tc.subject, err, sizeof(err)) == 0);
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+
+    message(1, "other", "{}");
+    CHECK(!outbox_mapper_wants_message(m, msg));
+    const char *env = "{\"event_id\": \"m-1\", \"aggregate_type\": \"cart\", \"event_type\": "
+                      "\"checked.out\", \"aggregate_id\": 99, \"schema_version\": 2, "
+                      "\"payload\": {\"big\": 123456789012345678901234567890, \"s\": \"}\\\"\"}, "
+                      "\"occurred_at\": \"2026-11-22 09:00:00+00\", "
+                      "\"headers\": {\"Tenant-Id\": \"acme\"}}";
+    message(1, "outbox", env);
+    CHECK(outbox_mapper_wants_message(m, msg));
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    CHECK_STR(ev.msg_id, "m-1");
+    CHECK_STR(ev.subject.data, "outbox.cart.checked%2Eout");
+    const char *body = "{\"big\": 123456789012345678901234567890, \"s\": \"}\\\"\"}";
+    CHECK_MEM(ev.body, ev.body_len, body, strlen(body));
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID), "99");
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_SCHEMA_VERSION), "2");
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_OCCURRED_AT), "2026-11-22T09:00:00Z");
+    CHECK_STR(outbox_event_header(&ev, "Tenant-Id"), "acme");
+    CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_COMMIT_LSN), "0/16B3748");
+
+    /* A string payload is JSON text too: the quotes stay. */
+    message(1, "outbox", "{\"payload\":\"plain\",\"event_id\":\"m-2\"}");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_OK);
+    CHECK_MEM(ev.body, ev.body_len, "\"plain\"", 7);
+    CHECK_STR(ev.subject.data, "outbox._._");
+
+    /* What cannot be an event says why. */
+    message(1, "outbox", "not json");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_ENVELOPE);
+    message(1, "outbox", "[1]");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_ENVELOPE);
+    message(1, "outbox", "{\"event_id\": 5, \"payload\": 1}");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_EVENT_ID);
+    message(1, "outbox", "{\"event_id\": \"x\"}");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_NULL_PAYLOAD);
+    message(1, "outbox", "{\"event_id\": \"x\", \"payload\": null}");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_NULL_PAYLOAD);
+    message(1, "outbox", "{\"event_id\": \"x\", \"payload\": 1, \"headers\": {\"Nats-Expected-Stream\": \"s\"}}");
+    CHECK(outbox_map_message(m, msg, &txn, &ev, err, sizeof(err)) == OUTBOX_INVALID_ENVELOPE);
+    CHECK(strstr(err, "headers") != NULL);
+
+    DeadLetter dl;
+    message(1, "outbox", "{\"event_id\": \"bad id\", \"payload\": 1}");
+    outbox_describe_message(m, msg, &txn, 3, &dl);
+    CHECK_STR(dl.table, "message prefix outbox");
+    CHECK(dl.event_id && dl.event_id_len == 6 && memcmp(dl.event_id, "bad id", 6) == 0);
+    CHECK(dl.index == 3 && dl.body_len == msg->u.message.len);
+    outbox_event_deinit(&ev);
+    outbox_mapper_free(m);
+}
+
 int main(void)
 {
     msg = malloc(sizeof(*msg));
@@ -255,6 +449,10 @@ int main(void)
     test_columns_by_name_and_bytea();
     test_start_up_column_check();
     test_dead_letters();
+    test_debezium_preset_and_extra_headers();
+    test_envelope_body();
+    test_several_tables();
+    test_messages();
     free(msg);
     return check_report("test_outbox");
 }
