@@ -290,7 +290,9 @@ static int create_publication(PgStream *s, const PgSetup *setup, char *err, size
         if (!put_table(s, &sql, m, t, err, errlen))
             goto done;
     }
-    buf_puts(&sql, " WITH (publish = 'insert')");
+    /* A partitioned outbox is published under its root's name, the one the relay looks for;
+     * without this, inserts would come as the partitions' and match no outbox table. */
+    buf_puts(&sql, " WITH (publish = 'insert', publish_via_partition_root = true)");
     if (command(s, sql.data, "could not create publication", NULL, err, errlen) < 0)
         goto done;
     for (size_t t = 0; t < outbox_mapper_ntables(m); t++)

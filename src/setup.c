@@ -229,7 +229,9 @@ static int plan_init(Plan *p, const Config *cfg, const SetupOptions *opts)
     p->create_schema = strf("CREATE SCHEMA IF NOT EXISTS %s", qs);
     p->create_table = strf("CREATE TABLE IF NOT EXISTS %s (\n%s)", p->q_table, outbox_columns);
     p->create_pub =
-        strf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert')", qp, p->q_table);
+        strf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert', "
+             "publish_via_partition_root = true)",
+             qp, p->q_table);
     p->add_table = strf("ALTER PUBLICATION %s ADD TABLE %s", qp, p->q_table);
     p->create_role = strf("CREATE ROLE %s LOGIN REPLICATION", qr);
     p->alter_role = strf("ALTER ROLE %s LOGIN REPLICATION", qr);

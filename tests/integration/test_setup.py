@@ -105,7 +105,7 @@ def test_setup_prints_sql_and_stream_and_creates_nothing(ctx, pg, nats, role):
         "the table's columns differ from scripts/outbox.sql"
     assert "DO $outboxd$" in out
     assert f"IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = '{ctx.publication}')" in out
-    assert f"""CREATE PUBLICATION "{ctx.publication}" FOR TABLE {qtable} WITH (publish = 'insert');""" in out
+    assert f"""CREATE PUBLICATION "{ctx.publication}" FOR TABLE {qtable} WITH (publish = 'insert', publish_via_partition_root = true);""" in out
     assert f'ALTER PUBLICATION "{ctx.publication}" ADD TABLE {qtable};' in out
     assert f"IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = '{role}')" in out
     assert f'CREATE ROLE "{role}" LOGIN REPLICATION;' in out
