@@ -10,6 +10,7 @@
  *   outboxd slot list [--json] | create | advance (--to LSN | --past-commit LSN) [--yes]
  *                | drop [--with-bookmarks | --bookmarks-only] [--yes]   [settings]
  *   outboxd rewind --to TIME|LSN [--yes] [settings]
+ *   outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
@@ -26,6 +27,7 @@
 #include "outboxd/jetstream.h"
 #include "outboxd/log.h"
 #include "outboxd/pgstream.h"
+#include "outboxd/prune.h"
 #include "outboxd/relay.h"
 #include "outboxd/replay.h"
 #include "outboxd/setup.h"
@@ -78,6 +80,12 @@ static void usage(FILE *out)
                  "                             put the slot back to a bookmark so that the\n"
                  "                             transactions committed at or after the target are\n"
                  "                             published again (the relay must be stopped)\n"
+                 "  outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run]\n"
+                 "                [settings]\n"
+                 "                             delete outbox rows whose occurred_at is older\n"
+                 "                             than AGE (30s, 12h, 7d) in batches of N (1000),\n"
+                 "                             only rows the relay has confirmed: waits up to\n"
+                 "                             --wait (30s) for the slot, else deletes nothing\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
                  "Settings (flag > environment > settings file > default):\n",
@@ -449,6 +457,60 @@ static int cmd_rewind(int argc, char **argv)
     return with_config(nrest, rest, run_rewind, &opts);
 }
 
+static int run_prune(const Config *cfg, void *arg)
+{
+    return prune_run(cfg, arg);
+}
+
+static int cmd_prune(int argc, char **argv)
+{
+    PruneOptions opts = {.older_than_ms = -1, .batch = PRUNE_DEFAULT_BATCH,
+                         .wait_ms = PRUNE_DEFAULT_WAIT_MS};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--dry-run") == 0) {
+            opts.dry_run = true;
+        } else if ((v = option_value(argc, argv, &i, "--older-than", &bad))) {
+            if (!prune_parse_age(v, &opts.older_than_ms)) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --older-than: expected an age "
+                                "such as 90s, 12h or 7d\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+        } else if ((v = option_value(argc, argv, &i, "--wait", &bad))) {
+            if (!config_parse_duration_ms(v, &opts.wait_ms)) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --wait: expected a duration "
+                                "such as 500ms, 10s or 2m\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+        } else if ((v = option_value(argc, argv, &i, "--batch", &bad))) {
+            char *end;
+            long long n = strtoll(v, &end, 10);
+            if (*v == '\0' || *end != '\0' || n < 1 || n > 1000000) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --batch: expected rows per "
+                                "batch, 1 to 1000000\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+            opts.batch = n;
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    if (opts.older_than_ms < 0) {
+        fprintf(stderr, "outboxd: prune needs --older-than AGE (e.g. 7d)\n");
+        return EXIT_OUTBOXD_USAGE;
+    }
+    return with_config(nrest, rest, run_prune, &opts);
+}
+
 int main(int argc, char **argv)
 {
     const char *cmd = argc > 1 ? argv[1] : NULL;
@@ -476,6 +538,8 @@ int main(int argc, char **argv)
         return cmd_slot(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "rewind") == 0)
         return cmd_rewind(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "prune") == 0)
+        return cmd_prune(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
         return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);
