@@ -59,8 +59,8 @@
  *    ANY(...) over a partitioned table could delete unrelated rows (drop old partitions
  *    instead, README).
  *    The cutoff C is now() - --older-than, computed once with the fence, so every batch and a
- *    dry run use the same one. Rows count by PRUNE_TIME_COLUMN ("occurred_at"); prune_table()
- *    takes the table and the column so that several tables can be pruned with one fence.
+ *    dry run use the same one. Rows are aged by each table's occurred-at column
+ *    (--column-occurred-at); every outbox table is pruned behind the one fence.
  *
  * What the fence does not see: rows that never reach the WAL stream at all, i.e. rows that
  * were in the table before the slot existed. The relay backfills them before it streams, and
@@ -77,6 +77,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "outboxd/outbox.h"
 #include "outboxd/relay.h"
 #include "outboxd/util.h"
 
@@ -360,17 +361,6 @@ static int wait_confirmed(PgStream *pg, const char *slot, const PruneFence *fenc
     return EXIT_OUTBOXD_FAILURE;
 }
 
-/* Splits "schema.table" or "table" (schema public). Returns false on another shape. */
-static bool split_table(const char *name, char **schema, char **table)
-{
-    const char *dot = strchr(name, '.');
-    if (name[0] == '\0' || (dot && (dot == name || dot[1] == '\0' || strchr(dot + 1, '.'))))
-        return false;
-    *schema = dot ? xstrndup(name, (size_t)(dot - name)) : xstrdup("public");
-    *table = xstrdup(dot ? dot + 1 : name);
-    return true;
-}
-
 static void describe_age(int64_t ms, char *out, size_t outlen)
 {
     if (ms > 0 && ms % 86400000 == 0)
@@ -385,33 +375,54 @@ static void describe_age(int64_t ms, char *out, size_t outlen)
         snprintf(out, outlen, "%" PRId64 "ms", ms);
 }
 
+/* The column outbox table t is aged by: its occurred-at column. */
+static const char *time_column(const OutboxMapper *m, size_t t, char *err, size_t errlen)
+{
+    const char *col = outbox_mapper_role_column(m, t, ROLE_OCCURRED_AT);
+    if (!col)
+        snprintf(err, errlen,
+                 "prune ages rows by their occurred-at column, and %s has none: name a "
+                 "timestamptz column with --column-occurred-at",
+                 outbox_mapper_qualified(m, t));
+    return col;
+}
+
 int prune_run(const Config *cfg, const PruneOptions *opts)
 {
     char err[1024];
-    char *schema = NULL, *table = NULL;
+    OutboxMapper *m = NULL;
     PgStream *pg = NULL;
     int code;
-    if (!split_table(cfg->table, &schema, &table)) {
-        snprintf(err, sizeof(err), "invalid outbox table name '%s': expected schema.table or table",
-                 cfg->table);
+    if (outbox_mapper_from_config(&m, cfg, err, sizeof(err)) < 0) {
         code = EXIT_OUTBOXD_USAGE;
         goto fail;
+    }
+    size_t n = outbox_mapper_ntables(m);
+    for (size_t t = 0; t < n; t++) {
+        if (!time_column(m, t, err, sizeof(err))) {
+            code = EXIT_OUTBOXD_USAGE;
+            goto fail;
+        }
     }
     if (pgstream_connect_plain(&pg, cfg->pg_url, err, sizeof(err)) != 0) {
         code = EXIT_OUTBOXD_CHECK;
         goto fail;
     }
-    /* The slot and the table first: without them there is nothing to wait for. */
+    /* The slot and the tables first: without them there is nothing to wait for. */
     SlotState st;
     if (read_slot(pg, cfg->slot, &st, err, sizeof(err)) < 0) {
         code = EXIT_OUTBOXD_FAILURE;
         goto fail;
     }
-    if ((code = check_slot(&st, cfg->slot, err, sizeof(err))) != 0 ||
-        (code = check_table(pg, cfg->publication, schema, table, PRUNE_TIME_COLUMN, err,
-                            sizeof(err))) != 0)
+    if ((code = check_slot(&st, cfg->slot, err, sizeof(err))) != 0)
         goto fail;
+    for (size_t t = 0; t < n; t++)
+        if ((code = check_table(pg, cfg->publication, outbox_mapper_schema(m, t),
+                                outbox_mapper_table(m, t), time_column(m, t, err, sizeof(err)),
+                                err, sizeof(err))) != 0)
+            goto fail;
 
+    /* One fence for every table: they share the slot. */
     int64_t started = now_mono_us();
     PruneFence fence;
     if (take_fence(pg, opts->older_than_ms, &fence, err, sizeof(err)) < 0) {
@@ -421,32 +432,35 @@ int prune_run(const Config *cfg, const PruneOptions *opts)
     if ((code = wait_confirmed(pg, cfg->slot, &fence, opts->wait_ms, err, sizeof(err))) != 0)
         goto fail;
 
-    PruneResult res;
-    code = prune_table(pg, &fence, cfg->publication, schema, table, PRUNE_TIME_COLUMN, opts, &res,
-                       err, sizeof(err));
-    double secs = (double)(now_mono_us() - started) / 1e6;
     char age[32], lsn[18];
     describe_age(opts->older_than_ms, age, sizeof(age));
     lsn_format(fence.lsn, lsn);
-    if (code == 0 && opts->dry_run)
-        printf("would delete %" PRId64
-               " rows from %s.%s (%s older than %s; slot confirmed past %s);"
-               " dry run, deleted nothing (%.1f s)\n",
-               res.rows, schema, table, PRUNE_TIME_COLUMN, age, lsn, secs);
-    else if (res.batches > 0)
-        printf("deleted %" PRId64 " rows from %s.%s in %" PRId64 " batch%s of at most %" PRId64
-               " in %.1f s (%s older than %s; slot confirmed past %s)\n",
-               res.rows, schema, table, res.batches, res.batches == 1 ? "" : "es", opts->batch,
-               secs, PRUNE_TIME_COLUMN, age, lsn);
-    if (code != 0)
-        goto fail;
+    for (size_t t = 0; t < n; t++) {
+        const char *schema = outbox_mapper_schema(m, t), *table = outbox_mapper_table(m, t);
+        const char *column = time_column(m, t, err, sizeof(err));
+        PruneResult res;
+        code = prune_table(pg, &fence, cfg->publication, schema, table, column, opts, &res, err,
+                           sizeof(err));
+        double secs = (double)(now_mono_us() - started) / 1e6;
+        if (code == 0 && opts->dry_run)
+            printf("would delete %" PRId64
+                   " rows from %s.%s (%s older than %s; slot confirmed past %s);"
+                   " dry run, deleted nothing (%.1f s)\n",
+                   res.rows, schema, table, column, age, lsn, secs);
+        else if (res.batches > 0)
+            printf("deleted %" PRId64 " rows from %s.%s in %" PRId64 " batch%s of at most %" PRId64
+                   " in %.1f s (%s older than %s; slot confirmed past %s)\n",
+                   res.rows, schema, table, res.batches, res.batches == 1 ? "" : "es",
+                   opts->batch, secs, column, age, lsn);
+        if (code != 0)
+            goto fail;
+    }
     goto done;
 fail:
     text_one_line(err);
     fprintf(stderr, "outboxd: %s\n", err);
 done:
     pgstream_free(pg);
-    free(schema);
-    free(table);
+    outbox_mapper_free(m);
     return code;
 }

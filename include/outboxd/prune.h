@@ -14,8 +14,6 @@
 
 #define PRUNE_DEFAULT_BATCH 1000
 #define PRUNE_DEFAULT_WAIT_MS INT64_C(30000)
-/* The column prune ages rows by, until a setting names it. */
-#define PRUNE_TIME_COLUMN "occurred_at"
 
 typedef struct PruneOptions {
     int64_t older_than_ms; /* rows whose time column is older than now minus this */

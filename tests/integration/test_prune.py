@@ -165,3 +165,30 @@ def test_prune_refusals(ctx, pg, js):
     r = check(prune(ctx, "--older-than=1d", table=unpublished), 3)
     assert "does not publish inserts into" in r.stderr, r.stderr
     assert pg.scalar(f"SELECT count(*) FROM {unpublished}") == 2
+
+
+@pytest.mark.timeout(120)
+def test_prune_every_table_by_its_mapped_time_column(ctx, pg, js):
+    ctx.add_stream()
+    a, b = f"public.pa_{ctx.tag}", f"public.pb_{ctx.tag}"
+    for t in (a, b):
+        pg.sql(f"CREATE TABLE {t} (id text PRIMARY KEY, aggregatetype text, aggregateid text, type text, "
+               "payload jsonb, created_at timestamptz NOT NULL)")
+    conf = ctx.dir / "tables.conf"
+    conf.write_text(f"columns = debezium\n[table {a}]\n[table {b}]\n")
+    ctx.start_relay(f"--config={conf}", "--status-interval=500ms", table=None)
+    for t in (a, b):
+        pg.sql(f"INSERT INTO {t} VALUES ('{t}-old', 'o', '1', 'x', '{{}}', now() - interval '3 days'), "
+               f"('{t}-new', 'o', '1', 'x', '{{}}', now())")
+    js.wait_count(ctx.stream, 4, 60)
+
+    base = [str(relay_bin()), "prune", "--older-than=1d", f"--pg-url={ctx.pg.dsn}", f"--slot={ctx.slot}",
+            f"--publication={ctx.publication}", f"--config={conf}"]
+    run = lambda *extra: subprocess.run([*base, *extra], capture_output=True, text=True, timeout=60,  # noqa: E731
+                                        env=clean_env(), stdin=subprocess.DEVNULL)
+    # Without a time column for the layout, prune says which setting names one.
+    r = run()
+    assert r.returncode == 2 and "--column-occurred-at" in r.stderr, r.stderr
+    r = check(run("--column-occurred-at=created_at"))
+    assert [m.group(2) for m in SUMMARY_RE.finditer(r.stdout)] == [a, b], r.stdout
+    assert {row[0] for row in pg.sql(f"SELECT id FROM {a} UNION ALL SELECT id FROM {b}")} == {f"{a}-new", f"{b}-new"}
