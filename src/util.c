@@ -53,10 +53,16 @@ char *xstrndup(const char *s, size_t n)
 
 char *vstrf(const char *fmt, va_list ap)
 {
+    /* Most strings fit a small buffer: format once into it, again only when it was short. */
+    char small[256];
     va_list aq;
     va_copy(aq, ap);
-    int n = vsnprintf(NULL, 0, fmt, aq);
+    int n = vsnprintf(small, sizeof small, fmt, aq);
     va_end(aq);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n < sizeof small)
+        return xstrndup(small, (size_t)n);
     char *s = xmalloc((size_t)n + 1);
     vsnprintf(s, (size_t)n + 1, fmt, ap);
     return s;
