@@ -7,10 +7,15 @@
  * subject "<inbox>.<seq>.<attempt>" and one wildcard subscription receives every answer, so an
  * answer finds its ring slot from its own subject in O(1), with no map and no lock.
  *
- * Threads: the relay's thread publishes and polls; nats.c's subscription thread runs on_reply(),
- * which only compare-and-swaps the slot's state word and, when the relay sleeps, pokes an
- * eventfd. The state word packs (seq, attempt, error code, state), so an answer for an event
- * whose slot was already reused, or for an earlier attempt, fails the swap and is ignored.
+ * Threads: the relay's thread publishes, and takes in the answers itself in publisher_poll():
+ * the subscription is synchronous, so nats.c's reader thread only queues an answer and wakes no
+ * other thread for it (an asynchronous subscription hands every answer to a delivery thread,
+ * which cost a thread switch per event). The relay does not learn of an answer the moment it
+ * arrives: while events are in flight, publisher_next_deadline() is at most ACK_POLL_US away,
+ * so the relay looks that often and takes in every answer queued by then in one go. Each answer
+ * compare-and-swaps its slot's state word, which packs (seq, attempt, error code, state): an
+ * answer for an event whose slot was already reused, or for an earlier attempt, fails the swap
+ * and is ignored. nats.c's connection callbacks still run on its thread; they poke an eventfd.
  *
  * Recovery is go-back-N: a timeout does not mean "not stored", and later publishes can succeed
  * while earlier ones fail, so retrying one event alone would reorder the stream. Instead the
@@ -52,6 +57,9 @@ enum { JS_WRONG_LAST_MSG_ID = 10070, JS_MESSAGE_TOO_LARGE = 10054 };
 #define SEQ_MASK ((UINT64_C(1) << SEQ_BITS) - 1)
 /* Room left for a dead letter's headers below max_payload. */
 #define DEAD_LETTER_HEADER_ROOM 4096
+/* How often the relay takes in acknowledgements while events are in flight. Longer batches
+ * more answers per wake-up; it adds up to this much to the commit-to-ack latency. */
+#define ACK_POLL_US INT64_C(1000)
 
 static inline uint64_t state_word(uint64_t seq, unsigned attempt, unsigned code, unsigned st)
 {
@@ -115,7 +123,6 @@ struct Publisher {
     char fatal_msg[512];
     OutboxEvent dlq;     /* scratch for dead letters built from a refused message */
     int wake_fd;
-    atomic_bool wake_armed;
     atomic_bool closing; /* we are closing the connection ourselves */
     atomic_bool closed;  /* nats.c ran the closed callback: no callback of ours runs after it */
     char urls[512];      /* without credentials, for messages */
@@ -155,7 +162,7 @@ static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
     return -1;
 }
 
-/* ---- the reply thread ---------------------------------------------------------------------- */
+/* ---- answers ---------------------------------------------------------------------- */
 
 /* True when the JSON object text has "key": true (any spacing: nats-server 2.9 writes
  * "duplicate": true, with a space). */
@@ -221,9 +228,8 @@ static bool parse_reply_subject(const char *subj, uint64_t *seq, unsigned *attem
     return *end == '\0';
 }
 
-static void on_reply(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
+static void take_reply(Publisher *p, natsMsg *msg)
 {
-    Publisher *p = closure;
     uint64_t seq;
     unsigned attempt;
     if (parse_reply_subject(natsMsg_GetSubject(msg), &seq, &attempt)) {
@@ -232,14 +238,26 @@ static void on_reply(natsConnection *nc, natsSubscription *sub, natsMsg *msg, vo
         Slot *slot = &p->ring[seq & p->mask];
         uint64_t expect = state_word(seq, attempt, 0, ST_INFLIGHT);
         atomic_compare_exchange_strong(&slot->state, &expect, state_word(seq, attempt, code, st));
-        if (atomic_exchange(&p->wake_armed, false)) {
-            uint64_t one = 1;
-            ssize_t ignored = write(p->wake_fd, &one, sizeof(one));
-            (void)ignored;
-        }
     }
     /* Anything else (a checkpoint write's answer) needs no handling. */
     natsMsg_Destroy(msg);
+}
+
+/* Takes in every answer queued on the subscription. */
+static void take_replies(Publisher *p)
+{
+    int n = 0;
+    if (natsSubscription_GetPending(p->sub, &n, NULL) != NATS_OK)
+        return;
+    for (; n > 0; n--) {
+        natsMsg *msg = NULL;
+        natsStatus s = natsSubscription_NextMsg(&msg, p->sub, 0);
+        if (s == NATS_SLOW_CONSUMER)
+            continue; /* cannot happen without pending limits; lost answers time out */
+        if (s != NATS_OK)
+            break;
+        take_reply(p, msg);
+    }
 }
 
 static void on_disconnected(natsConnection *nc, void *closure)
@@ -315,7 +333,6 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         snprintf(err, errlen, "could not create an eventfd: %s", strerror(errno));
         goto done;
     }
-    atomic_init(&p->wake_armed, true);
 
     natsStatus s = natsOptions_Create(&no);
     if (s == NATS_OK && jsapi_apply_security(no, err, errlen) < 0) {
@@ -391,7 +408,7 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
 
     char wildcard[80];
     snprintf(wildcard, sizeof(wildcard), "%s.>", p->inbox);
-    s = natsConnection_Subscribe(&p->sub, p->nc, wildcard, on_reply, p);
+    s = natsConnection_SubscribeSync(&p->sub, p->nc, wildcard);
     if (s == NATS_OK) /* acks must never be dropped as a slow consumer */
         s = natsSubscription_SetPendingLimits(p->sub, -1, -1);
     if (s == NATS_OK)
@@ -805,6 +822,7 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             pause_publishing(p, now, PUBERR_CONNECTION, "lost the connection to NATS");
     }
 
+    take_replies(p);
     int64_t now_unix = now_unix_us();
     while (p->head < p->next && !p->fatal) {
         Slot *slot = &p->ring[p->head & p->mask];
@@ -873,11 +891,17 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
 
 int64_t publisher_next_deadline(const Publisher *p)
 {
-    if (p->paused)
-        return p->resume_at;
     if (p->head == p->next)
-        return INT64_MAX;
-    return p->ring[p->head & p->mask].sent_at + p->ack_timeout_us;
+        return p->paused ? p->resume_at : INT64_MAX;
+    int64_t due = p->paused ? p->resume_at
+                            : p->ring[p->head & p->mask].sent_at + p->ack_timeout_us;
+    /* Answers are queued without waking anyone: look again soon while they may arrive. */
+    if (atomic_load(&p->connected)) {
+        int64_t look = now_mono_us() + ACK_POLL_US;
+        if (look < due)
+            due = look;
+    }
+    return due;
 }
 
 int publisher_wake_fd(const Publisher *p)
@@ -890,7 +914,6 @@ void publisher_rearm(Publisher *p)
     uint64_t v;
     ssize_t ignored = read(p->wake_fd, &v, sizeof(v));
     (void)ignored;
-    atomic_store(&p->wake_armed, true);
 }
 
 /* ---- the durable checkpoint ------------------------------------------------------------------ */

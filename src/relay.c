@@ -24,8 +24,8 @@
  * updates flowing. A row that can never become an event goes to the dead-letter subject in its
  * place, or stops the relay (--on-poison=stop) without confirming anything past it.
  *
- * One thread does everything here; only publish acknowledgements arrive on nats.c's thread,
- * and the publisher hides them behind publisher_poll().
+ * One thread does everything here; nats.c's reader thread queues publish acknowledgements, and
+ * the publisher takes them in on this thread in publisher_poll().
  */
 #include "outboxd/relay.h"
 
@@ -441,7 +441,8 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
 
 /* ---- the loop ---------------------------------------------------------------------------------- */
 
-/* Waits for the PostgreSQL socket (when want_pg), an acknowledgement or the deadline;
+/* Waits for the PostgreSQL socket (when want_pg), a change of the NATS connection or the
+ * deadline (publisher_next_deadline() brings it close while acknowledgements are due);
  * *pg_ready tells whether the socket has data. */
 static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready)
 {

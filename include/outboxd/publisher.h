@@ -5,8 +5,8 @@
  * Each published event gets a sequence number (1, 2, 3, ... in publish order) and a slot in a
  * ring until JetStream acknowledges it. The relay learns through publisher_poll() how far the
  * acknowledged prefix reaches: every event with a lower sequence number than first_unacked is
- * stored in the stream. Acks are delivered on nats.c's thread; the ring slot's atomic state word
- * is all that thread touches, so publishing never takes a lock.
+ * stored in the stream. nats.c's reader thread queues the acks; publisher_poll() takes them in
+ * on the relay's thread, so handing over an ack wakes no thread.
  *
  * When a publish fails for a reason that can pass (a timeout, a lost connection, no responders
  * while a stream elects a leader, a broken order chain), the publisher pauses: no new events are
@@ -94,12 +94,13 @@ size_t publisher_max_body(const Publisher *p);
  */
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st);
 
-/* The monotonic time (µs) by which publisher_poll() has something to do (a timeout or the end
- * of a backoff), or INT64_MAX. */
+/* The monotonic time (µs) by which publisher_poll() has something to do (a timeout, the end of
+ * a backoff, or, while events are in flight, a look at the acknowledgements that arrived: at
+ * most a millisecond away), or INT64_MAX. */
 int64_t publisher_next_deadline(const Publisher *p);
 
-/* A descriptor that becomes readable when acknowledgements arrived; call publisher_rearm()
- * after waking (before polling) to be woken again. */
+/* A descriptor that becomes readable when the connection to NATS is lost or comes back (acks
+ * do not wake it: see publisher_next_deadline()); call publisher_rearm() after waking. */
 int publisher_wake_fd(const Publisher *p);
 void publisher_rearm(Publisher *p);
 
