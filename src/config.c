@@ -85,6 +85,29 @@ static const char *const debezium_columns[CONFIG_NROLES] = {
     "id", "aggregatetype", "aggregateid", "type", "payload", NULL, NULL, NULL,
 };
 
+void config_role_flag(int role, char out[CONFIG_ROLE_FLAG_MAX])
+{
+    snprintf(out, CONFIG_ROLE_FLAG_MAX, "--column-%s", config_role_names[role]);
+    for (char *p = out; *p; p++)
+        if (*p == '_')
+            *p = '-';
+}
+
+bool config_header_name_reserved(const char *h, size_t n)
+{
+    return (n >= 5 && strncasecmp(h, "Nats-", 5) == 0) ||
+           (n >= 7 && strncasecmp(h, "Outbox-", 7) == 0);
+}
+
+bool config_header_name_ok(const char *h, size_t n)
+{
+    bool ok = n > 0 && n <= 64;
+    for (size_t i = 0; ok && i < n; i++)
+        ok = (h[i] >= 'a' && h[i] <= 'z') || (h[i] >= 'A' && h[i] <= 'Z') ||
+             (h[i] >= '0' && h[i] <= '9') || h[i] == '-' || h[i] == '_';
+    return ok;
+}
+
 const char *config_role_column(const TableConfig *tc, int role)
 {
     if (tc->column[role])
@@ -340,8 +363,7 @@ static bool check_column(const char *value, char *why, size_t whylen)
     return ok;
 }
 
-/* "column:Header-Name" pairs, comma-separated. Header names are letters, digits, '-' and '_';
- * Nats-* would change what JetStream does with the message and Outbox-* are outboxd's own. */
+/* "column:Header-Name" pairs, comma-separated, each name as config_header_name_ok() wants. */
 static bool check_headers(const char *value, char *why, size_t whylen)
 {
     for (const char *p = value;;) {
@@ -351,10 +373,7 @@ static bool check_headers(const char *value, char *why, size_t whylen)
         size_t clen = colon ? (size_t)(colon - p) : 0;
         const char *h = colon ? colon + 1 : NULL;
         size_t hlen = colon ? n - clen - 1 : 0;
-        bool ok = colon && clen > 0 && clen < sizeof column && hlen > 0 && hlen <= 64;
-        for (size_t i = 0; ok && i < hlen; i++)
-            ok = (h[i] >= 'a' && h[i] <= 'z') || (h[i] >= 'A' && h[i] <= 'Z') ||
-                 (h[i] >= '0' && h[i] <= '9') || h[i] == '-' || h[i] == '_';
+        bool ok = colon && clen > 0 && clen < sizeof column && config_header_name_ok(h, hlen);
         if (ok) {
             memcpy(column, p, clen);
             column[clen] = '\0';
@@ -365,7 +384,7 @@ static bool check_headers(const char *value, char *why, size_t whylen)
                                   "(header names: letters, digits, '-' and '_')");
             return false;
         }
-        if (strncasecmp(h, "Nats-", 5) == 0 || strncasecmp(h, "Outbox-", 7) == 0) {
+        if (config_header_name_reserved(h, hlen)) {
             snprintf(why, whylen, "header names starting with Nats- or Outbox- are reserved: "
                                   "choose another name for column %s", column);
             return false;

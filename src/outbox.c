@@ -11,7 +11,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include <jansson.h>
 
@@ -335,13 +334,12 @@ int outbox_mapper_check_columns(const OutboxMapper *m, size_t i, const char *con
     for (size_t k = 0; k < ARRAY_SIZE(required); k++) {
         const char *col = t->role_col[required[k]];
         if (!col || find_name(names, n, col) < 0) {
+            char flag[CONFIG_ROLE_FLAG_MAX];
+            config_role_flag(required[k], flag);
             snprintf(err, errlen, "outbox table %s has no column \"%s\" for the %s: add it, or "
-                                  "name the column that holds it with --column-%s",
+                                  "name the column that holds it with %s",
                      t->qualified, col ? col : config_role_names[required[k]],
-                     config_role_names[required[k]], config_role_names[required[k]]);
-            for (char *p = strstr(err, "--column-"); p && *p && *p != ' ' && *p != ','; p++)
-                if (*p == '_')
-                    *p = '-';
+                     config_role_names[required[k]], flag);
             return -1;
         }
     }
@@ -400,7 +398,6 @@ int outbox_mapper_relation(OutboxMapper *m, const PgoMessage *rel, char *err, si
         names[i] = rel->cols[i].name;
     if (outbox_mapper_check_columns(m, (size_t)b->spec, names, ncols, err, errlen) < 0) {
         b->spec = -1; /* an insert into it now fails loudly as an unknown relation */
-        b->relid = rel->u.relation.relid;
         return -1;
     }
     for (int r = 0; r < CONFIG_NROLES; r++) {
@@ -842,17 +839,6 @@ static const char *envelope_field(json_t *env, const char *content, size_t len, 
     return NULL;
 }
 
-static bool valid_header_name(const char *h)
-{
-    size_t n = strlen(h);
-    bool ok = n > 0 && n <= 64 && strncasecmp(h, "Nats-", 5) != 0 &&
-              strncasecmp(h, "Outbox-", 7) != 0;
-    for (size_t i = 0; ok && i < n; i++)
-        ok = (h[i] >= 'a' && h[i] <= 'z') || (h[i] >= 'A' && h[i] <= 'Z') ||
-             (h[i] >= '0' && h[i] <= '9') || h[i] == '-' || h[i] == '_';
-    return ok;
-}
-
 OutboxReject outbox_map_message(OutboxMapper *m, const PgoMessage *msg, const OutboxTxn *txn,
                                 OutboxEvent *ev, char *err, size_t errlen)
 {
@@ -868,11 +854,9 @@ OutboxReject outbox_map_message(OutboxMapper *m, const PgoMessage *msg, const Ou
                  env ? "" : jerr.text);
         goto done;
     }
-    size_t n;
-    const char *id = envelope_field(env, content, len, "event_id", &n);
-    if (!json_is_string(json_object_get(env, "event_id")))
-        id = NULL;
-    if (put_msg_id(ev, id, n, "event_id", err, errlen) < 0) {
+    json_t *idv = json_object_get(env, "event_id"); /* a string: numbers are not ids */
+    size_t n = json_string_length(idv);
+    if (put_msg_id(ev, json_string_value(idv), n, "event_id", err, errlen) < 0) {
         rej = OUTBOX_INVALID_EVENT_ID;
         goto done;
     }
@@ -899,7 +883,8 @@ OutboxReject outbox_map_message(OutboxMapper *m, const PgoMessage *msg, const Ou
         bool ok = json_is_object(headers) && json_object_size(headers) <= MAX_EXTRA_HEADERS;
         json_object_foreach(headers, name, hv)
         {
-            if (!ok || !json_is_string(hv) || !valid_header_name(name)) {
+            if (!ok || !json_is_string(hv) || !config_header_name_ok(name, strlen(name)) ||
+                config_header_name_reserved(name, strlen(name))) {
                 snprintf(err, errlen, "\"headers\" must map at most %d names (letters, digits, "
                                       "'-', '_'; not Nats-* or Outbox-*) to strings",
                          MAX_EXTRA_HEADERS);
@@ -950,15 +935,6 @@ void outbox_describe_message(OutboxMapper *m, const PgoMessage *msg, const Outbo
     }
 }
 
-static void add_text_header(OutboxEvent *ev, const char *name, const char *value, size_t len)
-{
-    if (!value || len == 0) /* see the note on empty values in outbox_map_insert */
-        return;
-    add_header(ev, name, ev->hvals.len);
-    append_header_value(&ev->hvals, value, len);
-    buf_putc(&ev->hvals, '\0');
-}
-
 /* A JSON string of s; text that is not UTF-8 keeps its bytes as %XX (JSON needs UTF-8). */
 static json_t *json_text(const char *s, size_t n)
 {
@@ -996,14 +972,14 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
         buf_printf(&out->hvals, "dlq-%X-%X-%u", LSN_ARGS(dl->commit_lsn), dl->index);
     }
     buf_putc(&out->hvals, '\0');
-    add_text_header(out, OUTBOX_HDR_DL_REASON, dl->reason, dl->reason ? strlen(dl->reason) : 0);
-    add_text_header(out, OUTBOX_HDR_DL_DETAIL, dl->detail, dl->detail ? strlen(dl->detail) : 0);
-    add_text_header(out, OUTBOX_HDR_ORIGINAL_SUBJECT, dl->subject,
-                    dl->subject ? strlen(dl->subject) : 0);
-    add_text_header(out, OUTBOX_HDR_EVENT_ID, dl->event_id, dl->event_id_len);
-    add_text_header(out, OUTBOX_HDR_TABLE, dl->table, dl->table ? strlen(dl->table) : 0);
-    add_text_header(out, OUTBOX_HDR_COMMIT_LSN, lsn, strlen(lsn));
-    add_text_header(out, OUTBOX_HDR_COMMIT_TIME, when, strlen(when));
+    put_header(out, OUTBOX_HDR_DL_REASON, dl->reason, dl->reason ? strlen(dl->reason) : 0, 0);
+    put_header(out, OUTBOX_HDR_DL_DETAIL, dl->detail, dl->detail ? strlen(dl->detail) : 0, 0);
+    put_header(out, OUTBOX_HDR_ORIGINAL_SUBJECT, dl->subject,
+               dl->subject ? strlen(dl->subject) : 0, 0);
+    put_header(out, OUTBOX_HDR_EVENT_ID, dl->event_id, dl->event_id_len, 0);
+    put_header(out, OUTBOX_HDR_TABLE, dl->table, dl->table ? strlen(dl->table) : 0, 0);
+    put_header(out, OUTBOX_HDR_COMMIT_LSN, lsn, strlen(lsn), 0);
+    put_header(out, OUTBOX_HDR_COMMIT_TIME, when, strlen(when), 0);
     out->msg_id = out->hvals.data;
     out->commit_lsn = dl->commit_lsn;
     out->commit_time = dl->commit_time;

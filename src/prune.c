@@ -379,11 +379,14 @@ static void describe_age(int64_t ms, char *out, size_t outlen)
 static const char *time_column(const OutboxMapper *m, size_t t, char *err, size_t errlen)
 {
     const char *col = outbox_mapper_role_column(m, t, ROLE_OCCURRED_AT);
-    if (!col)
+    if (!col) {
+        char flag[CONFIG_ROLE_FLAG_MAX];
+        config_role_flag(ROLE_OCCURRED_AT, flag);
         snprintf(err, errlen,
                  "prune ages rows by their occurred-at column, and %s has none: name a "
-                 "timestamptz column with --column-occurred-at",
-                 outbox_mapper_qualified(m, t));
+                 "timestamptz column with %s",
+                 outbox_mapper_qualified(m, t), flag);
+    }
     return col;
 }
 

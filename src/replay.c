@@ -157,12 +157,12 @@ static int build_filter(Replay *r)
         if (!f[i].value)
             continue;
         if (!r->col[f[i].role]) {
+            char flag[CONFIG_ROLE_FLAG_MAX];
+            config_role_flag(f[i].role, flag);
             snprintf(r->err, sizeof(r->err),
-                     "outbox table %s has no %s column to filter on (--column-%s names it)",
+                     "outbox table %s has no %s column to filter on (%s names it)",
                      outbox_mapper_qualified(r->mapper, r->table), config_role_names[f[i].role],
-                     f[i].role == ROLE_OCCURRED_AT    ? "occurred-at"
-                     : f[i].role == ROLE_AGGREGATE_ID ? "aggregate-id"
-                                                      : "event-type");
+                     flag);
             return EXIT_OUTBOXD_USAGE;
         }
         buf_puts(&r->where, r->where.len ? " AND " : " WHERE ");

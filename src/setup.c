@@ -50,11 +50,6 @@ static const char outbox_columns[] = "    event_id       uuid        PRIMARY KEY
                                      "    schema_version int         NOT NULL DEFAULT 1,\n"
                                      "    trace_id       text\n";
 
-static const char *const outbox_column_names[] = {
-    "event_id", "aggregate_type", "aggregate_id",   "event_type",
-    "payload",  "occurred_at",    "schema_version", "trace_id",
-};
-
 #define DEFAULT_DUPLICATE_WINDOW_MS INT64_C(120000)
 #define PG_NAME_MAX 63 /* NAMEDATALEN - 1: longer names are truncated, and never found again */
 
@@ -191,9 +186,9 @@ static int plan_init(Plan *p, const Config *cfg, const SetupOptions *opts)
         fprintf(stderr, "outboxd: name \"%s\" is longer than PostgreSQL's 63 bytes\n", too_long);
         return -1;
     }
-    /* The default table has the required columns: only a template column can be missing. */
-    if (outbox_mapper_check_columns(p->mapper, 0, outbox_column_names,
-                                    ARRAY_SIZE(outbox_column_names),
+    /* setup makes the default table, whose columns are named after the roles: a column that
+     * the mapping, the template or --header names otherwise is missing from it. */
+    if (outbox_mapper_check_columns(p->mapper, 0, config_role_names, CONFIG_NROLES,
                                     err, sizeof(err)) < 0)
         p->missing_column = xstrdup(err);
 

@@ -38,11 +38,20 @@ typedef struct TableConfig {
     char *column[CONFIG_NROLES]; /* the column playing each role; NULL: from the layout */
     char *headers; /* extra headers, "column:Header-Name,..." */
     char *body;    /* "payload" or "envelope" (every column as a JSON object) */
-    int headers_pass; /* where headers came from (repeats within one source add up) */
 } TableConfig;
 
 /* The column playing role in tc (after the layout), or NULL when it has none. */
 const char *config_role_column(const TableConfig *tc, int role);
+
+/* The flag that names role's column: "--column-event-id", ... */
+#define CONFIG_ROLE_FLAG_MAX 32
+void config_role_flag(int role, char out[CONFIG_ROLE_FLAG_MAX]);
+
+/* The rule for the names of headers users add (--header, an envelope's "headers"): 1 to 64
+ * letters, digits, '-' and '_' (config_header_name_ok), and not starting with Nats- (JetStream
+ * acts on those) or Outbox- (outboxd's own: config_header_name_reserved). */
+bool config_header_name_ok(const char *h, size_t n);
+bool config_header_name_reserved(const char *h, size_t n);
 
 /* Parses tc->headers; calls fn for each "column:Header-Name" pair. */
 void config_each_header(const TableConfig *tc, void (*fn)(void *arg, const char *column,
