@@ -128,23 +128,31 @@ static PGresult *query(PgStream *s, const char *sql, char *err, size_t errlen)
     return res;
 }
 
+/* Reports a failed statement: "what: <server message>" into err and, when sqlstate is given,
+ * the error code into it. res stays the caller's. */
+static void result_error(PgStream *s, const PGresult *res, const char *what, char *sqlstate,
+                         char *err, size_t errlen)
+{
+    if (sqlstate) {
+        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        snprintf(sqlstate, 6, "%s", code ? code : "");
+    }
+    set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
+}
+
 /* Runs a command. Returns 0, or -1 with err set; *sqlstate (if given) gets the error code. */
 static int command(PgStream *s, const char *sql, const char *what, char *sqlstate, char *err,
                    size_t errlen)
 {
     PGresult *res = PQexec(s->conn, sql);
     ExecStatusType st = PQresultStatus(res);
-    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) {
-        PQclear(res);
-        return 0;
+    int rc = 0;
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        result_error(s, res, what, sqlstate, err, errlen);
+        rc = -1;
     }
-    if (sqlstate) {
-        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-        snprintf(sqlstate, 6, "%s", code ? code : "");
-    }
-    set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
     PQclear(res);
-    return -1;
+    return rc;
 }
 
 int pgstream_identify(PgStream *s, PgSystem *sys, char *err, size_t errlen)
@@ -446,9 +454,7 @@ static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const ch
     buf_deinit(&sql);
     int rc = -1;
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-        snprintf(sqlstate, 6, "%s", code ? code : "");
-        set_pg_error(err, errlen, "could not create replication slot", PQerrorMessage(s->conn));
+        result_error(s, res, "could not create replication slot", sqlstate, err, errlen);
         goto done;
     }
     if (PQnfields(res) >= 2)
@@ -570,7 +576,8 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
     PGresult *res = NULL;
     buf_puts(&sql, "SELECT coalesce(active_pid, 0), coalesce(confirmed_flush_lsn, '0/0'), "
                    "coalesce(restart_lsn, '0/0'), pg_catalog.pg_current_wal_lsn(), "
-                   "coalesce(wal_status, ''), coalesce(plugin, '') "
+                   "coalesce(wal_status, ''), coalesce(plugin, ''), "
+                   "coalesce(database = pg_catalog.current_database(), false) "
                    "FROM pg_catalog.pg_replication_slots WHERE slot_name = ");
     if (!put_literal(s, &sql, slot, err, errlen))
         goto done;
@@ -583,6 +590,7 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
         info->active_pid = atoi(PQgetvalue(res, 0, 0));
         snprintf(info->wal_status, sizeof(info->wal_status), "%s", PQgetvalue(res, 0, 4));
         snprintf(info->plugin, sizeof(info->plugin), "%s", PQgetvalue(res, 0, 5));
+        info->this_db = strcmp(PQgetvalue(res, 0, 6), "t") == 0;
         if (!lsn_parse(PQgetvalue(res, 0, 1), &info->confirmed) ||
             !lsn_parse(PQgetvalue(res, 0, 2), &info->restart) ||
             !lsn_parse(PQgetvalue(res, 0, 3), &info->wal)) {
@@ -801,11 +809,7 @@ int pgstream_sql(PgStream *s, const char *sql, const char *what, PgRows **out, c
     PGresult *res = PQexec(s->conn, sql);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-        if (sqlstate) {
-            const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-            snprintf(sqlstate, 6, "%s", code ? code : "");
-        }
-        set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
+        result_error(s, res, what, sqlstate, err, errlen);
         PQclear(res);
         return -1;
     }
