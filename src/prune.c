@@ -264,42 +264,8 @@ static int take_fence(PgStream *pg, int64_t older_than_ms, PruneFence *fence, ch
     return rc;
 }
 
-typedef struct SlotState {
-    bool exists;
-    bool this_db;
-    bool has_confirmed;
-    uint64_t confirmed;
-    int active_pid;
-} SlotState;
-
-static int read_slot(PgStream *pg, const char *slot, SlotState *st, char *err, size_t errlen)
-{
-    Buf sql;
-    buf_init(&sql);
-    buf_puts(&sql, "SELECT coalesce(database = pg_catalog.current_database(), false), "
-                   "confirmed_flush_lsn, coalesce(active_pid, 0) "
-                   "FROM pg_catalog.pg_replication_slots WHERE slot_name = ");
-    pgstream_quote_literal(&sql, slot);
-    PgRows *rows = NULL;
-    int rc =
-        pgstream_sql(pg, sql.data, "could not read the replication slot", &rows, NULL, err, errlen);
-    buf_deinit(&sql);
-    if (rc < 0)
-        return -1;
-    memset(st, 0, sizeof(*st));
-    st->exists = pgrows_count(rows) == 1;
-    if (st->exists) {
-        st->this_db = pgrows_true(rows, 0, 0);
-        const char *c = pgrows_value(rows, 0, 1);
-        st->has_confirmed = c && lsn_parse(c, &st->confirmed);
-        st->active_pid = atoi(pgrows_value(rows, 0, 2));
-    }
-    pgrows_free(rows);
-    return 0;
-}
-
 /* Returns 0 when the slot exists here, else 3 with err set. */
-static int check_slot(const SlotState *st, const char *slot, char *err, size_t errlen)
+static int check_slot(const PgSlotInfo *st, const char *slot, char *err, size_t errlen)
 {
     if (!st->exists) {
         snprintf(err, errlen,
@@ -332,14 +298,14 @@ static int wait_confirmed(PgStream *pg, const char *slot, const PruneFence *fenc
 {
     int64_t deadline = now_mono_us() + wait_ms * 1000;
     int64_t pause = POLL_MIN_MS;
-    SlotState st;
+    PgSlotInfo st;
     for (;;) {
-        if (read_slot(pg, slot, &st, err, errlen) < 0)
+        if (pgstream_slot_info(pg, slot, &st, err, errlen) < 0)
             return EXIT_OUTBOXD_FAILURE;
         int rc = check_slot(&st, slot, err, errlen);
         if (rc != 0)
             return rc;
-        if (st.has_confirmed && st.confirmed >= fence->lsn)
+        if (st.confirmed >= fence->lsn) /* 0: never confirmed */
             return 0;
         int64_t left_ms = (deadline - now_mono_us()) / 1000;
         if (left_ms <= 0)
@@ -348,7 +314,7 @@ static int wait_confirmed(PgStream *pg, const char *slot, const PruneFence *fenc
         pause = pause * 2 > POLL_MAX_MS ? POLL_MAX_MS : pause * 2;
     }
     char got[18] = "nothing", need[18];
-    if (st.has_confirmed)
+    if (st.confirmed != 0)
         lsn_format(st.confirmed, got);
     lsn_format(fence->lsn, need);
     snprintf(err, errlen,
@@ -412,8 +378,8 @@ int prune_run(const Config *cfg, const PruneOptions *opts)
         goto fail;
     }
     /* The slot and the tables first: without them there is nothing to wait for. */
-    SlotState st;
-    if (read_slot(pg, cfg->slot, &st, err, sizeof(err)) < 0) {
+    PgSlotInfo st;
+    if (pgstream_slot_info(pg, cfg->slot, &st, err, sizeof(err)) < 0) {
         code = EXIT_OUTBOXD_FAILURE;
         goto fail;
     }

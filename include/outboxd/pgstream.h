@@ -94,6 +94,7 @@ typedef struct PgSlotInfo {
     uint64_t wal;       /* the server's current WAL position */
     char wal_status[16]; /* reserved, extended, unreserved or lost */
     char plugin[64];
+    bool this_db;       /* the slot decodes the database this session is connected to */
 } PgSlotInfo;
 
 int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,
