@@ -44,7 +44,9 @@
 #include "outboxd/jetstream.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
+#include "outboxd/puback.h"
 #include "outboxd/util.h"
+#include "outboxd/wire.h"
 
 enum { ST_INFLIGHT = 0, ST_ACKED = 1, ST_DUPLICATE = 2, ST_FAILED = 3 };
 
@@ -79,7 +81,7 @@ static inline unsigned word_code(uint64_t w)
 
 typedef struct Slot {
     _Atomic uint64_t state;
-    natsMsg *msg;        /* kept until acknowledged, so it can be sent again */
+    WireMsg wire;        /* kept until acknowledged, so it can be sent again */
     uint64_t seq;
     unsigned attempt;
     bool dead_letter;    /* not chained into the stream order */
@@ -164,22 +166,6 @@ static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
 
 /* ---- answers ---------------------------------------------------------------------- */
 
-/* True when the JSON object text has "key": true (any spacing: nats-server 2.9 writes
- * "duplicate": true, with a space). */
-static bool json_flag_true(const char *data, size_t len, const char *key)
-{
-    size_t klen = strlen(key);
-    const char *end = data + len;
-    const char *p = memmem(data, len, key, klen);
-    if (!p)
-        return false;
-    p += klen;
-    while (p < end && (*p == ' ' || *p == ':' || *p == '\t'))
-        p++;
-    return end - p >= 4 && memcmp(p, "true", 4) == 0;
-}
-
-/* Cheap checks for the common success reply; anything unusual goes through jansson. */
 static unsigned classify_reply(natsMsg *msg, unsigned *code)
 {
     *code = CODE_NONE;
@@ -187,52 +173,23 @@ static unsigned classify_reply(natsMsg *msg, unsigned *code)
         *code = CODE_NO_RESPONDERS;
         return ST_FAILED;
     }
-    const char *data = natsMsg_GetData(msg);
-    int len = natsMsg_GetDataLength(msg);
-    if (!data || len <= 0) {
-        *code = CODE_BAD_REPLY;
+    unsigned err_code;
+    switch (puback_parse(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), &err_code)) {
+    case PUBACK_STORED:
+        return ST_ACKED;
+    case PUBACK_DUPLICATE:
+        return ST_DUPLICATE;
+    default:
+        *code = err_code > CODE_BAD_REPLY && err_code < 0x4000 ? err_code : CODE_BAD_REPLY;
         return ST_FAILED;
     }
-    if (!memmem(data, (size_t)len, "\"error\"", 7) && memmem(data, (size_t)len, "\"seq\"", 5))
-        return json_flag_true(data, (size_t)len, "\"duplicate\"") ? ST_DUPLICATE : ST_ACKED;
-
-    json_error_t jerr;
-    json_t *root = json_loadb(data, (size_t)len, 0, &jerr);
-    json_t *e = root ? json_object_get(root, "error") : NULL;
-    json_int_t c = 0;
-    if (e) {
-        c = json_integer_value(json_object_get(e, "err_code"));
-        if (c == 0)
-            c = json_integer_value(json_object_get(e, "code"));
-        log_debug("publish refused by JetStream: %s (err_code %lld)",
-                  json_string_value(json_object_get(e, "description")) ?: "no description",
-                  (long long)c);
-    }
-    json_decref(root);
-    *code = c > CODE_BAD_REPLY && c < 0x4000 ? (unsigned)c : CODE_BAD_REPLY;
-    return ST_FAILED;
-}
-
-/* Parses "<seq>.<attempt>" at the end of subj. */
-static bool parse_reply_subject(const char *subj, uint64_t *seq, unsigned *attempt)
-{
-    const char *dot2 = strrchr(subj, '.');
-    const char *dot1 = dot2 ? memrchr(subj, '.', (size_t)(dot2 - subj)) : NULL;
-    if (!dot1 || dot1[1] < '0' || dot1[1] > '9' || dot2[1] < '0' || dot2[1] > '9')
-        return false;
-    char *end;
-    *seq = strtoull(dot1 + 1, &end, 10);
-    if (end != dot2)
-        return false;
-    *attempt = (unsigned)strtoul(dot2 + 1, &end, 10);
-    return *end == '\0';
 }
 
 static void take_reply(Publisher *p, natsMsg *msg)
 {
     uint64_t seq;
     unsigned attempt;
-    if (parse_reply_subject(natsMsg_GetSubject(msg), &seq, &attempt)) {
+    if (puback_reply_subject(natsMsg_GetSubject(msg), &seq, &attempt)) {
         unsigned code;
         unsigned st = classify_reply(msg, &code);
         Slot *slot = &p->ring[seq & p->mask];
@@ -447,7 +404,7 @@ void publisher_free(Publisher *p)
     }
     if (p->ring) {
         for (uint64_t i = 0; i <= p->mask; i++)
-            natsMsg_Destroy(p->ring[i].msg);
+            wire_deinit(&p->ring[i].wire);
         free(p->ring);
     }
     if (p->wake_fd >= 0)
@@ -512,16 +469,6 @@ size_t publisher_max_body(const Publisher *p)
 
 static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const char *why);
 
-static size_t event_size(const OutboxEvent *ev)
-{
-    /* What goes over the wire: NATS/1.0 line, "Key: value\r\n" per header (the expected-last
-     * header included), blank line, body. */
-    size_t n = 12 + ev->body_len + sizeof(OUTBOX_HDR_EXPECTED_LAST) + 4 + OUTBOX_MAX_EVENT_ID;
-    for (size_t i = 0; i < ev->nheaders; i++)
-        n += strlen(ev->headers[i].name) + 4 + strlen(ev->hvals.data + ev->headers[i].off);
-    return n;
-}
-
 /* "<inbox>.<seq>.<attempt>", without printf: it runs for every event. */
 static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, char *out,
                           size_t outlen)
@@ -544,62 +491,20 @@ static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, ch
     memcpy(out + n, d, k + 1);
 }
 
-/* Builds a message for ev; expected (may be NULL) becomes Nats-Expected-Last-Msg-Id. */
-static natsStatus build_msg(const OutboxEvent *ev, const char *reply, const char *expected,
-                            natsMsg **out)
+/* Sends the event in slot as the given attempt, unless publishing is paused: then it waits in
+ * the window and goes out, in order, when publishing resumes. A failed send leaves the event in
+ * flight: it fails by timeout or disconnect and is sent again, never lost. */
+static void send_slot(Publisher *p, Slot *slot, unsigned attempt)
 {
-    natsMsg *msg = NULL;
-    natsStatus s = natsMsg_Create(&msg, ev->subject.data, reply, ev->body, (int)ev->body_len);
-    for (size_t i = 0; s == NATS_OK && i < ev->nheaders; i++)
-        s = natsMsgHeader_Set(msg, ev->headers[i].name, ev->hvals.data + ev->headers[i].off);
-    if (s == NATS_OK && expected && *expected)
-        s = natsMsgHeader_Set(msg, OUTBOX_HDR_EXPECTED_LAST, expected);
-    if (s != NATS_OK) {
-        natsMsg_Destroy(msg);
-        return s;
-    }
-    *out = msg;
-    return NATS_OK;
-}
-
-/* A copy of src with another reply subject, for sending it again. */
-static natsStatus copy_msg(natsMsg *src, const char *reply, natsMsg **out)
-{
-    natsMsg *msg = NULL;
-    natsStatus s = natsMsg_Create(&msg, natsMsg_GetSubject(src), reply, natsMsg_GetData(src),
-                                  natsMsg_GetDataLength(src));
-    const char **keys = NULL;
-    int n = 0;
-    if (s == NATS_OK && natsMsgHeader_Keys(src, &keys, &n) == NATS_OK) {
-        for (int i = 0; s == NATS_OK && i < n; i++) {
-            const char *v = NULL;
-            if (natsMsgHeader_Get(src, keys[i], &v) == NATS_OK && v)
-                s = natsMsgHeader_Set(msg, keys[i], v);
-        }
-        free((void *)keys);
-    }
-    if (s != NATS_OK) {
-        natsMsg_Destroy(msg);
-        return s;
-    }
-    *out = msg;
-    return NATS_OK;
-}
-
-/* Puts msg into the slot for seq (taking ownership) and sends it, unless publishing is paused:
- * then it waits in the window and goes out, in order, when publishing resumes. A failed send
- * leaves the event in flight: it fails by timeout or disconnect and is sent again, never lost. */
-static void send_in_slot(Publisher *p, Slot *slot, natsMsg *msg, unsigned attempt)
-{
-    natsMsg_Destroy(slot->msg);
-    slot->msg = msg;
     slot->attempt = attempt;
     atomic_store(&slot->state, state_word(slot->seq, attempt, 0, ST_INFLIGHT));
     slot->sent_at = now_mono_us();
     if (p->paused)
         return;
     slot->sent = true;
-    natsStatus s = natsConnection_PublishMsg(p->nc, msg);
+    char reply[96];
+    reply_subject(p, slot->seq, attempt, reply, sizeof(reply));
+    natsStatus s = wire_publish(p->nc, &slot->wire, reply);
     if (s != NATS_OK)
         log_debug("publish of seq %" PRIu64 " failed at once: %s", slot->seq,
                   natsStatus_GetText(s));
@@ -608,9 +513,15 @@ static void send_in_slot(Publisher *p, Slot *slot, natsMsg *msg, unsigned attemp
 int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uint64_t *seq_out,
                       char *err, size_t errlen)
 {
-    size_t size = event_size(ev);
+    uint64_t seq = p->next;
+    Slot *slot = &p->ring[seq & p->mask];
+    bool chained = p->strict && !dead_letter;
+    wire_encode(&slot->wire, ev, chained ? p->chain_last : NULL);
+    /* A chained event may later expect another, longer id (see reseed_head). */
+    size_t size = wire_size(&slot->wire) + (chained ? WIRE_EXPECTED_ROOM : 0);
     int64_t max_payload = natsConnection_GetMaxPayload(p->nc);
     if (max_payload > 0 && (int64_t)size > max_payload) {
+        wire_clear(&slot->wire);
         snprintf(err, errlen,
                  "the event is %zu bytes with its headers, more than the NATS server's "
                  "max_payload of %" PRId64 " bytes",
@@ -619,18 +530,9 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
     }
     if (!p->paused && !atomic_load(&p->connected))
         pause_publishing(p, now_mono_us(), PUBERR_CONNECTION, "not connected to NATS");
-    uint64_t seq = p->next;
-    char reply[96];
-    reply_subject(p, seq, 0, reply, sizeof(reply));
-    bool chained = p->strict && !dead_letter;
-    natsMsg *msg;
-    natsStatus s = build_msg(ev, reply, chained ? p->chain_last : NULL, &msg);
-    if (s != NATS_OK)
-        return nats_fail(err, errlen, "could not build a message", s);
     if (chained)
         snprintf(p->chain_last, sizeof(p->chain_last), "%s", ev->msg_id);
 
-    Slot *slot = &p->ring[seq & p->mask];
     slot->seq = seq;
     slot->sent = false;
     slot->dead_letter = dead_letter;
@@ -638,7 +540,7 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
     slot->bytes = size;
     p->next++;
     p->bytes += (int64_t)size;
-    send_in_slot(p, slot, msg, 0);
+    send_slot(p, slot, 0);
     *seq_out = seq;
     return 0;
 }
@@ -678,13 +580,16 @@ static void describe_code(unsigned code, char *out, size_t outlen)
 }
 
 /* Names the event in a message: its id, subject and commit LSN. */
-static void describe_event(natsMsg *msg, char *out, size_t outlen)
+static void describe_event(const WireMsg *w, char *out, size_t outlen)
 {
-    const char *id = NULL, *lsn = NULL;
-    natsMsgHeader_Get(msg, OUTBOX_HDR_MSG_ID, &id);
-    natsMsgHeader_Get(msg, OUTBOX_HDR_COMMIT_LSN, &lsn);
-    snprintf(out, outlen, "event %s (subject %s, commit LSN %s)", id ? id : "?",
-             natsMsg_GetSubject(msg), lsn ? lsn : "?");
+    char id[OUTBOX_MAX_EVENT_ID + 1], lsn[32];
+    if (!wire_header(w, OUTBOX_HDR_MSG_ID, id, sizeof(id)))
+        snprintf(id, sizeof(id), "?");
+    if (!wire_header(w, OUTBOX_HDR_COMMIT_LSN, lsn, sizeof(lsn)))
+        snprintf(lsn, sizeof(lsn), "?");
+    /* Shortened to fit one log line; the subject and id identify the event well before. */
+    snprintf(out, outlen, "event %.80s (subject %.120s, commit LSN %.17s)", id, wire_subject(w),
+             lsn);
 }
 
 static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const char *why)
@@ -706,44 +611,35 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
 static void refuse_head(Publisher *p, Slot *slot, unsigned code)
 {
     char event[256], why[128];
-    describe_event(slot->msg, event, sizeof(event));
+    describe_event(&slot->wire, event, sizeof(event));
     describe_code(code, why, sizeof(why));
     if (!p->dead_letter_subject || slot->dead_letter) {
         p->fatal = true;
         snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s", event, why);
         return;
     }
-    const char *id = NULL, *lsn_text = NULL;
-    natsMsgHeader_Get(slot->msg, OUTBOX_HDR_MSG_ID, &id);
-    natsMsgHeader_Get(slot->msg, OUTBOX_HDR_COMMIT_LSN, &lsn_text);
+    char id[OUTBOX_MAX_EVENT_ID + 1], lsn_text[32];
+    bool has_id = wire_header(&slot->wire, OUTBOX_HDR_MSG_ID, id, sizeof(id));
     uint64_t lsn = 0;
-    if (lsn_text)
+    if (wire_header(&slot->wire, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)))
         lsn_parse(lsn_text, &lsn);
     DeadLetter dl = {
         .reason = code == JS_MESSAGE_TOO_LARGE ? "too_large" : "rejected",
         .detail = why,
-        .event_id = id,
-        .event_id_len = id ? strlen(id) : 0,
+        .event_id = has_id ? id : NULL,
+        .event_id_len = has_id ? strlen(id) : 0,
         .table = p->table,
-        .subject = natsMsg_GetSubject(slot->msg),
+        .subject = wire_subject(&slot->wire),
         .commit_lsn = lsn,
         .commit_time = slot->commit_time,
         .index = (uint32_t)slot->seq,
     };
     outbox_dead_letter(&p->dlq, p->dead_letter_subject, &dl, 0);
-    char reply[96];
-    reply_subject(p, slot->seq, slot->attempt + 1, reply, sizeof(reply));
-    natsMsg *msg;
-    if (build_msg(&p->dlq, reply, NULL, &msg) != NATS_OK) {
-        p->fatal = true;
-        snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s; could not build its dead letter",
-                 event, why);
-        return;
-    }
     metrics_dead_letter(code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE : DLR_REJECTED);
     log_warn("dead-lettered %s to %s: %s", event, p->dead_letter_subject, why);
+    wire_encode(&slot->wire, &p->dlq, NULL);
     slot->dead_letter = true;
-    send_in_slot(p, slot, msg, slot->attempt + 1);
+    send_slot(p, slot, slot->attempt + 1);
 }
 
 /* With strict order: the next resend of the head expects the stream's current last message. */
@@ -755,10 +651,7 @@ static void reseed_head(Publisher *p, Slot *slot)
         log_warn("could not read stream %s to restart the order chain: %s", p->stream, err);
         return;
     }
-    if (info.last_msg_id[0])
-        natsMsgHeader_Set(slot->msg, OUTBOX_HDR_EXPECTED_LAST, info.last_msg_id);
-    else
-        natsMsgHeader_Delete(slot->msg, OUTBOX_HDR_EXPECTED_LAST);
+    wire_set_expected(&slot->wire, info.last_msg_id);
     if (p->last_was_duplicate)
         log_info("continuing the order chain of stream %s after duplicates, from its last "
                  "message \"%s\"",
@@ -781,15 +674,8 @@ static void resend_window(Publisher *p)
             continue;
         if (seq == p->head && p->reseed && !slot->dead_letter)
             reseed_head(p, slot);
-        char reply[96];
-        reply_subject(p, seq, slot->attempt + 1, reply, sizeof(reply));
-        natsMsg *msg;
-        if (copy_msg(slot->msg, reply, &msg) != NATS_OK) {
-            log_warn("could not copy seq %" PRIu64 " to send it again", seq);
-            continue; /* it stays failed and comes round again */
-        }
         retries += slot->sent;
-        send_in_slot(p, slot, msg, slot->attempt + 1);
+        send_slot(p, slot, slot->attempt + 1);
         count++;
     }
     atomic_fetch_add_explicit(&metrics.publish_retries, retries, memory_order_relaxed);
@@ -808,8 +694,7 @@ static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
         metrics_observe_latency(now_unix - pg_time_to_unix_us(slot->commit_time));
     }
     p->bytes -= (int64_t)slot->bytes;
-    natsMsg_Destroy(slot->msg);
-    slot->msg = NULL;
+    wire_clear(&slot->wire);
 }
 
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
@@ -860,7 +745,7 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
                       p->head);
         } else if (!p->paused) {
             char event[256], why[128], line[400];
-            describe_event(slot->msg, event, sizeof(event));
+            describe_event(&slot->wire, event, sizeof(event));
             describe_code(code, why, sizeof(why));
             snprintf(line, sizeof(line), "%s: %s", event, why);
             if (code == JS_WRONG_LAST_MSG_ID && p->strict)

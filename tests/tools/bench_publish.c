@@ -20,8 +20,9 @@
  *                 [--window W] [--mode core|async] [--chain]
  *
  * Modes:
- *   core   (default) what outboxd does: a core NATS publish with a reply subject <inbox>.<i> and
- *          one wildcard subscription <inbox>.> that receives every PubAck. At most --window
+ *   core   (default) what outboxd does: the header block encoded once (src/wire.c), a core NATS
+ *          publish with a reply subject <inbox>.<i> and one wildcard subscription <inbox>.> that
+ *          receives every PubAck. At most --window
  *          messages (default 4096, outboxd's --max-inflight default) are unacknowledged at once.
  *   async  nats.c's JetStream async API: js_PublishMsgAsync with PublishAsync.MaxPending =
  *          --window and an AckHandler counting the acks, then js_PublishAsyncComplete.
@@ -48,6 +49,9 @@
 #include <unistd.h>
 
 #include <nats/nats.h>
+
+#include "outboxd/outbox.h"
+#include "outboxd/wire.h"
 
 #define DEFAULT_URL "nats://127.0.0.1:4222"
 #define STALL_LIMIT_MS 60000
@@ -334,6 +338,7 @@ typedef struct Gen {
     int64_t base_us;
     uint64_t base_lsn;
     char prev_id[37];
+    OutboxEvent ev;
     double header_bytes; /* sum over messages of the encoded header block size */
 } Gen;
 
@@ -341,6 +346,7 @@ static void gen_init(Gen *g, const Args *a)
 {
     memset(g, 0, sizeof(*g));
     g->a = a;
+    outbox_event_init(&g->ev);
     size_t n = (size_t)a->body_bytes;
     g->body = malloc(n + 1);
     if (!g->body) {
@@ -367,14 +373,16 @@ static void gen_init(Gen *g, const Args *a)
     g->base_lsn = UINT64_C(0x1000000);
 }
 
-static natsStatus set_header(natsMsg *m, const char *k, const char *v, Gen *g)
+static void add(OutboxEvent *ev, const char *name, const char *value)
 {
-    g->header_bytes += (double)(strlen(k) + strlen(v) + 4);
-    return natsMsgHeader_Set(m, k, v);
+    ev->headers[ev->nheaders].name = name;
+    ev->headers[ev->nheaders].off = ev->hvals.len;
+    ev->nheaders++;
+    buf_append(&ev->hvals, value, strlen(value) + 1);
 }
 
-/* Builds message i; reply may be NULL. */
-static natsStatus build(Gen *g, int64_t i, const char *reply, natsMsg **out)
+/* Encodes message i into w, as outboxd encodes an event (src/wire.c). */
+static void build(Gen *g, int64_t i, WireMsg *w)
 {
     const Args *a = g->a;
     char subject[256], id[37], aggid[32], occurred[64], committed[64], trace[33], lsn[32];
@@ -394,36 +402,25 @@ static natsStatus build(Gen *g, int64_t i, const char *reply, natsMsg **out)
     snprintf(digits, sizeof(digits), "%010" PRId64, i % INT64_C(10000000000));
     memcpy(g->body + g->seq_off, digits, 10);
 
-    natsMsg *m = NULL;
-    natsStatus s = natsMsg_Create(&m, subject, reply, g->body, (int)a->body_bytes);
-    g->header_bytes += 12; /* "NATS/1.0\r\n" + final "\r\n" */
-    if (s == NATS_OK)
-        s = set_header(m, "Nats-Msg-Id", id, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Event-Type", evt, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Aggregate-Type", agg, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Aggregate-Id", aggid, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Occurred-At", occurred, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Schema-Version", "1", g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Trace-Id", trace, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Commit-Lsn", lsn, g);
-    if (s == NATS_OK)
-        s = set_header(m, "Outbox-Commit-Time", committed, g);
-    if (s == NATS_OK && a->chain && g->prev_id[0])
-        s = set_header(m, "Nats-Expected-Last-Msg-Id", g->prev_id, g);
-    if (s != NATS_OK) {
-        natsMsg_Destroy(m);
-        return s;
-    }
+    OutboxEvent *ev = &g->ev;
+    buf_reset(&ev->subject);
+    buf_puts(&ev->subject, subject);
+    buf_reset(&ev->hvals);
+    ev->nheaders = 0;
+    add(ev, "Nats-Msg-Id", id);
+    add(ev, "Outbox-Event-Type", evt);
+    add(ev, "Outbox-Aggregate-Type", agg);
+    add(ev, "Outbox-Aggregate-Id", aggid);
+    add(ev, "Outbox-Occurred-At", occurred);
+    add(ev, "Outbox-Schema-Version", "1");
+    add(ev, "Outbox-Trace-Id", trace);
+    add(ev, "Outbox-Commit-Lsn", lsn);
+    add(ev, "Outbox-Commit-Time", committed);
+    ev->body = g->body;
+    ev->body_len = (size_t)a->body_bytes;
+    wire_encode(w, ev, a->chain ? g->prev_id : NULL);
+    g->header_bytes += (double)w->hdr_len;
     memcpy(g->prev_id, id, sizeof(id));
-    *out = m;
-    return NATS_OK;
 }
 
 static int fail_nats(const char *what, natsStatus s)
@@ -500,9 +497,11 @@ int main(int argc, char **argv)
     gen_init(&g, &a);
     int rc = 0;
     int64_t sent = 0;
+    WireMsg w;
+    wire_init(&w);
     double t0 = now_s();
     for (int64_t i = 0; i < a.count; i++) {
-        natsMsg *m = NULL;
+        build(&g, i, &w);
         if (!async) {
             if (!wait_for_room(sent, a.window)) {
                 fprintf(stderr, "bench_publish: no ack for %d s; giving up\n",
@@ -512,14 +511,10 @@ int main(int argc, char **argv)
             }
             char reply[192];
             snprintf(reply, sizeof(reply), "%s.%" PRId64, inbox, i);
-            if ((s = build(&g, i, reply, &m)) != NATS_OK) {
-                rc = fail_nats("build message", s);
-                break;
-            }
-            s = natsConnection_PublishMsg(nc, m);
-            natsMsg_Destroy(m);
+            s = wire_publish(nc, &w, reply);
         } else {
-            if ((s = build(&g, i, NULL, &m)) != NATS_OK) {
+            natsMsg *m = NULL;
+            if ((s = wire_to_msg(&w, NULL, wire_raw_supported(), &m)) != NATS_OK) {
                 rc = fail_nats("build message", s);
                 break;
             }
@@ -594,6 +589,8 @@ int main(int argc, char **argv)
     natsConnection_Destroy(nc);
     natsOptions_Destroy(no);
     free(g.body);
+    wire_deinit(&w);
+    outbox_event_deinit(&g.ev);
     nats_CloseAndWait(2000);
     return rc;
 }

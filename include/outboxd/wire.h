@@ -1,0 +1,78 @@
+/*
+ * wire.h - an event as it goes over the wire to NATS: subject, encoded header block, body.
+ *
+ * The publisher keeps every event in this form until JetStream acknowledges it, and sends it
+ * (again, after a failure) from here. Encoding the headers once, as the bytes NATS carries
+ * ("NATS/1.0\r\n", one "Name: value\r\n" line per header, "\r\n"), costs one buffer per event;
+ * nats.c's header API builds a hash map with a few allocations per header and encodes it again
+ * on every send.
+ */
+#ifndef OUTBOXD_WIRE_H
+#define OUTBOXD_WIRE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <nats/nats.h>
+
+#include "outboxd/outbox.h"
+#include "outboxd/util.h"
+
+/* Most that wire_set_expected() can add to a message: a Nats-Expected-Last-Msg-Id line with
+ * the longest event id. */
+#define WIRE_EXPECTED_ROOM (sizeof(OUTBOX_HDR_EXPECTED_LAST) + 3 + OUTBOX_MAX_EVENT_ID)
+
+typedef struct WireMsg {
+    Buf buf;             /* subject, NUL, header block, body */
+    size_t subject_len;
+    size_t hdr_len;      /* the header block, from "NATS/1.0\r\n" to its closing "\r\n" */
+    size_t expected_off; /* in the header block: the Nats-Expected-Last-Msg-Id line, or the
+                          * closing "\r\n" when there is none */
+    size_t body_len;
+} WireMsg;
+
+void wire_init(WireMsg *w);
+/* Frees the buffer. */
+void wire_deinit(WireMsg *w);
+/* Lets the message go after its acknowledgement: a small buffer is kept for the next event in
+ * the same slot, a large one is freed, so memory follows the window, not the largest event. */
+void wire_clear(WireMsg *w);
+
+/* Encodes ev, with expected (NULL or "" for none) as Nats-Expected-Last-Msg-Id. Neither the
+ * header values of an OutboxEvent (outbox.c escapes them) nor an event id (outbox.c checks it)
+ * hold control bytes. */
+void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected);
+/* Replaces the Nats-Expected-Last-Msg-Id line (NULL or "" removes it). Control bytes in
+ * expected, which comes from the stream, become spaces. */
+void wire_set_expected(WireMsg *w, const char *expected);
+
+static inline bool wire_empty(const WireMsg *w)
+{
+    return w->buf.len == 0;
+}
+static inline const char *wire_subject(const WireMsg *w)
+{
+    return w->buf.data;
+}
+/* What the server counts against max_payload: header block and body. */
+static inline size_t wire_size(const WireMsg *w)
+{
+    return w->hdr_len + w->body_len;
+}
+/* Copies the value of header name into out (truncated to outlen); false when absent. */
+bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen);
+
+/* A natsMsg with w's subject, headers and body and the given reply subject. With raw (only
+ * when wire_raw_supported()), nats.c takes the header block as it is; otherwise the headers
+ * go through nats.c's header API. Free it with wire_msg_free(msg, raw). */
+natsStatus wire_to_msg(const WireMsg *w, const char *reply, bool raw, natsMsg **out);
+void wire_msg_free(natsMsg *msg, bool raw);
+/* True when this nats.c build can take an encoded header block (outboxd checks it once at
+ * start; see wire.c). */
+bool wire_raw_supported(void);
+
+/* Publishes w with the reply subject; the message is copied into the connection's buffer. */
+natsStatus wire_publish(natsConnection *nc, const WireMsg *w, const char *reply);
+
+#endif

@@ -1,0 +1,94 @@
+/*
+ * puback.c - JetStream's answers: the common ones in one pass, anything else through jansson.
+ *
+ * The relay reads one answer per event, so the usual success answer is recognised by its
+ * exact shape, without a JSON parser; anything unusual (an error, a domain, fields a later
+ * server adds) still gets a full parse.
+ */
+#include "outboxd/puback.h"
+
+#include <string.h>
+
+#include <jansson.h>
+
+#include "outboxd/log.h"
+
+/* {"stream":"S","seq":N}, or the same with "duplicate": true (nats-server 2.9 writes it with
+ * a space). Returns PUBACK_STORED, PUBACK_DUPLICATE, or -1 for anything else. */
+static int quick_parse(const char *d, size_t n)
+{
+    static const char pre[] = "{\"stream\":\"", seq[] = "\",\"seq\":";
+    static const char dup1[] = ",\"duplicate\": true}", dup2[] = ",\"duplicate\":true}";
+    const char *end = d + n;
+    if (n < sizeof(pre) - 1 || memcmp(d, pre, sizeof(pre) - 1) != 0)
+        return -1;
+    const char *p = memchr(d + sizeof(pre) - 1, '"', n - (sizeof(pre) - 1));
+    if (!p || (size_t)(end - p) < sizeof(seq) || memcmp(p, seq, sizeof(seq) - 1) != 0)
+        return -1;
+    p += sizeof(seq) - 1;
+    const char *digits = p;
+    while (p < end && *p >= '0' && *p <= '9')
+        p++;
+    if (p == digits)
+        return -1;
+    size_t rest = (size_t)(end - p);
+    if (rest == 1 && *p == '}')
+        return PUBACK_STORED;
+    if ((rest == sizeof(dup1) - 1 && memcmp(p, dup1, rest) == 0) ||
+        (rest == sizeof(dup2) - 1 && memcmp(p, dup2, rest) == 0))
+        return PUBACK_DUPLICATE;
+    return -1;
+}
+
+PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)
+{
+    *err_code = 0;
+    if (!data || len == 0)
+        return PUBACK_REFUSED;
+    int quick = quick_parse(data, len);
+    if (quick >= 0)
+        return (PubAckKind)quick;
+
+    json_error_t jerr;
+    json_t *root = json_loadb(data, len, 0, &jerr);
+    json_t *e = root ? json_object_get(root, "error") : NULL;
+    PubAckKind kind = PUBACK_REFUSED;
+    if (e) {
+        json_int_t c = json_integer_value(json_object_get(e, "err_code"));
+        if (c == 0)
+            c = json_integer_value(json_object_get(e, "code"));
+        *err_code = c > 0 && c <= 0xffff ? (unsigned)c : 0;
+        log_debug("publish refused by JetStream: %s (err_code %lld)",
+                  json_string_value(json_object_get(e, "description")) ?: "no description",
+                  (long long)c);
+    } else if (root && json_is_integer(json_object_get(root, "seq"))) {
+        kind = json_is_true(json_object_get(root, "duplicate")) ? PUBACK_DUPLICATE
+                                                                : PUBACK_STORED;
+    }
+    json_decref(root);
+    return kind;
+}
+
+bool puback_reply_subject(const char *subject, uint64_t *seq, unsigned *attempt)
+{
+    const char *dot2 = strrchr(subject, '.');
+    const char *dot1 = dot2 ? memrchr(subject, '.', (size_t)(dot2 - subject)) : NULL;
+    /* At most 19 digits for the seq and 3 for the attempt: no overflow below. */
+    if (!dot1 || dot2 - dot1 < 2 || dot2 - dot1 > 20 || !dot2[1] || strlen(dot2 + 1) > 3)
+        return false;
+    uint64_t s = 0;
+    for (const char *c = dot1 + 1; c < dot2; c++) {
+        if (*c < '0' || *c > '9')
+            return false;
+        s = s * 10 + (uint64_t)(*c - '0');
+    }
+    unsigned a = 0;
+    for (const char *c = dot2 + 1; *c; c++) {
+        if (*c < '0' || *c > '9')
+            return false;
+        a = a * 10 + (unsigned)(*c - '0');
+    }
+    *seq = s;
+    *attempt = a;
+    return true;
+}

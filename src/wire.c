@@ -1,0 +1,269 @@
+/*
+ * wire.c - events encoded once as NATS carries them, and handed to nats.c without a header map.
+ *
+ * nats.c 3.x keeps an outgoing message's headers in a hash map (a few allocations per header)
+ * and encodes the map on every publish. A message it received instead keeps its header block
+ * as bytes and encodes it by copying them, until someone reads a header. Its natsMsg_create(),
+ * exported by libnats but not declared in nats.h, makes such a message from a header block
+ * outboxd encoded itself: one allocation per send, and no encoding. Because the function is
+ * not part of the documented API, outboxd checks once that a message made this way reads back
+ * as written (wire_raw_supported()), and otherwise publishes through the documented header API,
+ * which works everywhere, only slower. meson defines OUTBOXD_NATS_RAW when libnats exports the
+ * two functions at all.
+ */
+#include "outboxd/wire.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#include "outboxd/log.h"
+
+#define HDR_LINE "NATS/1.0\r\n"
+#define HDR_LINE_LEN (sizeof(HDR_LINE) - 1)
+/* A slot keeps a buffer up to this size for its next event. */
+#define WIRE_KEEP 4096
+
+#ifdef OUTBOXD_NATS_RAW
+/* libnats's own: a message from subject, reply and buf = header block (hdrLen bytes) + data. */
+natsStatus natsMsg_create(natsMsg **newMsg, const char *subject, int subjLen, const char *reply,
+                          int replyLen, const char *buf, int bufLen, int hdrLen);
+/* Frees a message at once, where natsMsg_Destroy() hands it to nats.c's collector thread. */
+void natsMsg_free(void *object);
+#endif
+
+void wire_init(WireMsg *w)
+{
+    memset(w, 0, sizeof(*w));
+    buf_init(&w->buf);
+}
+
+void wire_deinit(WireMsg *w)
+{
+    buf_deinit(&w->buf);
+    wire_init(w);
+}
+
+void wire_clear(WireMsg *w)
+{
+    if (w->buf.cap > WIRE_KEEP)
+        buf_deinit(&w->buf);
+    w->buf.len = 0;
+    w->subject_len = w->hdr_len = w->expected_off = w->body_len = 0;
+}
+
+static char *put(char *p, const char *s, size_t n)
+{
+    memcpy(p, s, n);
+    return p + n;
+}
+
+static size_t expected_line_len(const char *expected)
+{
+    return expected && *expected ? sizeof(OUTBOX_HDR_EXPECTED_LAST) - 1 + 2 + strlen(expected) + 2
+                                 : 0;
+}
+
+/* Writes the Nats-Expected-Last-Msg-Id line; with clean, control bytes become spaces. */
+static char *put_expected(char *p, const char *expected, bool clean)
+{
+    if (!expected || !*expected)
+        return p;
+    p = put(p, OUTBOX_HDR_EXPECTED_LAST ": ", sizeof(OUTBOX_HDR_EXPECTED_LAST) - 1 + 2);
+    if (!clean)
+        return put(put(p, expected, strlen(expected)), "\r\n", 2);
+    for (; *expected; expected++)
+        *p++ = (unsigned char)*expected < 0x20 || *expected == 0x7f ? ' ' : *expected;
+    return put(p, "\r\n", 2);
+}
+
+void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
+{
+    /* hvals.len covers every value (and a NUL each); names and separators come on top. */
+    size_t need = ev->subject.len + 1 + HDR_LINE_LEN + ev->hvals.len + expected_line_len(expected) +
+                  2 + ev->body_len;
+    for (size_t i = 0; i < ev->nheaders; i++)
+        need += strlen(ev->headers[i].name) + 4;
+    Buf *b = &w->buf;
+    b->len = 0;
+    buf_reserve(b, need);
+
+    char *start = b->data, *p = start;
+    p = put(p, ev->subject.data, ev->subject.len);
+    *p++ = '\0';
+    w->subject_len = ev->subject.len;
+    char *hdr = p;
+    p = put(p, HDR_LINE, HDR_LINE_LEN);
+    for (size_t i = 0; i < ev->nheaders; i++) {
+        const char *name = ev->headers[i].name;
+        const char *value = ev->hvals.data + ev->headers[i].off;
+        p = put(p, name, strlen(name));
+        p = put(p, ": ", 2);
+        p = put(p, value, strlen(value));
+        p = put(p, "\r\n", 2);
+    }
+    w->expected_off = (size_t)(p - hdr);
+    p = put_expected(p, expected, false); /* an event id: checked when it was mapped */
+    p = put(p, "\r\n", 2);
+    w->hdr_len = (size_t)(p - hdr);
+    if (ev->body_len)
+        p = put(p, ev->body, ev->body_len);
+    w->body_len = ev->body_len;
+    b->len = (size_t)(p - start);
+    b->data[b->len] = '\0';
+}
+
+void wire_set_expected(WireMsg *w, const char *expected)
+{
+    char *hdr = w->buf.data + w->subject_len + 1;
+    size_t old_len = w->hdr_len - 2 - w->expected_off;
+    size_t new_len = expected_line_len(expected);
+    if (new_len > old_len) {
+        buf_reserve(&w->buf, new_len - old_len);
+        hdr = w->buf.data + w->subject_len + 1;
+    }
+    /* Move the closing CRLF and the body, then write the new line in front of them. */
+    char *tail = hdr + w->expected_off + old_len;
+    memmove(hdr + w->expected_off + new_len, tail, 2 + w->body_len);
+    put_expected(hdr + w->expected_off, expected, true);
+    w->hdr_len = w->hdr_len - old_len + new_len;
+    w->buf.len = w->subject_len + 1 + w->hdr_len + w->body_len;
+    w->buf.data[w->buf.len] = '\0';
+}
+
+bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen)
+{
+    size_t nlen = strlen(name);
+    const char *p = w->buf.data + w->subject_len + 1 + HDR_LINE_LEN;
+    const char *end = w->buf.data + w->subject_len + 1 + w->hdr_len - 2;
+    while (p < end) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol)
+            eol = end;
+        if ((size_t)(eol - p) >= nlen + 2 && memcmp(p, name, nlen) == 0 && p[nlen] == ':') {
+            const char *v = p + nlen + 2;
+            size_t n = (size_t)(eol - v);
+            if (outlen) {
+                if (n >= outlen)
+                    n = outlen - 1;
+                memcpy(out, v, n);
+                out[n] = '\0';
+            }
+            return true;
+        }
+        p = eol + 2;
+    }
+    return false;
+}
+
+/* Through the documented API: every header line becomes a natsMsgHeader_Add(). */
+static natsStatus to_msg_portable(const WireMsg *w, const char *reply, natsMsg **out)
+{
+    natsMsg *msg = NULL;
+    const char *body = w->buf.data + w->subject_len + 1 + w->hdr_len;
+    natsStatus s = natsMsg_Create(&msg, wire_subject(w), reply, body, (int)w->body_len);
+    const char *p = w->buf.data + w->subject_len + 1 + HDR_LINE_LEN;
+    const char *end = w->buf.data + w->subject_len + 1 + w->hdr_len - 2;
+    Buf line;
+    buf_init(&line);
+    while (s == NATS_OK && p < end) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol)
+            eol = end;
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        if (colon && eol - colon >= 2) {
+            buf_reset(&line);
+            buf_append(&line, p, (size_t)(eol - p));
+            line.data[colon - p] = '\0';
+            s = natsMsgHeader_Add(msg, line.data, line.data + (colon - p) + 2);
+        }
+        p = eol + 2;
+    }
+    buf_deinit(&line);
+    if (s != NATS_OK) {
+        natsMsg_Destroy(msg);
+        return s;
+    }
+    *out = msg;
+    return NATS_OK;
+}
+
+natsStatus wire_to_msg(const WireMsg *w, const char *reply, bool raw, natsMsg **out)
+{
+#ifdef OUTBOXD_NATS_RAW
+    if (raw)
+        return natsMsg_create(out, wire_subject(w), (int)w->subject_len, reply,
+                              reply ? (int)strlen(reply) : 0, w->buf.data + w->subject_len + 1,
+                              (int)(w->hdr_len + w->body_len), (int)w->hdr_len);
+#else
+    (void)raw;
+#endif
+    return to_msg_portable(w, reply, out);
+}
+
+void wire_msg_free(natsMsg *msg, bool raw)
+{
+#ifdef OUTBOXD_NATS_RAW
+    if (raw) {
+        natsMsg_free(msg);
+        return;
+    }
+#endif
+    natsMsg_Destroy(msg);
+}
+
+static bool raw_ok;
+static pthread_once_t raw_once = PTHREAD_ONCE_INIT;
+
+/* A message made from an encoded block must read back with the same subject, reply, headers
+ * and body through the documented API. */
+static void check_raw(void)
+{
+#ifdef OUTBOXD_NATS_RAW
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+    buf_puts(&ev.subject, "outboxd.check");
+    buf_append(&ev.hvals, "id-1", 5);
+    ev.headers[0] = (OutboxHeader){.name = OUTBOX_HDR_MSG_ID, .off = 0};
+    ev.nheaders = 1;
+    ev.body = "{}";
+    ev.body_len = 2;
+    WireMsg w;
+    wire_init(&w);
+    wire_encode(&w, &ev, "id-0");
+    natsMsg *msg = NULL;
+    const char *id = NULL, *last = NULL;
+    if (wire_to_msg(&w, "_INBOX.check", true, &msg) == NATS_OK) {
+        raw_ok = strcmp(natsMsg_GetSubject(msg), "outboxd.check") == 0 &&
+                 natsMsg_GetReply(msg) && strcmp(natsMsg_GetReply(msg), "_INBOX.check") == 0 &&
+                 natsMsg_GetDataLength(msg) == 2 && memcmp(natsMsg_GetData(msg), "{}", 2) == 0 &&
+                 natsMsgHeader_Get(msg, OUTBOX_HDR_MSG_ID, &id) == NATS_OK && id &&
+                 strcmp(id, "id-1") == 0 &&
+                 natsMsgHeader_Get(msg, OUTBOX_HDR_EXPECTED_LAST, &last) == NATS_OK && last &&
+                 strcmp(last, "id-0") == 0;
+        natsMsg_free(msg);
+    }
+    wire_deinit(&w);
+    outbox_event_deinit(&ev);
+    if (!raw_ok)
+        log_info("this libnats does not take encoded header blocks as outboxd expects; "
+                 "publishing through its header API instead (slower)");
+#endif
+}
+
+bool wire_raw_supported(void)
+{
+    pthread_once(&raw_once, check_raw);
+    return raw_ok;
+}
+
+natsStatus wire_publish(natsConnection *nc, const WireMsg *w, const char *reply)
+{
+    bool raw = wire_raw_supported();
+    natsMsg *msg = NULL;
+    natsStatus s = wire_to_msg(w, reply, raw, &msg);
+    if (s != NATS_OK)
+        return s;
+    s = natsConnection_PublishMsg(nc, msg);
+    wire_msg_free(msg, raw);
+    return s;
+}

@@ -1,0 +1,64 @@
+/* Unit tests for reading JetStream's answers to publishes. */
+#include <string.h>
+
+#include "check.h"
+#include "outboxd/puback.h"
+
+static PubAckKind parse(const char *s, unsigned *code)
+{
+    return puback_parse(s, strlen(s), code);
+}
+
+static void test_answers(void)
+{
+    unsigned code = 99;
+    CHECK(parse("{\"stream\":\"OUTBOX\",\"seq\":12}", &code) == PUBACK_STORED && code == 0);
+    CHECK(parse("{\"stream\":\"OUTBOX\",\"seq\":12,\"duplicate\": true}", &code) ==
+          PUBACK_DUPLICATE);
+    CHECK(parse("{\"stream\":\"OUTBOX\",\"seq\":12,\"duplicate\":true}", &code) ==
+          PUBACK_DUPLICATE);
+    /* Shapes the quick path does not know still read right. */
+    CHECK(parse("{\"stream\":\"OUTBOX\",\"domain\":\"hub\",\"seq\":3}", &code) == PUBACK_STORED);
+    CHECK(parse("{\"stream\":\"O\",\"seq\":3,\"domain\":\"hub\",\"duplicate\":true}", &code) ==
+          PUBACK_DUPLICATE);
+    CHECK(parse("{\"stream\":\"a\\\"b\",\"seq\":1}", &code) == PUBACK_STORED);
+    CHECK(parse(" {\"seq\": 7, \"stream\": \"OUTBOX\"}", &code) == PUBACK_STORED);
+    /* Errors, after the PubAck fields or alone. */
+    CHECK(parse("{\"stream\":\"O\",\"seq\":0,\"error\":{\"code\":400,\"err_code\":10070,"
+                "\"description\":\"wrong last msg ID: e-1\"}}",
+                &code) == PUBACK_REFUSED &&
+          code == 10070);
+    CHECK(parse("{\"error\":{\"code\":503,\"description\":\"unavailable\"}}", &code) ==
+              PUBACK_REFUSED &&
+          code == 503);
+    /* Not a PubAck at all. */
+    CHECK(parse("hello", &code) == PUBACK_REFUSED && code == 0);
+    CHECK(parse("{\"stream\":\"O\",\"seq\":}", &code) == PUBACK_REFUSED && code == 0);
+    CHECK(parse("{\"stream\":\"O\"}", &code) == PUBACK_REFUSED && code == 0);
+    CHECK(parse("{\"stream\":\"O\",\"seq\":12,\"duplicate\": false}", &code) == PUBACK_STORED);
+    CHECK(puback_parse(NULL, 0, &code) == PUBACK_REFUSED && code == 0);
+    CHECK(puback_parse("{\"stream\":\"O\",\"seq\":12}", 10, &code) == PUBACK_REFUSED);
+}
+
+static void test_reply_subjects(void)
+{
+    uint64_t seq = 0;
+    unsigned attempt = 9;
+    CHECK(puback_reply_subject("_INBOX.abc.12.0", &seq, &attempt) && seq == 12 && attempt == 0);
+    CHECK(puback_reply_subject("_INBOX.abc.1234567890123456789.255", &seq, &attempt) &&
+          seq == UINT64_C(1234567890123456789) && attempt == 255);
+    CHECK(!puback_reply_subject("_INBOX.abc.checkpoint", &seq, &attempt));
+    CHECK(!puback_reply_subject("_INBOX.abc.12.x", &seq, &attempt));
+    CHECK(!puback_reply_subject("_INBOX.abc..0", &seq, &attempt));
+    CHECK(!puback_reply_subject("_INBOX.abc.12.", &seq, &attempt));
+    CHECK(!puback_reply_subject("_INBOX.abc.1.1000", &seq, &attempt));
+    CHECK(!puback_reply_subject("_INBOX.abc.99999999999999999999.0", &seq, &attempt));
+    CHECK(!puback_reply_subject("12.0", &seq, &attempt));
+}
+
+int main(void)
+{
+    test_answers();
+    test_reply_subjects();
+    return check_report("test_puback");
+}
