@@ -449,20 +449,43 @@ static const char hexdigits[] = "0123456789ABCDEF";
 
 /* Header values travel in a text protocol: control bytes (CR and LF above all) would end the
  * header early, so they are written as %XX. Everything else is kept byte for byte. */
+static bool header_byte_ok(unsigned char c)
+{
+    return c >= 0x20 && c != 0x7f;
+}
+
+/* How many bytes from p on need no escaping. Eight at a time: a word has a byte below 0x20
+ * when (x - 0x20..) & ~x has a high bit set, and a 0x7f when x ^ 0x7f.. has a zero byte. */
+static size_t clean_run(const char *p, size_t n)
+{
+    const uint64_t ones = UINT64_C(0x0101010101010101), highs = UINT64_C(0x8080808080808080);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t x;
+        memcpy(&x, p + i, 8);
+        uint64_t del = x ^ (ones * 0x7f);
+        if ((((x - ones * 0x20) & ~x) | ((del - ones) & ~del)) & highs)
+            break;
+    }
+    while (i < n && header_byte_ok((unsigned char)p[i]))
+        i++;
+    return i;
+}
+
 static void append_header_value(Buf *b, const char *p, size_t n)
 {
     /* Values are almost always clean: copy runs of ordinary bytes in one go. */
-    size_t start = 0;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        if (c >= 0x20 && c != 0x7f)
-            continue;
-        buf_append(b, p + start, i - start);
+    for (;;) {
+        size_t run = clean_run(p, n);
+        buf_append(b, p, run);
+        if (run == n)
+            return;
+        unsigned char c = (unsigned char)p[run];
         char esc[3] = {'%', hexdigits[c >> 4], hexdigits[c & 15]};
         buf_append(b, esc, 3);
-        start = i + 1;
+        p += run + 1;
+        n -= run + 1;
     }
-    buf_append(b, p + start, n - start);
 }
 
 /* PostgreSQL renders a timestamptz (DateStyle ISO, TimeZone UTC) as

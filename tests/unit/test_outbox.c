@@ -97,6 +97,38 @@ static void test_default_table(void)
     CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID), "line1%0D%0AInjected: yes");
     CHECK_STR(outbox_event_header(&ev, OUTBOX_HDR_TRACE_ID), "t-1");
 
+    /* Every byte value at every place of a word: only control bytes and DEL are escaped. */
+    int wrong = 0;
+    for (int c = 1; c < 256 && !wrong; c++) {
+        for (int pos = 0; pos < 19; pos++) {
+            char value[20], want[24];
+            memset(value, 'a', 19);
+            value[19] = '\0';
+            value[pos] = (char)c;
+            size_t k = 0;
+            for (int i = 0; i < 19; i++) {
+                unsigned char b = (unsigned char)value[i];
+                if (b < 0x20 || b == 0x7f)
+                    k += (size_t)snprintf(want + k, sizeof(want) - k, "%%%02X", b);
+                else
+                    want[k++] = (char)b;
+            }
+            want[k] = '\0';
+            cols[2].value = value;
+            insert(16384, cols, 8);
+            const char *got = outbox_map_insert(m, msg, &txn, &ev, err, sizeof(err)) == 0
+                                  ? outbox_event_header(&ev, OUTBOX_HDR_AGGREGATE_ID)
+                                  : NULL;
+            if (!got || strcmp(got, want) != 0) {
+                fprintf(stderr, "byte 0x%02X at %d: got \"%s\", want \"%s\"\n", c, pos,
+                        got ? got : "(null)", want);
+                wrong++;
+                break;
+            }
+        }
+    }
+    CHECK(wrong == 0);
+
     /* Rows that cannot become events are refused with the reason. */
     cols[0].value = NULL;
     insert(16384, cols, 8);
