@@ -13,31 +13,35 @@
 
 #include "outboxd/log.h"
 
-/* {"stream":"S","seq":N}, or the same with "duplicate": true (nats-server 2.9 writes it with
- * a space). Returns PUBACK_STORED, PUBACK_DUPLICATE, or -1 for anything else. */
-static int quick_parse(const char *d, size_t n)
+/* Returns p past lit (after any spaces before it), or NULL when lit does not come next. */
+static const char *next(const char *p, const char *end, const char *lit)
 {
-    static const char pre[] = "{\"stream\":\"", seq[] = "\",\"seq\":";
-    static const char dup1[] = ",\"duplicate\": true}", dup2[] = ",\"duplicate\":true}";
+    size_t n = strlen(lit);
+    while (p && p < end && *p == ' ')
+        p++;
+    return p && (size_t)(end - p) >= n && memcmp(p, lit, n) == 0 ? p + n : NULL;
+}
+
+/* {"stream":"S", "seq":N}, or the same with ,"duplicate": true before the brace, as nats-server
+ * writes them (2.9 puts a space after the comma and after "duplicate":; spaces between tokens
+ * pass).
+ * Returns PUBACK_STORED, PUBACK_DUPLICATE, or -1 for anything else. */
+int puback_quick(const char *d, size_t n)
+{
     const char *end = d + n;
-    if (n < sizeof(pre) - 1 || memcmp(d, pre, sizeof(pre) - 1) != 0)
+    const char *p = next(next(next(next(d, end, "{"), end, "\"stream\""), end, ":"), end, "\"");
+    if (!p || !(p = memchr(p, '"', (size_t)(end - p))))
+        return -1; /* the stream's name: no escaped quote in it, or jansson reads it */
+    p = next(next(next(p + 1, end, ","), end, "\"seq\""), end, ":");
+    p = next(p, end, "");
+    if (!p || p == end || *p < '0' || *p > '9')
         return -1;
-    const char *p = memchr(d + sizeof(pre) - 1, '"', n - (sizeof(pre) - 1));
-    if (!p || (size_t)(end - p) < sizeof(seq) || memcmp(p, seq, sizeof(seq) - 1) != 0)
-        return -1;
-    p += sizeof(seq) - 1;
-    const char *digits = p;
     while (p < end && *p >= '0' && *p <= '9')
         p++;
-    if (p == digits)
-        return -1;
-    size_t rest = (size_t)(end - p);
-    if (rest == 1 && *p == '}')
+    if (next(p, end, "}") == end)
         return PUBACK_STORED;
-    if ((rest == sizeof(dup1) - 1 && memcmp(p, dup1, rest) == 0) ||
-        (rest == sizeof(dup2) - 1 && memcmp(p, dup2, rest) == 0))
-        return PUBACK_DUPLICATE;
-    return -1;
+    p = next(next(next(next(p, end, ","), end, "\"duplicate\""), end, ":"), end, "true");
+    return p && next(p, end, "}") == end ? PUBACK_DUPLICATE : -1;
 }
 
 PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)
@@ -45,7 +49,7 @@ PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)
     *err_code = 0;
     if (!data || len == 0)
         return PUBACK_REFUSED;
-    int quick = quick_parse(data, len);
+    int quick = puback_quick(data, len);
     if (quick >= 0)
         return (PubAckKind)quick;
 

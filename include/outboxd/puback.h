@@ -22,6 +22,10 @@ typedef enum PubAckKind {
  * when there is none), 0 when the answer is not a PubAck at all. */
 PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code);
 
+/* The one-pass reader puback_parse() tries first: PUBACK_STORED or PUBACK_DUPLICATE for the
+ * answers nats-server usually sends, -1 for anything that needs a JSON parser. */
+int puback_quick(const char *data, size_t len);
+
 /* Parses the "<seq>.<attempt>" at the end of a reply subject. */
 bool puback_reply_subject(const char *subject, uint64_t *seq, unsigned *attempt);
 

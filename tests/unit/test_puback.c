@@ -40,6 +40,36 @@ static void test_answers(void)
     CHECK(puback_parse("{\"stream\":\"O\",\"seq\":12}", 10, &code) == PUBACK_REFUSED);
 }
 
+/* What nats-server 2.9 writes, byte for byte, and other spellings of the same answers, take
+ * the quick path: one answer per event must not need jansson. */
+static void test_quick(void)
+{
+    const char *stored[] = {
+        "{\"stream\":\"T\", \"seq\":1}",
+        "{\"stream\":\"OUTBOX\",\"seq\":12}",
+        "{ \"stream\" :\"T\" , \"seq\" : 1 }",
+    };
+    const char *dup[] = {
+        "{\"stream\":\"T\", \"seq\":1,\"duplicate\": true}",
+        "{\"stream\":\"OUTBOX\",\"seq\":12,\"duplicate\":true}",
+    };
+    for (size_t i = 0; i < sizeof(stored) / sizeof(stored[0]); i++)
+        CHECK(puback_quick(stored[i], strlen(stored[i])) == PUBACK_STORED);
+    for (size_t i = 0; i < sizeof(dup) / sizeof(dup[0]); i++)
+        CHECK(puback_quick(dup[i], strlen(dup[i])) == PUBACK_DUPLICATE);
+    const char *other[] = {
+        "{\"stream\":\"T\", \"seq\":1,\"duplicate\": false}",
+        "{\"stream\":\"T\", \"seq\":1, \"domain\":\"hub\"}",
+        "{\"stream\":\"T\", \"seq\":0,\"error\":{\"code\":503}}",
+        "{\"stream\":\"T\", \"seq\":}",
+        "{\"stream\":\"T\", \"seq\":1}x",
+        "{\"stream\":\"T",
+        "",
+    };
+    for (size_t i = 0; i < sizeof(other) / sizeof(other[0]); i++)
+        CHECK(puback_quick(other[i], strlen(other[i])) == -1);
+}
+
 static void test_reply_subjects(void)
 {
     uint64_t seq = 0;
@@ -59,6 +89,7 @@ static void test_reply_subjects(void)
 int main(void)
 {
     test_answers();
+    test_quick();
     test_reply_subjects();
     return check_report("test_puback");
 }
