@@ -508,11 +508,44 @@ static void append_timestamptz(Buf *b, const char *p, size_t n)
 
 
 
-static void add_header(OutboxEvent *ev, const char *name, size_t off)
+/* Starts header name: its value is what goes into hvals until end_header(). */
+static void begin_header(OutboxEvent *ev, const char *name)
 {
-    ev->headers[ev->nheaders].name = name;
-    ev->headers[ev->nheaders].off = off;
-    ev->nheaders++;
+    OutboxHeader *h = &ev->headers[ev->nheaders++];
+    h->name = name;
+    h->off = ev->hvals.len;
+    h->len = 0;
+}
+
+static void end_header(OutboxEvent *ev)
+{
+    OutboxHeader *h = &ev->headers[ev->nheaders - 1];
+    h->len = ev->hvals.len - h->off;
+    buf_putc(&ev->hvals, '\0');
+}
+
+void outbox_event_add_header(OutboxEvent *ev, const char *name, const char *value, size_t len)
+{
+    begin_header(ev, name);
+    buf_append(&ev->hvals, value, len);
+    end_header(ev);
+}
+
+const char *outbox_event_set_header(OutboxEvent *ev, const char *name, const char *value,
+                                    size_t len)
+{
+    for (size_t i = 0; i < ev->nheaders; i++) {
+        OutboxHeader *h = &ev->headers[i];
+        if (strcmp(h->name, name) == 0) {
+            h->off = ev->hvals.len; /* the old value stays behind, unused */
+            h->len = len;
+            buf_append(&ev->hvals, value, len);
+            buf_putc(&ev->hvals, '\0');
+            return ev->hvals.data + h->off;
+        }
+    }
+    outbox_event_add_header(ev, name, value, len);
+    return ev->hvals.data + ev->headers[ev->nheaders - 1].off;
 }
 
 static bool valid_msg_id(const char *p, size_t n)
@@ -631,12 +664,12 @@ static void put_header(OutboxEvent *ev, const char *name, const char *p, size_t 
      * header line for its value, so consumers would misread the rest. */
     if (!p || n == 0)
         return;
-    add_header(ev, name, ev->hvals.len);
+    begin_header(ev, name);
     if (type == OID_TIMESTAMPTZ)
         append_timestamptz(&ev->hvals, p, n);
     else
         append_header_value(&ev->hvals, p, n);
-    buf_putc(&ev->hvals, '\0');
+    end_header(ev);
 }
 
 /* The headers every event carries after its own: the commit LSN and time. */
@@ -649,10 +682,8 @@ static void put_txn_headers(OutboxMapper *m, const OutboxTxn *txn, OutboxEvent *
         lsn_format(txn->commit_lsn, m->txn_text[0]);
         pg_time_format_rfc3339(txn->commit_time, m->txn_text[1]);
     }
-    add_header(ev, OUTBOX_HDR_COMMIT_LSN, ev->hvals.len);
-    buf_append(&ev->hvals, m->txn_text[0], strlen(m->txn_text[0]) + 1);
-    add_header(ev, OUTBOX_HDR_COMMIT_TIME, ev->hvals.len);
-    buf_append(&ev->hvals, m->txn_text[1], strlen(m->txn_text[1]) + 1);
+    outbox_event_add_header(ev, OUTBOX_HDR_COMMIT_LSN, m->txn_text[0], strlen(m->txn_text[0]));
+    outbox_event_add_header(ev, OUTBOX_HDR_COMMIT_TIME, m->txn_text[1], strlen(m->txn_text[1]));
     ev->commit_lsn = txn->commit_lsn;
     ev->commit_time = txn->commit_time;
 }
@@ -674,9 +705,7 @@ static int put_msg_id(OutboxEvent *ev, const char *id, size_t n, const char *wha
     }
     ev->nheaders = 0;
     buf_reset(&ev->hvals);
-    add_header(ev, OUTBOX_HDR_MSG_ID, 0);
-    buf_append(&ev->hvals, id, n);
-    buf_putc(&ev->hvals, '\0');
+    outbox_event_add_header(ev, OUTBOX_HDR_MSG_ID, id, n);
     return 0;
 }
 
@@ -987,14 +1016,14 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
 
     out->nheaders = 0;
     buf_reset(&out->hvals);
-    add_header(out, OUTBOX_HDR_MSG_ID, out->hvals.len);
+    begin_header(out, OUTBOX_HDR_MSG_ID);
     if (dl->event_id && valid_msg_id(dl->event_id, dl->event_id_len)) {
         buf_puts(&out->hvals, "dlq-");
         buf_append(&out->hvals, dl->event_id, dl->event_id_len);
     } else {
         buf_printf(&out->hvals, "dlq-%X-%X-%u", LSN_ARGS(dl->commit_lsn), dl->index);
     }
-    buf_putc(&out->hvals, '\0');
+    end_header(out);
     put_header(out, OUTBOX_HDR_DL_REASON, dl->reason, dl->reason ? strlen(dl->reason) : 0, 0);
     put_header(out, OUTBOX_HDR_DL_DETAIL, dl->detail, dl->detail ? strlen(dl->detail) : 0, 0);
     put_header(out, OUTBOX_HDR_ORIGINAL_SUBJECT, dl->subject,

@@ -313,34 +313,19 @@ static int pump(Replay *r, int64_t until, PublisherStatus *st)
     return 0;
 }
 
-static void add_header(OutboxEvent *ev, const char *name, const char *value)
-{
-    ev->headers[ev->nheaders].name = name;
-    ev->headers[ev->nheaders].off = ev->hvals.len;
-    ev->nheaders++;
-    buf_puts(&ev->hvals, value);
-    buf_putc(&ev->hvals, '\0');
-}
-
 /* The replay's headers on a mapped event: Outbox-Replay and, with new ids, the new
  * Nats-Msg-Id and the event id it stands for. */
 static void mark_replay(Replay *r, OutboxEvent *ev)
 {
     char event_id[OUTBOX_MAX_EVENT_ID + 1];
     snprintf(event_id, sizeof(event_id), "%s", ev->msg_id);
-    add_header(ev, OUTBOX_HDR_REPLAY, r->stamp);
+    outbox_event_add_header(ev, OUTBOX_HDR_REPLAY, r->stamp, strlen(r->stamp));
     if (r->opts->new_ids) {
         char id[OUTBOX_MAX_EVENT_ID + 48];
         snprintf(id, sizeof(id), "%s:replay:%" PRId64, event_id, r->started_us / 1000000);
-        add_header(ev, OUTBOX_HDR_EVENT_ID, event_id);
-        size_t off = ev->hvals.len;
-        buf_puts(&ev->hvals, id);
-        buf_putc(&ev->hvals, '\0');
-        for (size_t i = 0; i < ev->nheaders; i++)
-            if (strcmp(ev->headers[i].name, OUTBOX_HDR_MSG_ID) == 0)
-                ev->headers[i].off = off;
+        outbox_event_add_header(ev, OUTBOX_HDR_EVENT_ID, event_id, strlen(event_id));
+        ev->msg_id = outbox_event_set_header(ev, OUTBOX_HDR_MSG_ID, id, strlen(id));
     }
-    ev->msg_id = outbox_event_header(ev, OUTBOX_HDR_MSG_ID);
 }
 
 /* Maps and publishes one fetched row. Returns -1 when replaying must stop. */

@@ -95,10 +95,9 @@ void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
     p = put(p, HDR_LINE, HDR_LINE_LEN);
     for (size_t i = 0; i < ev->nheaders; i++) {
         const char *name = ev->headers[i].name;
-        const char *value = ev->hvals.data + ev->headers[i].off;
         p = put(p, name, strlen(name));
         p = put(p, ": ", 2);
-        p = put(p, value, strlen(value));
+        p = put(p, ev->hvals.data + ev->headers[i].off, ev->headers[i].len);
         p = put(p, "\r\n", 2);
     }
     w->expected_off = (size_t)(p - hdr);
@@ -222,9 +221,7 @@ static void check_raw(void)
     OutboxEvent ev;
     outbox_event_init(&ev);
     buf_puts(&ev.subject, "outboxd.check");
-    buf_append(&ev.hvals, "id-1", 5);
-    ev.headers[0] = (OutboxHeader){.name = OUTBOX_HDR_MSG_ID, .off = 0};
-    ev.nheaders = 1;
+    outbox_event_add_header(&ev, OUTBOX_HDR_MSG_ID, "id-1", 4);
     ev.body = "{}";
     ev.body_len = 2;
     WireMsg w;

@@ -45,6 +45,7 @@
 typedef struct OutboxHeader {
     const char *name;
     size_t off; /* value offset in OutboxEvent.hvals, NUL-terminated there */
+    size_t len; /* value length */
 } OutboxHeader;
 
 /* One event ready to publish. Filled by outbox_map_insert(), reused between events. */
@@ -66,6 +67,11 @@ void outbox_event_init(OutboxEvent *ev);
 void outbox_event_deinit(OutboxEvent *ev);
 /* Returns the value of header name, or NULL. */
 const char *outbox_event_header(const OutboxEvent *ev, const char *name);
+/* Adds header name with value[0..len) as it is: the caller knows it holds no control bytes. */
+void outbox_event_add_header(OutboxEvent *ev, const char *name, const char *value, size_t len);
+/* Gives header name the value (added when absent); returns where the value now is. */
+const char *outbox_event_set_header(OutboxEvent *ev, const char *name, const char *value,
+                                    size_t len);
 
 typedef struct OutboxMapper OutboxMapper;
 

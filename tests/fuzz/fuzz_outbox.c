@@ -83,6 +83,7 @@ static void check_headers(const OutboxEvent *ev)
         const char *v = ev->hvals.data + ev->headers[i].off;
         size_t n = strlen(v);
         FUZZ_ASSERT(n > 0 && ev->headers[i].off + n < ev->hvals.len + 1);
+        FUZZ_ASSERT(ev->headers[i].len == n); /* what wire_encode() copies */
         for (size_t j = 0; j < n; j++)
             FUZZ_ASSERT((unsigned char)v[j] >= 0x20 && (unsigned char)v[j] != 0x7f);
     }

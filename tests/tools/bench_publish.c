@@ -375,10 +375,7 @@ static void gen_init(Gen *g, const Args *a)
 
 static void add(OutboxEvent *ev, const char *name, const char *value)
 {
-    ev->headers[ev->nheaders].name = name;
-    ev->headers[ev->nheaders].off = ev->hvals.len;
-    ev->nheaders++;
-    buf_append(&ev->hvals, value, strlen(value) + 1);
+    outbox_event_add_header(ev, name, value, strlen(value));
 }
 
 /* Encodes message i into w, as outboxd encodes an event (src/wire.c). */

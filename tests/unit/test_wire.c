@@ -7,10 +7,7 @@
 
 static void add(OutboxEvent *ev, const char *name, const char *value)
 {
-    ev->headers[ev->nheaders].name = name;
-    ev->headers[ev->nheaders].off = ev->hvals.len;
-    ev->nheaders++;
-    buf_append(&ev->hvals, value, strlen(value) + 1);
+    outbox_event_add_header(ev, name, value, strlen(value));
 }
 
 static void sample(OutboxEvent *ev, const char *body, size_t body_len)
