@@ -13,10 +13,11 @@
 
 #include "outboxd/log.h"
 
-/* Returns p past lit (after any spaces before it), or NULL when lit does not come next. */
-static const char *next(const char *p, const char *end, const char *lit)
+/* Returns p past lit (n bytes, after any spaces before it), or NULL when lit does not come
+ * next. NEXT() passes a literal's length. */
+#define NEXT(p, end, lit) next((p), (end), (lit), sizeof(lit) - 1)
+static const char *next(const char *p, const char *end, const char *lit, size_t n)
 {
-    size_t n = strlen(lit);
     while (p && p < end && *p == ' ')
         p++;
     return p && (size_t)(end - p) >= n && memcmp(p, lit, n) == 0 ? p + n : NULL;
@@ -29,19 +30,19 @@ static const char *next(const char *p, const char *end, const char *lit)
 int puback_quick(const char *d, size_t n)
 {
     const char *end = d + n;
-    const char *p = next(next(next(next(d, end, "{"), end, "\"stream\""), end, ":"), end, "\"");
+    const char *p = NEXT(NEXT(NEXT(NEXT(d, end, "{"), end, "\"stream\""), end, ":"), end, "\"");
     if (!p || !(p = memchr(p, '"', (size_t)(end - p))))
         return -1; /* the stream's name: no escaped quote in it, or jansson reads it */
-    p = next(next(next(p + 1, end, ","), end, "\"seq\""), end, ":");
-    p = next(p, end, "");
+    p = NEXT(NEXT(NEXT(p + 1, end, ","), end, "\"seq\""), end, ":");
+    p = NEXT(p, end, "");
     if (!p || p == end || *p < '0' || *p > '9')
         return -1;
     while (p < end && *p >= '0' && *p <= '9')
         p++;
-    if (next(p, end, "}") == end)
+    if (NEXT(p, end, "}") == end)
         return PUBACK_STORED;
-    p = next(next(next(next(p, end, ","), end, "\"duplicate\""), end, ":"), end, "true");
-    return p && next(p, end, "}") == end ? PUBACK_DUPLICATE : -1;
+    p = NEXT(NEXT(NEXT(NEXT(p, end, ","), end, "\"duplicate\""), end, ":"), end, "true");
+    return p && NEXT(p, end, "}") == end ? PUBACK_DUPLICATE : -1;
 }
 
 PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)

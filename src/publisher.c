@@ -196,8 +196,9 @@ static void take_reply(Publisher *p, natsMsg *msg)
         uint64_t expect = state_word(seq, attempt, 0, ST_INFLIGHT);
         atomic_compare_exchange_strong(&slot->state, &expect, state_word(seq, attempt, code, st));
     }
-    /* Anything else (a checkpoint write's answer) needs no handling. */
-    natsMsg_Destroy(msg);
+    /* Anything else (a checkpoint write's answer) needs no handling. Nobody else holds the
+     * answer: free it here rather than wake nats.c's collector thread for each one. */
+    wire_msg_free(msg, wire_raw_supported());
 }
 
 /* Takes in every answer queued on the subscription. */

@@ -65,7 +65,9 @@ bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen);
 
 /* A natsMsg with w's subject, headers and body and the given reply subject. With raw (only
  * when wire_raw_supported()), nats.c takes the header block as it is; otherwise the headers
- * go through nats.c's header API. Free it with wire_msg_free(msg, raw). */
+ * go through nats.c's header API. Free it with wire_msg_free(msg, raw), which also frees, with
+ * raw = wire_raw_supported(), any message nobody else holds (one taken from a synchronous
+ * subscription): at once, where natsMsg_Destroy() hands it to nats.c's collector thread. */
 natsStatus wire_to_msg(const WireMsg *w, const char *reply, bool raw, natsMsg **out);
 void wire_msg_free(natsMsg *msg, bool raw);
 /* True when this nats.c build can take an encoded header block (outboxd checks it once at
