@@ -105,6 +105,8 @@ struct Publisher {
     int64_t max_inflight;
     int64_t max_bytes;
     int64_t bytes;
+    Buf *pool;           /* buffers of acknowledged events, for the next ones */
+    size_t npool, pool_bytes;
     int64_t ack_timeout_us;
     bool strict;
     char chain_last[256]; /* Nats-Msg-Id the next chained event expects as the stream's last */
@@ -279,6 +281,7 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
     while ((int64_t)cap < opts->max_inflight)
         cap <<= 1;
     p->ring = xcalloc(cap, sizeof(Slot));
+    p->pool = xcalloc(cap, sizeof(Buf));
     p->mask = cap - 1;
     p->head = p->next = 1;
     p->max_inflight = opts->max_inflight;
@@ -408,6 +411,11 @@ void publisher_free(Publisher *p)
             wire_deinit(&p->ring[i].wire);
         free(p->ring);
     }
+    if (p->pool) {
+        for (size_t i = 0; i < p->npool; i++)
+            buf_deinit(&p->pool[i]);
+        free(p->pool);
+    }
     if (p->wake_fd >= 0)
         close(p->wake_fd);
     outbox_event_deinit(&p->dlq);
@@ -492,6 +500,32 @@ static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, ch
     memcpy(out + n, d, k + 1);
 }
 
+/* Encodes ev into the slot, in a buffer from the pool when the slot has none. */
+static void encode_slot(Publisher *p, Slot *slot, const OutboxEvent *ev, const char *expected)
+{
+    if (wire_capacity(&slot->wire) == 0 && p->npool > 0) {
+        Buf b = p->pool[--p->npool];
+        p->pool_bytes -= b.cap;
+        wire_give_buffer(&slot->wire, b);
+    }
+    wire_encode(&slot->wire, ev, expected);
+}
+
+/* Lets the slot's message go. Its buffer goes to the pool, last in first out, so the buffers
+ * in use stay few and warm, while the pool holds no more than the in-flight byte window:
+ * allocating a large buffer for every event costs more than the copy into it (its fresh pages
+ * fault in each time), and memory still follows the window, not the backlog. */
+static void clear_slot(Publisher *p, Slot *slot)
+{
+    size_t cap = wire_capacity(&slot->wire);
+    if (cap > 0 && p->npool <= p->mask && p->pool_bytes + cap <= (size_t)p->max_bytes) {
+        p->pool[p->npool++] = wire_take_buffer(&slot->wire);
+        p->pool_bytes += cap;
+    } else {
+        wire_deinit(&slot->wire);
+    }
+}
+
 /* Sends the event in slot as the given attempt, unless publishing is paused: then it waits in
  * the window and goes out, in order, when publishing resumes. A failed send leaves the event in
  * flight: it fails by timeout or disconnect and is sent again, never lost. */
@@ -517,12 +551,12 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
     uint64_t seq = p->next;
     Slot *slot = &p->ring[seq & p->mask];
     bool chained = p->strict && !dead_letter;
-    wire_encode(&slot->wire, ev, chained ? p->chain_last : NULL);
+    encode_slot(p, slot, ev, chained ? p->chain_last : NULL);
     /* A chained event may later expect another, longer id (see reseed_head). */
     size_t size = wire_size(&slot->wire) + (chained ? WIRE_EXPECTED_ROOM : 0);
     int64_t max_payload = natsConnection_GetMaxPayload(p->nc);
     if (max_payload > 0 && (int64_t)size > max_payload) {
-        wire_clear(&slot->wire);
+        clear_slot(p, slot);
         snprintf(err, errlen,
                  "the event is %zu bytes with its headers, more than the NATS server's "
                  "max_payload of %" PRId64 " bytes",
@@ -638,7 +672,7 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
     outbox_dead_letter(&p->dlq, p->dead_letter_subject, &dl, 0);
     metrics_dead_letter(code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE : DLR_REJECTED);
     log_warn("dead-lettered %s to %s: %s", event, p->dead_letter_subject, why);
-    wire_encode(&slot->wire, &p->dlq, NULL);
+    encode_slot(p, slot, &p->dlq, NULL);
     slot->dead_letter = true;
     send_slot(p, slot, slot->attempt + 1);
 }
@@ -695,7 +729,7 @@ static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
         metrics_observe_latency(now_unix - pg_time_to_unix_us(slot->commit_time));
     }
     p->bytes -= (int64_t)slot->bytes;
-    wire_clear(&slot->wire);
+    clear_slot(p, slot);
 }
 
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)

@@ -14,14 +14,16 @@
 #include "outboxd/wire.h"
 
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "outboxd/log.h"
 
 #define HDR_LINE "NATS/1.0\r\n"
 #define HDR_LINE_LEN (sizeof(HDR_LINE) - 1)
-/* A slot keeps a buffer up to this size for its next event. */
-#define WIRE_KEEP 4096
+/* Buffers grow to what an event needs, rounded up to this, so that the next event of about the
+ * same size fits (buf_reserve's doubling would waste up to half of a large buffer). */
+#define WIRE_ROUND 1024
 
 #ifdef OUTBOXD_NATS_RAW
 /* libnats's own: a message from subject, reply and buf = header block (hdrLen bytes) + data. */
@@ -43,12 +45,19 @@ void wire_deinit(WireMsg *w)
     wire_init(w);
 }
 
-void wire_clear(WireMsg *w)
+Buf wire_take_buffer(WireMsg *w)
 {
-    if (w->buf.cap > WIRE_KEEP)
-        buf_deinit(&w->buf);
+    Buf b = w->buf;
+    b.len = 0;
+    wire_init(w);
+    return b;
+}
+
+void wire_give_buffer(WireMsg *w, Buf b)
+{
+    buf_deinit(&w->buf);
+    w->buf = b;
     w->buf.len = 0;
-    w->subject_len = w->hdr_len = w->expected_off = w->body_len = 0;
 }
 
 static char *put(char *p, const char *s, size_t n)
@@ -85,7 +94,11 @@ void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
         need += strlen(ev->headers[i].name) + 4;
     Buf *b = &w->buf;
     b->len = 0;
-    buf_reserve(b, need);
+    if (need + 1 > b->cap) {
+        b->cap = (need + 1 + WIRE_ROUND - 1) / WIRE_ROUND * WIRE_ROUND;
+        free(b->data); /* nothing in it to keep: no realloc copy */
+        b->data = xmalloc(b->cap);
+    }
 
     char *start = b->data, *p = start;
     p = put(p, ev->subject.data, ev->subject.len);

@@ -35,9 +35,16 @@ typedef struct WireMsg {
 void wire_init(WireMsg *w);
 /* Frees the buffer. */
 void wire_deinit(WireMsg *w);
-/* Lets the message go after its acknowledgement: a small buffer is kept for the next event in
- * the same slot, a large one is freed, so memory follows the window, not the largest event. */
-void wire_clear(WireMsg *w);
+/* Moves the buffer out, leaving w empty and without one: the publisher pools the buffers of
+ * acknowledged events for the next ones. */
+Buf wire_take_buffer(WireMsg *w);
+/* Gives an empty w a buffer (from wire_take_buffer) to encode into. */
+void wire_give_buffer(WireMsg *w, Buf b);
+/* Bytes w's buffer holds. */
+static inline size_t wire_capacity(const WireMsg *w)
+{
+    return w->buf.cap;
+}
 
 /* Encodes ev, with expected (NULL or "" for none) as Nats-Expected-Last-Msg-Id. Neither the
  * header values of an OutboxEvent (outbox.c escapes them) nor an event id (outbox.c checks it)

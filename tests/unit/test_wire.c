@@ -106,26 +106,31 @@ static void test_set_expected(void)
     outbox_event_deinit(&ev);
 }
 
-/* A small buffer stays with its slot for the next event; a large one goes. */
-static void test_clear(void)
+/* Buffers fit their event closely, and a buffer handed on serves the next event as it is. */
+static void test_buffers(void)
 {
     OutboxEvent ev;
     outbox_event_init(&ev);
-    WireMsg w;
+    WireMsg w, next;
     wire_init(&w);
-    sample(&ev, "{}", 2);
-    wire_encode(&w, &ev, NULL);
-    char *kept = w.buf.data;
-    wire_clear(&w);
-    CHECK(wire_empty(&w) && w.buf.data == kept);
+    wire_init(&next);
     char *big = calloc(1, 100000);
     sample(&ev, big, 100000);
     wire_encode(&w, &ev, NULL);
     CHECK(w.body_len == 100000);
-    wire_clear(&w);
-    CHECK(wire_empty(&w) && w.buf.data == NULL && w.buf.cap == 0);
+    size_t cap = wire_capacity(&w);
+    CHECK(cap > wire_size(&w) && cap <= wire_size(&w) + w.subject_len + 1 + 1024);
+    char *data = w.buf.data;
+    Buf b = wire_take_buffer(&w);
+    CHECK(wire_empty(&w) && wire_capacity(&w) == 0 && b.data == data && b.cap == cap);
+    wire_give_buffer(&next, b);
+    sample(&ev, "{}", 2);
+    wire_encode(&next, &ev, NULL); /* smaller: the same buffer */
+    CHECK(next.buf.data == data && wire_capacity(&next) == cap);
+    CHECK_MEM(body_of(&next), next.body_len, "{}", 2);
     free(big);
     wire_deinit(&w);
+    wire_deinit(&next);
     outbox_event_deinit(&ev);
 }
 
@@ -175,7 +180,7 @@ int main(void)
         return 1;
     test_encode();
     test_set_expected();
-    test_clear();
+    test_buffers();
     test_to_msg();
     nats_Close();
     return check_report("test_wire");
