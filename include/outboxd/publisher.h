@@ -3,7 +3,8 @@
  * and keeping at it through broker outages.
  *
  * Each published event gets a sequence number (1, 2, 3, ... in publish order) and a slot in a
- * ring until JetStream acknowledges it. The relay learns through publisher_poll() how far the
+ * ring, which keeps the event encoded as it goes over the wire (wire.h) until JetStream
+ * acknowledges it. The relay learns through publisher_poll() how far the
  * acknowledged prefix reaches: every event with a lower sequence number than first_unacked is
  * stored in the stream. nats.c's reader thread queues the acks; publisher_poll() takes them in
  * on the relay's thread, so handing over an ack wakes no thread.
