@@ -27,18 +27,34 @@ static const char *next(const char *p, const char *end, const char *lit, size_t 
  * writes them (2.9 puts a space after the comma and after "duplicate":; spaces between tokens
  * pass).
  * Returns PUBACK_STORED, PUBACK_DUPLICATE, or -1 for anything else. */
+static bool name_byte(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-';
+}
+
 int puback_quick(const char *d, size_t n)
 {
     const char *end = d + n;
     const char *p = NEXT(NEXT(NEXT(NEXT(d, end, "{"), end, "\"stream\""), end, ":"), end, "\"");
-    if (!p || !(p = memchr(p, '"', (size_t)(end - p))))
-        return -1; /* the stream's name: no escaped quote in it, or jansson reads it */
+    if (!p)
+        return -1;
+    /* A stream name of the usual characters; anything else (escapes, say) goes to jansson, so
+     * that this path accepts nothing jansson would refuse. */
+    while (p < end && name_byte(*p))
+        p++;
+    if (p == end || *p != '"')
+        return -1;
     p = NEXT(NEXT(NEXT(p + 1, end, ","), end, "\"seq\""), end, ":");
     p = NEXT(p, end, "");
     if (!p || p == end || *p < '0' || *p > '9')
         return -1;
+    /* A JSON number: no leading zero; at most 18 digits, within jansson's integers. */
+    const char *digits = p;
     while (p < end && *p >= '0' && *p <= '9')
         p++;
+    if (p - digits > 18 || (*digits == '0' && p - digits > 1))
+        return -1;
     if (NEXT(p, end, "}") == end)
         return PUBACK_STORED;
     p = NEXT(NEXT(NEXT(NEXT(p, end, ","), end, "\"duplicate\""), end, ":"), end, "true");

@@ -63,6 +63,9 @@ static void test_quick(void)
         "{\"stream\":\"T\", \"seq\":0,\"error\":{\"code\":503}}",
         "{\"stream\":\"T\", \"seq\":}",
         "{\"stream\":\"T\", \"seq\":1}x",
+        "{\"stream\":\"a\\\"b\", \"seq\":1}",          /* escapes: jansson's */
+        "{\"stream\":\"T\", \"seq\":01}",                 /* not JSON */
+        "{\"stream\":\"T\", \"seq\":1234567890123456789}", /* 19 digits */
         "{\"stream\":\"T",
         "",
     };
