@@ -128,6 +128,7 @@ static void test_default_table(void)
         }
     }
     CHECK(wrong == 0);
+    cols[2].value = "42"; /* the loop's value is out of scope now */
 
     /* Rows that cannot become events are refused with the reason. */
     cols[0].value = NULL;
