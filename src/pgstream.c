@@ -760,7 +760,7 @@ int pgstream_finish(PgStream *s, char *err, size_t errlen)
             return -1;
         }
         struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
-        if (poll(&pfd, 1, (int)(left / 1000) + 1) < 0 && errno != EINTR) {
+        if (poll_until(&pfd, 1, deadline) < 0 && errno != EINTR) {
             snprintf(err, errlen, "could not wait for PostgreSQL: %s", strerror(errno));
             return -1;
         }

@@ -32,7 +32,6 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
-#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -451,13 +450,7 @@ static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_read
         {.fd = publisher_wake_fd(r->pub), .events = POLLIN},
         {.fd = want_pg ? pgstream_socket(r->pg) : -1, .events = POLLIN},
     };
-    /* To the microsecond: while events are in flight the publisher wants to look for
-     * acknowledgements every millisecond, and poll()'s milliseconds, rounded up, double that. */
-    int64_t wait = min64(deadline - now_mono_us(), 1000000);
-    struct timespec ts = {.tv_sec = 0, .tv_nsec = 0};
-    if (wait > 0)
-        ts = (struct timespec){.tv_sec = wait / 1000000, .tv_nsec = (wait % 1000000) * 1000};
-    int n = ppoll(fds, want_pg ? 2 : 1, &ts, NULL);
+    int n = poll_until(fds, want_pg ? 2 : 1, deadline);
     *pg_ready = false;
     if (n < 0) {
         if (errno == EINTR)

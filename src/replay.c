@@ -303,12 +303,10 @@ static int pump(Replay *r, int64_t until, PublisherStatus *st)
         deadline = next;
     if (r->tty && r->next_progress < deadline)
         deadline = r->next_progress;
-    int64_t wait = deadline - now;
-    if (wait <= 0)
+    if (deadline <= now)
         return 0;
     struct pollfd pfd = {.fd = publisher_wake_fd(r->pub), .events = POLLIN};
-    int timeout = wait / 1000 + 1 > 1000 ? 1000 : (int)(wait / 1000 + 1);
-    if (poll(&pfd, 1, timeout) > 0)
+    if (poll_until(&pfd, 1, deadline) > 0)
         publisher_rearm(r->pub);
     return 0;
 }

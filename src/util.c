@@ -210,6 +210,17 @@ int64_t now_mono_us(void)
     return clock_us(CLOCK_MONOTONIC);
 }
 
+int poll_until(struct pollfd *fds, nfds_t nfds, int64_t deadline)
+{
+    int64_t wait = deadline - now_mono_us();
+    if (wait > 1000000)
+        wait = 1000000;
+    struct timespec ts = {.tv_sec = 0, .tv_nsec = 0};
+    if (wait > 0)
+        ts = (struct timespec){.tv_sec = wait / 1000000, .tv_nsec = (wait % 1000000) * 1000};
+    return ppoll(fds, nfds, &ts, NULL);
+}
+
 int64_t now_unix_us(void)
 {
     return clock_us(CLOCK_REALTIME);

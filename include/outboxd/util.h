@@ -7,6 +7,7 @@
 #ifndef OUTBOXD_UTIL_H
 #define OUTBOXD_UTIL_H
 
+#include <poll.h>
 #include <stdbool.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -56,6 +57,10 @@ bool bytea_hex_decode(const char *text, size_t n, Buf *out);
 
 /* CLOCK_MONOTONIC in microseconds: for deadlines and intervals. */
 int64_t now_mono_us(void);
+/* ppoll() until deadline (CLOCK_MONOTONIC µs), at most a second at a time; 0 when it has
+ * passed. To the microsecond: poll()'s milliseconds, rounded up, turn a wait for a timer one
+ * millisecond away (the publisher's look for acknowledgements) into two. */
+int poll_until(struct pollfd *fds, nfds_t nfds, int64_t deadline);
 /* CLOCK_REALTIME in microseconds since the Unix epoch. */
 int64_t now_unix_us(void);
 
