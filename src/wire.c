@@ -90,8 +90,11 @@ void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
     /* hvals.len covers every value (and a NUL each); names and separators come on top. */
     size_t need = ev->subject.len + 1 + HDR_LINE_LEN + ev->hvals.len + expected_line_len(expected) +
                   2 + ev->body_len;
-    for (size_t i = 0; i < ev->nheaders; i++)
-        need += strlen(ev->headers[i].name) + 4;
+    size_t name_len[OUTBOX_MAX_HEADERS];
+    for (size_t i = 0; i < ev->nheaders; i++) {
+        name_len[i] = strlen(ev->headers[i].name);
+        need += name_len[i] + 4;
+    }
     Buf *b = &w->buf;
     b->len = 0;
     if (need + 1 > b->cap) {
@@ -107,8 +110,7 @@ void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
     char *hdr = p;
     p = put(p, HDR_LINE, HDR_LINE_LEN);
     for (size_t i = 0; i < ev->nheaders; i++) {
-        const char *name = ev->headers[i].name;
-        p = put(p, name, strlen(name));
+        p = put(p, ev->headers[i].name, name_len[i]);
         p = put(p, ": ", 2);
         p = put(p, ev->hvals.data + ev->headers[i].off, ev->headers[i].len);
         p = put(p, "\r\n", 2);
@@ -126,13 +128,11 @@ void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected)
 
 void wire_set_expected(WireMsg *w, const char *expected)
 {
-    char *hdr = w->buf.data + w->subject_len + 1;
     size_t old_len = w->hdr_len - 2 - w->expected_off;
     size_t new_len = expected_line_len(expected);
-    if (new_len > old_len) {
+    if (new_len > old_len)
         buf_reserve(&w->buf, new_len - old_len);
-        hdr = w->buf.data + w->subject_len + 1;
-    }
+    char *hdr = w->buf.data + w->subject_len + 1;
     /* Move the closing CRLF and the body, then write the new line in front of them. */
     char *tail = hdr + w->expected_off + old_len;
     memmove(hdr + w->expected_off + new_len, tail, 2 + w->body_len);
@@ -142,27 +142,50 @@ void wire_set_expected(WireMsg *w, const char *expected)
     w->buf.data[w->buf.len] = '\0';
 }
 
-bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen)
+/* One "Name: value" line of the header block. */
+typedef struct HeaderLine {
+    const char *name, *value;
+    size_t name_len, value_len;
+} HeaderLine;
+
+/* Steps through the header lines after "NATS/1.0\r\n"; *pos starts at NULL. False after the
+ * last one. */
+static bool next_header(const WireMsg *w, const char **pos, HeaderLine *h)
 {
-    size_t nlen = strlen(name);
-    const char *p = w->buf.data + w->subject_len + 1 + HDR_LINE_LEN;
-    const char *end = w->buf.data + w->subject_len + 1 + w->hdr_len - 2;
+    const char *p = *pos ? *pos : wire_hdr(w) + HDR_LINE_LEN;
+    const char *end = wire_hdr(w) + w->hdr_len - 2;
     while (p < end) {
         const char *eol = memchr(p, '\r', (size_t)(end - p));
         if (!eol)
             eol = end;
-        if ((size_t)(eol - p) >= nlen + 2 && memcmp(p, name, nlen) == 0 && p[nlen] == ':') {
-            const char *v = p + nlen + 2;
-            size_t n = (size_t)(eol - v);
-            if (outlen) {
-                if (n >= outlen)
-                    n = outlen - 1;
-                memcpy(out, v, n);
-                out[n] = '\0';
-            }
+        const char *colon = memchr(p, ':', (size_t)(eol - p));
+        const char *line = p;
+        p = eol + 2;
+        if (colon && eol - colon >= 2) {
+            *h = (HeaderLine){.name = line, .name_len = (size_t)(colon - line), .value = colon + 2,
+                              .value_len = (size_t)(eol - colon - 2)};
+            *pos = p;
             return true;
         }
-        p = eol + 2;
+    }
+    *pos = p;
+    return false;
+}
+
+bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen)
+{
+    size_t nlen = strlen(name);
+    const char *pos = NULL;
+    HeaderLine h;
+    while (next_header(w, &pos, &h)) {
+        if (h.name_len != nlen || memcmp(h.name, name, nlen) != 0)
+            continue;
+        if (outlen) {
+            size_t n = h.value_len < outlen ? h.value_len : outlen - 1;
+            memcpy(out, h.value, n);
+            out[n] = '\0';
+        }
+        return true;
     }
     return false;
 }
@@ -171,26 +194,21 @@ bool wire_header(const WireMsg *w, const char *name, char *out, size_t outlen)
 static natsStatus to_msg_portable(const WireMsg *w, const char *reply, natsMsg **out)
 {
     natsMsg *msg = NULL;
-    const char *body = w->buf.data + w->subject_len + 1 + w->hdr_len;
-    natsStatus s = natsMsg_Create(&msg, wire_subject(w), reply, body, (int)w->body_len);
-    const char *p = w->buf.data + w->subject_len + 1 + HDR_LINE_LEN;
-    const char *end = w->buf.data + w->subject_len + 1 + w->hdr_len - 2;
-    Buf line;
-    buf_init(&line);
-    while (s == NATS_OK && p < end) {
-        const char *eol = memchr(p, '\r', (size_t)(end - p));
-        if (!eol)
-            eol = end;
-        const char *colon = memchr(p, ':', (size_t)(eol - p));
-        if (colon && eol - colon >= 2) {
-            buf_reset(&line);
-            buf_append(&line, p, (size_t)(eol - p));
-            line.data[colon - p] = '\0';
-            s = natsMsgHeader_Add(msg, line.data, line.data + (colon - p) + 2);
-        }
-        p = eol + 2;
+    natsStatus s = natsMsg_Create(&msg, wire_subject(w), reply, wire_body(w), (int)w->body_len);
+    const char *pos = NULL;
+    HeaderLine h;
+    Buf name, value;
+    buf_init(&name);
+    buf_init(&value);
+    while (s == NATS_OK && next_header(w, &pos, &h)) {
+        buf_reset(&name);
+        buf_append(&name, h.name, h.name_len);
+        buf_reset(&value);
+        buf_append(&value, h.value, h.value_len);
+        s = natsMsgHeader_Add(msg, name.data, value.data);
     }
-    buf_deinit(&line);
+    buf_deinit(&name);
+    buf_deinit(&value);
     if (s != NATS_OK) {
         natsMsg_Destroy(msg);
         return s;
@@ -204,7 +222,7 @@ natsStatus wire_to_msg(const WireMsg *w, const char *reply, bool raw, natsMsg **
 #ifdef OUTBOXD_NATS_RAW
     if (raw)
         return natsMsg_create(out, wire_subject(w), (int)w->subject_len, reply,
-                              reply ? (int)strlen(reply) : 0, w->buf.data + w->subject_len + 1,
+                              reply ? (int)strlen(reply) : 0, wire_hdr(w),
                               (int)(w->hdr_len + w->body_len), (int)w->hdr_len);
 #else
     (void)raw;

@@ -62,6 +62,15 @@ static inline const char *wire_subject(const WireMsg *w)
 {
     return w->buf.data;
 }
+/* The header block, hdr_len bytes, and the body after it. */
+static inline const char *wire_hdr(const WireMsg *w)
+{
+    return w->buf.data + w->subject_len + 1;
+}
+static inline const char *wire_body(const WireMsg *w)
+{
+    return wire_hdr(w) + w->hdr_len;
+}
 /* What the server counts against max_payload: header block and body. */
 static inline size_t wire_size(const WireMsg *w)
 {

@@ -23,16 +23,6 @@ static void sample(OutboxEvent *ev, const char *body, size_t body_len)
     ev->body_len = body_len;
 }
 
-static const char *body_of(const WireMsg *w)
-{
-    return w->buf.data + w->subject_len + 1 + w->hdr_len;
-}
-
-static const char *hdr_of(const WireMsg *w)
-{
-    return w->buf.data + w->subject_len + 1;
-}
-
 /* The sample event, encoded with "e-0" as the expected last id. */
 static void encode_sample(OutboxEvent *ev, WireMsg *w)
 {
@@ -50,8 +40,8 @@ static void test_encode(void)
     CHECK_STR(wire_subject(&w), "outbox.order.created");
     const char want[] = "NATS/1.0\r\nNats-Msg-Id: e-1\r\nOutbox-Event-Type: created\r\n"
                         "X-Tenant: acme\r\nNats-Expected-Last-Msg-Id: e-0\r\n\r\n";
-    CHECK_MEM(hdr_of(&w), w.hdr_len, want, sizeof(want) - 1);
-    CHECK_MEM(body_of(&w), w.body_len, "{\"a\":1}", 7);
+    CHECK_MEM(wire_hdr(&w), w.hdr_len, want, sizeof(want) - 1);
+    CHECK_MEM(wire_body(&w), w.body_len, "{\"a\":1}", 7);
     CHECK(wire_size(&w) == sizeof(want) - 1 + 7);
 
     char v[64];
@@ -69,7 +59,7 @@ static void test_encode(void)
     /* Without an expected id there is no line for it. */
     wire_encode(&w, &ev, "");
     CHECK(!wire_header(&w, OUTBOX_HDR_EXPECTED_LAST, v, sizeof(v)));
-    CHECK_MEM(body_of(&w), w.body_len, "{\"a\":1}", 7);
+    CHECK_MEM(wire_body(&w), w.body_len, "{\"a\":1}", 7);
     wire_deinit(&w);
     outbox_event_deinit(&ev);
 }
@@ -100,7 +90,7 @@ static void test_set_expected(void)
     CHECK(!wire_header(&w, "X-Injected", v, sizeof(v)));
     CHECK(wire_header(&w, OUTBOX_HDR_EXPECTED_LAST, v, sizeof(v)));
     CHECK_STR(v, "evil  X-Injected: 1");
-    CHECK_MEM(body_of(&w), w.body_len, body, sizeof(body));
+    CHECK_MEM(wire_body(&w), w.body_len, body, sizeof(body));
     wire_deinit(&w);
     wire_deinit(&fresh);
     outbox_event_deinit(&ev);
@@ -127,7 +117,7 @@ static void test_buffers(void)
     sample(&ev, "{}", 2);
     wire_encode(&next, &ev, NULL); /* smaller: the same buffer */
     CHECK(next.buf.data == data && wire_capacity(&next) == cap);
-    CHECK_MEM(body_of(&next), next.body_len, "{}", 2);
+    CHECK_MEM(wire_body(&next), next.body_len, "{}", 2);
     free(big);
     wire_deinit(&w);
     wire_deinit(&next);
