@@ -614,17 +614,20 @@ static void describe_code(unsigned code, char *out, size_t outlen)
     }
 }
 
-/* Names the event in a message: its id, subject and commit LSN. */
-static void describe_event(const WireMsg *w, char *out, size_t outlen)
-{
+/* An event's id and commit LSN, read from its headers. */
+typedef struct EventName {
     char id[OUTBOX_MAX_EVENT_ID + 1], lsn[32];
-    if (!wire_header(w, OUTBOX_HDR_MSG_ID, id, sizeof(id)))
-        snprintf(id, sizeof(id), "?");
-    if (!wire_header(w, OUTBOX_HDR_COMMIT_LSN, lsn, sizeof(lsn)))
-        snprintf(lsn, sizeof(lsn), "?");
+    bool has_id, has_lsn;
+} EventName;
+
+/* Names the event in a message: its id, subject and commit LSN, which it leaves in *name. */
+static void describe_event(const WireMsg *w, EventName *name, char *out, size_t outlen)
+{
+    name->has_id = wire_header(w, OUTBOX_HDR_MSG_ID, name->id, sizeof(name->id));
+    name->has_lsn = wire_header(w, OUTBOX_HDR_COMMIT_LSN, name->lsn, sizeof(name->lsn));
     /* Shortened to fit one log line; the subject and id identify the event well before. */
-    snprintf(out, outlen, "event %.80s (subject %.120s, commit LSN %.17s)", id, wire_subject(w),
-             lsn);
+    snprintf(out, outlen, "event %.80s (subject %.120s, commit LSN %.17s)",
+             name->has_id ? name->id : "?", wire_subject(w), name->has_lsn ? name->lsn : "?");
 }
 
 static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const char *why)
@@ -646,23 +649,22 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
 static void refuse_head(Publisher *p, Slot *slot, unsigned code)
 {
     char event[256], why[128];
-    describe_event(&slot->wire, event, sizeof(event));
+    EventName name;
+    describe_event(&slot->wire, &name, event, sizeof(event));
     describe_code(code, why, sizeof(why));
     if (!p->dead_letter_subject || slot->dead_letter) {
         p->fatal = true;
         snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s", event, why);
         return;
     }
-    char id[OUTBOX_MAX_EVENT_ID + 1], lsn_text[32];
-    bool has_id = wire_header(&slot->wire, OUTBOX_HDR_MSG_ID, id, sizeof(id));
     uint64_t lsn = 0;
-    if (wire_header(&slot->wire, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)))
-        lsn_parse(lsn_text, &lsn);
+    if (name.has_lsn)
+        lsn_parse(name.lsn, &lsn);
     DeadLetter dl = {
         .reason = code == JS_MESSAGE_TOO_LARGE ? "too_large" : "rejected",
         .detail = why,
-        .event_id = has_id ? id : NULL,
-        .event_id_len = has_id ? strlen(id) : 0,
+        .event_id = name.has_id ? name.id : NULL,
+        .event_id_len = name.has_id ? strlen(name.id) : 0,
         .table = p->table,
         .subject = wire_subject(&slot->wire),
         .commit_lsn = lsn,
@@ -780,7 +782,8 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
                       p->head);
         } else if (!p->paused) {
             char event[256], why[128], line[400];
-            describe_event(&slot->wire, event, sizeof(event));
+            EventName name;
+            describe_event(&slot->wire, &name, event, sizeof(event));
             describe_code(code, why, sizeof(why));
             snprintf(line, sizeof(line), "%s: %s", event, why);
             if (code == JS_WRONG_LAST_MSG_ID && p->strict)
