@@ -399,10 +399,10 @@ int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, 
                        sizeof(info->last_msg_id), err, errlen);
 }
 
-int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, uint64_t *lsn,
+int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkpoint *cp,
                           char *err, size_t errlen)
 {
-    *lsn = 0;
+    memset(cp, 0, sizeof(*cp));
     kvStore *kv = NULL;
     natsStatus s = js_KeyValue(&kv, js, bucket);
     if (s == NATS_NOT_FOUND)
@@ -418,10 +418,14 @@ int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, uint64
                  natsStatus_GetText(s));
         rc = -1;
     } else {
-        const char *v = kvEntry_ValueString(e);
-        if (!v || !lsn_parse(v, lsn)) {
-            snprintf(err, errlen, "the checkpoint \"%s\" holds \"%s\", not an LSN", key,
-                     v ? v : "");
+        char why[384];
+        const void *v = kvEntry_Value(e);
+        if (checkpoint_decode(v ? v : "", v ? (size_t)kvEntry_ValueLen(e) : 0, cp, why,
+                              sizeof(why)) < 0) {
+            snprintf(err, errlen,
+                     "could not read checkpoint \"%s\" in bucket \"%s\": %s (remove the key "
+                     "to start from the slot's position)",
+                     key, bucket, why);
             rc = -1;
         }
     }

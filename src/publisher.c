@@ -850,7 +850,7 @@ int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, ch
         kvConfig kc;
         kvConfig_Init(&kc);
         kc.Bucket = bucket;
-        kc.Description = "outboxd checkpoints: the last acknowledged LSN per system and slot";
+        kc.Description = "outboxd checkpoints: the progress of each relay, per system and slot";
         kc.History = 1;
         kc.Replicas = replicas;
         kc.StorageType = js_FileStorage;
@@ -867,30 +867,35 @@ int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, ch
     return 0;
 }
 
-int publisher_checkpoint_get(Publisher *p, const char *key, uint64_t *lsn, char *err,
+int publisher_checkpoint_get(Publisher *p, const char *key, Checkpoint *cp, char *err,
                              size_t errlen)
 {
-    return jsapi_checkpoint_read(p->js, p->kv_bucket, key, lsn, err, errlen);
+    return jsapi_checkpoint_read(p->js, p->kv_bucket, key, cp, err, errlen);
 }
 
-void publisher_checkpoint_put_async(Publisher *p, const char *key, uint64_t lsn)
+void publisher_checkpoint_put_async(Publisher *p, const char *key, const Checkpoint *cp)
 {
     if (!atomic_load(&p->connected))
         return;
-    char subject[256], reply[96], value[18];
+    char subject[256], reply[96];
     snprintf(subject, sizeof(subject), "$KV.%s.%s", p->kv_bucket, key);
     snprintf(reply, sizeof(reply), "%s.checkpoint", p->inbox);
-    lsn_format(lsn, value);
-    natsConnection_PublishRequestString(p->nc, subject, reply, value);
+    Buf value;
+    buf_init(&value);
+    checkpoint_encode(cp, &value);
+    natsConnection_PublishRequest(p->nc, subject, reply, value.data, (int)value.len);
+    buf_deinit(&value);
 }
 
-int publisher_checkpoint_put(Publisher *p, const char *key, uint64_t lsn, char *err,
+int publisher_checkpoint_put(Publisher *p, const char *key, const Checkpoint *cp, char *err,
                              size_t errlen)
 {
-    char value[18];
-    lsn_format(lsn, value);
+    Buf value;
+    buf_init(&value);
+    checkpoint_encode(cp, &value);
     uint64_t rev;
-    natsStatus s = kvStore_PutString(&rev, p->kv, key, value);
+    natsStatus s = kvStore_Put(&rev, p->kv, key, value.data, (int)value.len);
+    buf_deinit(&value);
     if (s != NATS_OK)
         return nats_fail(err, errlen, "could not store the checkpoint", s);
     return 0;

@@ -36,82 +36,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "outboxd/bookmark.h"
-#include "outboxd/http.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
-#include "outboxd/outbox.h"
-#include "outboxd/pgoutput.h"
-#include "outboxd/pgstream.h"
-#include "outboxd/publisher.h"
-
-/* Messages handled between two looks at acknowledgements and timers. */
-#define BATCH 512
-/* How often a standby looks whether the slot became free. */
-#define STANDBY_POLL_US INT64_C(1000000)
-/* How often the server's WAL position is read for the lag gauge. */
-#define MONITOR_US INT64_C(5000000)
-/* How often the summary line is logged. */
-#define SUMMARY_US INT64_C(60000000)
-
-typedef struct Mark {
-    uint64_t lsn;
-    uint64_t seq_limit;
-} Mark;
-
-typedef struct Marks {
-    Mark *v;
-    size_t cap; /* a power of two */
-    size_t head, tail;
-} Marks;
-
-typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL } StreamEnd;
-
-typedef struct Relay {
-    const Config *cfg;
-    volatile sig_atomic_t *stop;
-    PgStream *pg;
-    PgStream *monitor; /* an ordinary session for the server's WAL position */
-    Bookmarks *bookmarks; /* NULL with --bookmark-every=0 */
-    int64_t next_monitor;
-    Publisher *pub;
-    OutboxMapper *mapper;
-    HttpServer *http;
-    PgoMessage *msg; /* decoder scratch (large: reused for every message) */
-    OutboxEvent ev;
-    OutboxEvent dlq;
-    Marks marks;
-    PgSystem sys;
-    bool have_sys;
-    StreamInfo stream;
-    /* the transaction being received */
-    bool in_txn;
-    OutboxTxn txn;
-    uint64_t txn_first_seq;
-    uint32_t txn_rows; /* outbox rows seen in it so far */
-    /* after a lost connection: rows of this transaction that are already stored */
-    uint64_t skip_commit_lsn;
-    uint32_t skip_rows;
-    /* positions */
-    uint64_t received;  /* newest WAL position received */
-    uint64_t confirmed; /* newest position confirmable (and confirmed at the next update) */
-    uint64_t reported;  /* flush position last sent */
-    uint64_t checkpointed;
-    char checkpoint_key[128];
-    char backfill_key[160]; /* "pending" marker while a first-start backfill is not all acked */
-    PgBackfill backfill;
-    size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
-    char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
-    bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
-    /* timers */
-    int64_t status_interval_us;
-    int64_t next_status;
-    int64_t next_checkpoint;
-    int64_t next_summary;
-    uint64_t summary_events;
-    char err[1024];
-} Relay;
+#include "relay_internal.h"
 
 static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit)
 {
@@ -197,14 +125,10 @@ void relay_subject_filter(const Config *cfg, Buf *out)
         add_filter(cfg->t.subject, out);
 }
 
-static int64_t min64(int64_t a, int64_t b)
-{
-    return a < b ? a : b;
-}
 
 /* ---- confirming ------------------------------------------------------------------------------ */
 
-static int send_status(Relay *r, bool reply)
+int relay_send_status(Relay *r, bool reply)
 {
     if (r->received < r->confirmed)
         r->received = r->confirmed;
@@ -221,10 +145,31 @@ static int send_status(Relay *r, bool reply)
     return 0;
 }
 
+/* The checkpoint as it stands now: the confirmed position, where and when it was reached. */
+static const Checkpoint *current_checkpoint(Relay *r)
+{
+    Checkpoint *c = &r->cp;
+    c->lsn = r->confirmed;
+    c->timeline = r->sys.timeline;
+    snprintf(c->system, sizeof(c->system), "%s", r->sys.system_id);
+    snprintf(c->slot, sizeof(c->slot), "%s", r->cfg->slot);
+    return c;
+}
+
+int relay_checkpoint_put(Relay *r)
+{
+    if (publisher_checkpoint_put(r->pub, r->checkpoint_key, current_checkpoint(r), r->err,
+                                 sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    return 0;
+}
+
 static void checkpoint_async(Relay *r, int64_t now)
 {
     if (r->confirmed > r->checkpointed && now >= r->next_checkpoint) {
-        publisher_checkpoint_put_async(r->pub, r->checkpoint_key, r->confirmed);
+        publisher_checkpoint_put_async(r->pub, r->checkpoint_key, current_checkpoint(r));
         r->checkpointed = r->confirmed;
         r->next_checkpoint = now + r->cfg->checkpoint_interval_ms * 1000;
     }
@@ -232,7 +177,7 @@ static void checkpoint_async(Relay *r, int64_t now)
 
 /* Takes in acknowledgements; returns -1 when an event can never be published and the relay
  * must stop (logged). */
-static int poll_acks(Relay *r, int64_t now, PublisherStatus *st)
+int relay_poll_acks(Relay *r, int64_t now, PublisherStatus *st)
 {
     publisher_poll(r->pub, now, st);
     uint64_t lsn = marks_release(&r->marks, st->first_unacked);
@@ -345,7 +290,7 @@ static bool next_event(Relay *r, uint32_t *index)
     return true;
 }
 
-static int handle_insert(Relay *r, const PgoMessage *m)
+int relay_handle_insert(Relay *r, const PgoMessage *m)
 {
     uint32_t index;
     if (!outbox_mapper_is_outbox(r->mapper, m->u.insert.relid) || !next_event(r, &index))
@@ -409,7 +354,7 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         }
         return 0;
     case PGO_INSERT:
-        return handle_insert(r, m);
+        return relay_handle_insert(r, m);
     case PGO_MESSAGE:
         return handle_message(r, m);
     default: /* updates, deletes, truncates, types, origins: nothing to publish */
@@ -444,7 +389,7 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
 /* Waits for the PostgreSQL socket (when want_pg), a change of the NATS connection or the
  * deadline (publisher_next_deadline() brings it close while acknowledgements are due);
  * *pg_ready tells whether the socket has data. */
-static int wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready)
+int relay_wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready)
 {
     struct pollfd fds[2] = {
         {.fd = publisher_wake_fd(r->pub), .events = POLLIN},
@@ -533,10 +478,10 @@ static StreamEnd stream(Relay *r)
         }
         int64_t now = now_mono_us();
         atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
-        if (poll_acks(r, now, &st) < 0)
+        if (relay_poll_acks(r, now, &st) < 0)
             return STREAM_FATAL;
         if (reply || now >= r->next_status) {
-            if (send_status(r, false) < 0)
+            if (relay_send_status(r, false) < 0)
                 return STREAM_PG_LOST;
         }
         checkpoint_async(r, now);
@@ -558,7 +503,7 @@ static StreamEnd stream(Relay *r)
         int64_t deadline = min64(min64(r->next_status, r->next_monitor),
                                  publisher_next_deadline(r->pub));
         bool pg_ready;
-        if (wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
+        if (relay_wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
             return STREAM_FATAL;
         if (pg_ready && pgstream_consume(r->pg, r->err, sizeof(r->err)) < 0) {
             log_warn("%s", r->err);
@@ -572,360 +517,37 @@ static StreamEnd stream(Relay *r)
  * Waits until every published event is acknowledged (or, with a deadline, until then), keeping
  * status updates flowing when a stream is open. Returns the number still in flight.
  */
-static size_t drain(Relay *r, int64_t deadline, bool until_stop)
+size_t relay_drain(Relay *r, int64_t deadline, bool until_stop)
 {
     PublisherStatus st;
     for (;;) {
         int64_t now = now_mono_us();
         atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
-        if (poll_acks(r, now, &st) < 0 || st.inflight == 0 || now >= deadline)
+        if (relay_poll_acks(r, now, &st) < 0 || st.inflight == 0 || now >= deadline)
             return st.inflight;
         if (until_stop && *r->stop)
             return st.inflight;
         if (r->streaming && now >= r->next_status)
-            send_status(r, false);
+            relay_send_status(r, false);
         bool pg_ready;
         int64_t next = min64(deadline, publisher_next_deadline(r->pub));
         if (r->streaming)
             next = min64(next, r->next_status);
-        wait_for_work(r, false, next, &pg_ready);
+        relay_wait_for_work(r, false, next, &pg_ready);
     }
 }
 
 /* Sleeps up to us, waking early for a stop request. */
-static void nap(Relay *r, int64_t us)
+void relay_nap(Relay *r, int64_t us)
 {
     int64_t until = now_mono_us() + us;
     while (!*r->stop && now_mono_us() < until) {
         bool pg_ready;
         PublisherStatus st;
         atomic_store_explicit(&metrics.heartbeat_mono_us, now_mono_us(), memory_order_relaxed);
-        poll_acks(r, now_mono_us(), &st);
-        wait_for_work(r, false, min64(until, publisher_next_deadline(r->pub)), &pg_ready);
+        relay_poll_acks(r, now_mono_us(), &st);
+        relay_wait_for_work(r, false, min64(until, publisher_next_deadline(r->pub)), &pg_ready);
     }
-}
-
-/* Full-jitter backoff for reconnects, as for publishing. */
-static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
-{
-    int64_t cap = cfg->retry_min_ms * 1000;
-    for (unsigned i = 0; i < attempt && cap < cfg->retry_max_ms * 1000; i++)
-        cap *= 2;
-    if (cap > cfg->retry_max_ms * 1000)
-        cap = cfg->retry_max_ms * 1000;
-    return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
-}
-
-/* A relation id no table has, for rows read with SQL rather than decoded from the WAL. */
-#define BACKFILL_RELID UINT32_C(0xFFFFFFFE)
-
-/* Waits until the window has room (acknowledgements arriving); -1 on stop or failure. */
-static int wait_for_room(Relay *r)
-{
-    PublisherStatus st;
-    while (!publisher_has_room(r->pub)) {
-        if (*r->stop || poll_acks(r, now_mono_us(), &st) < 0)
-            return -1;
-        bool pg_ready;
-        wait_for_work(r, false, min64(now_mono_us() + 100000, publisher_next_deadline(r->pub)),
-                      &pg_ready);
-    }
-    return 0;
-}
-
-/* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
- * a streamed one (same mapping, dead letters, window). */
-static int backfill_row(void *arg, size_t table, int ncols, const char *const *names,
-                        const uint32_t *types, const char *const *values, const int *lens,
-                        char *err, size_t errlen)
-{
-    Relay *r = arg;
-    PgoMessage *m = r->msg;
-    /* Backfilled events carry the slot's starting point as their commit LSN. */
-    r->txn.commit_lsn = r->backfill.position;
-    if (r->backfill_table != table + 1) {
-        m->kind = PGO_RELATION;
-        m->u.relation.relid = BACKFILL_RELID;
-        m->u.relation.nspname = outbox_mapper_schema(r->mapper, table);
-        m->u.relation.relname = outbox_mapper_table(r->mapper, table);
-        m->u.relation.ncols = (uint16_t)ncols;
-        for (int c = 0; c < ncols; c++) {
-            m->cols[c].name = names[c];
-            m->cols[c].type_oid = types[c];
-        }
-        if (outbox_mapper_relation(r->mapper, m, err, errlen) < 0)
-            return -1;
-        r->backfill_table = table + 1;
-    }
-    if (wait_for_room(r) < 0) {
-        snprintf(err, errlen, "the backfill was interrupted");
-        return -1;
-    }
-    m->kind = PGO_INSERT;
-    m->u.insert.relid = BACKFILL_RELID;
-    m->u.insert.ncols = (uint16_t)ncols;
-    for (int c = 0; c < ncols; c++) {
-        m->values[c].kind = values[c] ? 't' : 'n';
-        m->values[c].data = values[c];
-        m->values[c].len = values[c] ? (uint32_t)lens[c] : 0;
-    }
-    if (handle_insert(r, m) < 0) {
-        snprintf(err, errlen, "the backfill stopped at a row that cannot be published");
-        return -1;
-    }
-    return 0;
-}
-
-/* The rows of a backfill are published: wait for all to be acknowledged, then clear the
- * marker. */
-static int finish_backfill(Relay *r, const PgBackfill *bf)
-{
-    if (drain(r, INT64_MAX, true) != 0 || *r->stop)
-        return -1;
-    if (publisher_checkpoint_put(r->pub, r->backfill_key, 0, r->err, sizeof(r->err)) < 0) {
-        log_error("%s", r->err);
-        return -1;
-    }
-    log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot existed",
-             bf->rows, r->tables);
-    return 0;
-}
-
-/*
- * Connects to PostgreSQL, identifies the system and runs the start-up checks. Returns 0, or the
- * error code of the failure (PGSTREAM_CHECK_FAILED for a failed check), logged.
- */
-static int connect_pg(Relay *r)
-{
-    const Config *cfg = r->cfg;
-    int rc = pgstream_connect(&r->pg, cfg->pg_url, r->err, sizeof(r->err));
-    if (rc != 0) {
-        log_error("%s", r->err);
-        return rc;
-    }
-    PgSystem sys;
-    if (pgstream_identify(r->pg, &sys, r->err, sizeof(r->err)) < 0) {
-        log_error("%s", r->err);
-        goto fail;
-    }
-    if (r->have_sys && strcmp(sys.system_id, r->sys.system_id) != 0) {
-        log_error("the database at --pg-url is another system now (id %s, was %s): the slot "
-                  "and the checkpoint belong to the old one; refusing to continue",
-                  sys.system_id, r->sys.system_id);
-        rc = PGSTREAM_CHECK_FAILED;
-        goto fail;
-    }
-    if (!r->have_sys)
-        log_info("connected to PostgreSQL: system %s, timeline %u, database \"%s\"",
-                 sys.system_id, sys.timeline, sys.dbname);
-    r->sys = sys;
-    r->have_sys = true;
-    snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
-    snprintf(r->backfill_key, sizeof(r->backfill_key), "%s.backfill", r->checkpoint_key);
-
-    /* A backfill that did not finish (the relay died before every row was acknowledged) is
-     * done again from the table: what JetStream holds already is dropped as a duplicate. */
-    PgBackfill *bfp = &r->backfill;
-    *bfp = (PgBackfill){.on_row = backfill_row, .arg = r, .count_only = !cfg->backfill};
-    uint64_t pending = 0;
-    PgSlotInfo before;
-    if (pgstream_slot_info(r->pg, cfg->slot, &before, r->err, sizeof(r->err)) < 0 ||
-        publisher_checkpoint_get(r->pub, r->backfill_key, &pending, r->err, sizeof(r->err)) < 0) {
-        log_error("%s", r->err);
-        rc = -1;
-        goto fail;
-    }
-    bool will_create = !before.exists && cfg->create;
-    if (will_create && cfg->backfill &&
-        publisher_checkpoint_put(r->pub, r->backfill_key, 1, r->err, sizeof(r->err)) < 0) {
-        log_error("%s", r->err);
-        rc = -1;
-        goto fail;
-    }
-
-    PgSetup setup = {
-        .slot = cfg->slot,
-        .publication = cfg->publication,
-        .mapper = r->mapper,
-        .create = cfg->create,
-        .backfill = will_create ? bfp : NULL,
-    };
-    bool created;
-    r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
-    r->txn_rows = 0;
-    rc = pgstream_setup(r->pg, &setup, &created, r->err, sizeof(r->err));
-    if (rc != 0) {
-        log_error("%s", r->err);
-        goto fail;
-    }
-    if (created && bfp->count_only && bfp->rows > 0)
-        log_info("backfill off: the %" PRIu64 " rows already in %s are not published "
-                 "(--backfill=false)",
-                 bfp->rows, r->tables);
-    if ((created && !bfp->count_only) || (!created && pending != 0)) {
-        if (!created) {
-            log_warn("a backfill was interrupted; publishing the rows of %s again (JetStream "
-                     "drops those it holds already)",
-                     r->tables);
-            setup.backfill = bfp;
-            if (pgstream_read_outbox(r->pg, &setup, r->err, sizeof(r->err)) < 0) {
-                log_error("could not backfill: %s", r->err);
-                rc = -1;
-                goto fail;
-            }
-        }
-        if (finish_backfill(r, bfp) < 0) {
-            rc = -1;
-            goto fail;
-        }
-    }
-    /* Status updates must reach the walsender well within wal_sender_timeout, whatever the
-     * configured interval. */
-    int64_t wst;
-    if (pgstream_wal_sender_timeout_ms(r->pg, &wst, r->err, sizeof(r->err)) < 0) {
-        log_error("%s", r->err);
-        rc = -1;
-        goto fail;
-    }
-    r->status_interval_us = cfg->status_interval_ms * 1000;
-    if (wst > 0 && r->status_interval_us > wst * 1000 / 3) {
-        r->status_interval_us = wst * 1000 / 3;
-        log_warn("status interval lowered to %" PRId64 " ms to stay within the server's "
-                 "wal_sender_timeout of %" PRId64 " ms",
-                 r->status_interval_us / 1000, wst);
-    }
-    return 0;
-fail:
-    pgstream_free(r->pg);
-    r->pg = NULL;
-    return rc ? rc : -1;
-}
-
-/* Where to start: the later of the slot, the checkpoint and what this process confirmed, but
- * never past the server's WAL (a checkpoint from before a restore of an older backup). */
-static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
-{
-    uint64_t checkpoint = 0;
-    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, &checkpoint, r->err,
-                                 sizeof(r->err)) < 0)
-        log_warn("%s; starting from the slot's position", r->err);
-    uint64_t start = slot_confirmed;
-    const char *from = "the slot";
-    if (checkpoint > start && checkpoint <= r->sys.xlogpos) {
-        start = checkpoint;
-        from = "the checkpoint";
-    } else if (checkpoint > r->sys.xlogpos) {
-        log_warn("checkpoint " LSN_FMT " is ahead of the server's WAL (" LSN_FMT
-                 "): was the database restored from an older backup? ignoring it",
-                 LSN_ARGS(checkpoint), LSN_ARGS(r->sys.xlogpos));
-    }
-    if (r->confirmed > start && r->confirmed <= r->sys.xlogpos) {
-        start = r->confirmed;
-        from = "this run's confirmed position";
-    }
-    if (start > slot_confirmed)
-        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT
-                 "; PostgreSQL 15 may not have kept its latest position)",
-                 from, LSN_ARGS(start), LSN_ARGS(slot_confirmed));
-    return start;
-}
-
-/*
- * Takes the slot: waits as a standby while another session holds it, then starts streaming.
- * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
- */
-static int acquire_slot(Relay *r)
-{
-    bool standby = false;
-    while (!*r->stop) {
-        PgSlotInfo info;
-        if (pgstream_slot_info(r->pg, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
-            log_warn("%s", r->err);
-            return -1;
-        }
-        if (!info.exists) {
-            log_error("replication slot \"%s\" disappeared", r->cfg->slot);
-            return -1;
-        }
-        int rc = 0;
-        if (info.active_pid == 0) {
-            uint64_t start = start_position(r, info.confirmed);
-            rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
-                                r->err,
-                                sizeof(r->err));
-            if (rc == 0) {
-                if (standby)
-                    log_info("took over replication slot \"%s\"", r->cfg->slot);
-                atomic_store(&metrics.standby, 0);
-                r->received = r->reported = start;
-                if (start > r->confirmed)
-                    r->confirmed = start;
-                r->checkpointed = r->confirmed;
-                r->in_txn = false;
-                r->next_status = now_mono_us();
-                log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
-                         r->cfg->slot, LSN_ARGS(start), r->stream.name);
-                notify_systemd("READY=1\nSTATUS=streaming");
-                r->streaming = true;
-                return 0;
-            }
-            if (rc != PGSTREAM_SLOT_BUSY) {
-                log_warn("%s", r->err);
-                return -1;
-            }
-        }
-        if (!standby) {
-            if (info.active_pid)
-                log_info("standby: replication slot \"%s\" is held by PID %d (another relay?); "
-                         "taking over when it is released",
-                         r->cfg->slot, info.active_pid);
-            else
-                log_info("standby: replication slot \"%s\" is busy; taking over when it is "
-                         "released",
-                         r->cfg->slot);
-            standby = true;
-            atomic_store(&metrics.standby, 1);
-            /* Started and healthy: a standby is a successful start for systemd. */
-            notify_systemd("READY=1\nSTATUS=standby: another relay holds the slot");
-        }
-        nap(r, STANDBY_POLL_US);
-    }
-    return 1;
-}
-
-/* Reconnects after a lost connection, with backoff. Returns 0, or 1 on stop. */
-static int reconnect_pg(Relay *r)
-{
-    for (unsigned attempt = 0; !*r->stop; attempt++) {
-        int64_t delay = reconnect_delay_us(r->cfg, attempt);
-        log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);
-        nap(r, delay);
-        if (*r->stop)
-            break;
-        int rc = connect_pg(r);
-        if (rc == 0)
-            return 0;
-        if (rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system"))
-            return -1;
-    }
-    return 1;
-}
-
-/* After a lost connection: let every published event be acknowledged, so the session that
- * follows starts exactly after what is stored. */
-static void end_session(Relay *r)
-{
-    atomic_store(&metrics.pg_connected, 0);
-    r->streaming = false;
-    pgstream_free(r->pg);
-    r->pg = NULL;
-    size_t left = drain(r, INT64_MAX, true);
-    if (r->in_txn && left == 0) {
-        /* PostgreSQL resends this transaction whole: skip the rows already stored. */
-        r->skip_commit_lsn = r->txn.commit_lsn;
-        r->skip_rows = r->txn_rows;
-    }
-    r->in_txn = false;
 }
 
 /* ---- start and stop ----------------------------------------------------------------------------- */
@@ -1018,7 +640,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     if ((code = start_nats(&r)) != 0)
         goto done;
     code = EXIT_OUTBOXD_FAILURE;
-    int rc = connect_pg(&r);
+    int rc = session_connect(&r);
     if (rc != 0) {
         code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
         goto done;
@@ -1026,13 +648,13 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 
     StreamEnd end = STREAM_STOPPED;
     for (;;) {
-        rc = acquire_slot(&r);
+        rc = session_acquire_slot(&r);
         if (rc > 0)
             break;
         if (rc == 0) {
             atomic_store(&metrics.pg_connected, 1);
             if (r.confirmed > r.reported)
-                send_status(&r, false);
+                relay_send_status(&r, false);
             end = stream(&r);
             if (end != STREAM_PG_LOST)
                 break;
@@ -1040,12 +662,12 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         log_warn("lost the replication connection; letting outstanding events be acknowledged, "
                  "then reconnecting");
         notify_systemd("STATUS=reconnecting to PostgreSQL");
-        end_session(&r);
+        session_end(&r);
         if (*stop) {
             end = STREAM_STOPPED;
             break;
         }
-        rc = reconnect_pg(&r);
+        rc = session_reconnect(&r);
         if (rc > 0) {
             end = STREAM_STOPPED;
             break;
@@ -1060,22 +682,21 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     if (end == STREAM_STOPPED) {
         log_info("stopping: waiting up to %" PRId64 " ms for outstanding acknowledgements",
                  cfg->shutdown_timeout_ms);
-        size_t left = drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
+        size_t left = relay_drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
         if (left)
             log_warn("%zu events still unacknowledged; they are sent again at the next start",
                      left);
     } else {
         /* Let what was published before the failure be acknowledged (bounded), so the slot is
          * confirmed right up to it: a restart then repeats nothing before the failure. */
-        drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
+        relay_drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
     }
     if (r.pg && r.streaming) {
-        if (send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
+        if (relay_send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
             log_warn("%s", r.err);
     }
-    if (r.confirmed > r.checkpointed &&
-        publisher_checkpoint_put(r.pub, r.checkpoint_key, r.confirmed, r.err, sizeof(r.err)) < 0)
-        log_warn("%s", r.err);
+    if (r.confirmed > r.checkpointed && r.have_sys)
+        relay_checkpoint_put(&r);
     log_info("published %" PRIu64 " events this run (%" PRIu64 " acknowledged as duplicates)",
              atomic_load(&metrics.events_published), atomic_load(&metrics.events_duplicate));
     if (end == STREAM_STOPPED) {
@@ -1100,3 +721,4 @@ done:
     free(r.msg);
     return code;
 }
+

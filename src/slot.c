@@ -335,15 +335,16 @@ static int peek_count(PgStream *pg, const char *slot, const char *publication, u
 
 /* ---- the checkpoint in JetStream ------------------------------------------------------------ */
 
-typedef struct Checkpoint {
+typedef struct SlotCheckpoint {
     natsConnection *nc;
     jsCtx *js;
     kvStore *kv; /* NULL when the bucket does not exist (the relay never ran) */
     char key[160];
-    uint64_t lsn; /* 0 when there is none */
-} Checkpoint;
+    Checkpoint cp; /* as read: lsn 0 when there is none */
+    uint64_t lsn;  /* cp.lsn */
+} SlotCheckpoint;
 
-static void checkpoint_close(Checkpoint *c)
+static void checkpoint_close(SlotCheckpoint *c)
 {
     kvStore_Destroy(c->kv);
     jsCtx_Destroy(c->js);
@@ -370,7 +371,7 @@ static int system_id(const Config *cfg, char *out, size_t outlen)
 }
 
 /* Opens the checkpoint of cfg's slot and reads it. Returns 0, or -1 (printed). */
-static int checkpoint_open(const Config *cfg, Checkpoint *c)
+static int checkpoint_open(const Config *cfg, SlotCheckpoint *c)
 {
     memset(c, 0, sizeof(*c));
     char sysid[32], err[1024];
@@ -396,28 +397,37 @@ static int checkpoint_open(const Config *cfg, Checkpoint *c)
         checkpoint_close(c);
         return -1;
     }
-    if (jsapi_checkpoint_read(c->js, cfg->checkpoint_bucket, c->key, &c->lsn, err, sizeof(err)) <
+    if (jsapi_checkpoint_read(c->js, cfg->checkpoint_bucket, c->key, &c->cp, err, sizeof(err)) <
         0) {
         fail("%s", err);
         checkpoint_close(c);
         return -1;
     }
+    c->lsn = c->cp.lsn;
     return 0;
 }
 
-static int checkpoint_put(const Config *cfg, Checkpoint *c, uint64_t lsn)
+/* Stores lsn as the checkpoint's position, keeping what else it holds. */
+static int checkpoint_put(const Config *cfg, SlotCheckpoint *c, uint64_t lsn)
 {
     if (!c->kv)
         return 0;
-    char value[18];
-    lsn_format(lsn, value);
+    Checkpoint next = c->cp;
+    next.lsn = lsn;
+    snprintf(next.slot, sizeof(next.slot), "%s", cfg->slot);
+    Buf value;
+    buf_init(&value);
+    checkpoint_encode(&next, &value);
     uint64_t rev;
-    natsStatus s = kvStore_PutString(&rev, c->kv, c->key, value);
+    natsStatus s = kvStore_Put(&rev, c->kv, c->key, value.data, (int)value.len);
+    buf_deinit(&value);
     if (s != NATS_OK) {
-        fail("could not store the checkpoint %s under %s in bucket \"%s\": %s", value, c->key,
-             cfg->checkpoint_bucket, natsStatus_GetText(s));
+        char text[18];
+        fail("could not store the checkpoint %s under %s in bucket \"%s\": %s",
+             lsn_format(lsn, text), c->key, cfg->checkpoint_bucket, natsStatus_GetText(s));
         return -1;
     }
+    c->cp = next;
     c->lsn = lsn;
     return 0;
 }
@@ -768,7 +778,7 @@ static int slot_advance(const Config *cfg, PgStream *pg, const SlotOptions *opts
            counted);
     /* PostgreSQL 15 writes a slot's advanced position only at its next checkpoint: a higher
      * checkpoint of our own keeps a crash in between from bringing the skipped rows back. */
-    Checkpoint ck;
+    SlotCheckpoint ck;
     if (checkpoint_open(cfg, &ck) < 0) {
         fail("the checkpoint was not raised; until PostgreSQL's next checkpoint, a crash of the "
              "database could bring the skipped transactions back");
@@ -850,7 +860,7 @@ int rewind_run(const Config *cfg, const RewindOptions *opts)
     int64_t to_us = 0;
     bool by_lsn = lsn_parse(opts->to, &to_lsn);
     char err[1024], a[18], b[18], c[18], when[32], tmp[96];
-    Checkpoint ck = {0};
+    SlotCheckpoint ck = {0};
     Slots all = {0};
     Plan plan = {0};
     int code = EXIT_REFUSED;

@@ -30,6 +30,7 @@ typedef struct Report {
     StreamInfo stream;
     bool have_checkpoint;
     uint64_t checkpoint;
+    Checkpoint cp;
     char checkpoint_key[128];
 } Report;
 
@@ -73,8 +74,10 @@ static void read_nats(const Config *cfg, Report *rep)
                  cfg->slot);
         char cerr[512];
         if (jsapi_checkpoint_read(js, cfg->checkpoint_bucket, rep->checkpoint_key,
-                                  &rep->checkpoint, cerr, sizeof(cerr)) == 0)
+                                  &rep->cp, cerr, sizeof(cerr)) == 0) {
+            rep->checkpoint = rep->cp.lsn;
             rep->have_checkpoint = rep->checkpoint != 0;
+        }
         else if (!err[0])
             snprintf(err, sizeof(err), "%s", cerr);
     }

@@ -14,6 +14,8 @@
 #include <jansson.h>
 #include <nats/nats.h>
 
+#include "outboxd/checkpoint.h"
+
 /* What outboxd needs to know of the stream it publishes to. */
 typedef struct StreamInfo {
     char name[256];
@@ -71,8 +73,8 @@ int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t
 int jsapi_stream_info(natsConnection *nc, const char *name, StreamInfo *info, char *err,
                       size_t errlen);
 
-/* The checkpoint LSN under key in bucket, without creating anything; *lsn = 0 when absent. */
-int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, uint64_t *lsn,
+/* The checkpoint under key in bucket, without creating anything; a zeroed *cp when absent. */
+int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkpoint *cp,
                           char *err, size_t errlen);
 
 #endif

@@ -25,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "outboxd/checkpoint.h"
 #include "outboxd/jetstream.h"
 #include "outboxd/outbox.h"
 
@@ -110,14 +111,14 @@ void publisher_rearm(Publisher *p);
 /* Opens the bucket, creating it (history 1, file storage, replicas) when missing. */
 int publisher_checkpoint_open(Publisher *p, const char *bucket, int replicas, char *err,
                               size_t errlen);
-/* Reads the checkpoint under key: *lsn = 0 when there is none. */
-int publisher_checkpoint_get(Publisher *p, const char *key, uint64_t *lsn, char *err,
+/* Reads the checkpoint under key: a zeroed *cp (lsn 0, version 0) when there is none. */
+int publisher_checkpoint_get(Publisher *p, const char *key, Checkpoint *cp, char *err,
                              size_t errlen);
 /* Stores the checkpoint without waiting (skipped while disconnected); a lost write only means
  * an older checkpoint, never a wrong one. */
-void publisher_checkpoint_put_async(Publisher *p, const char *key, uint64_t lsn);
+void publisher_checkpoint_put_async(Publisher *p, const char *key, const Checkpoint *cp);
 /* Stores the checkpoint and waits for JetStream to confirm it. */
-int publisher_checkpoint_put(Publisher *p, const char *key, uint64_t lsn, char *err,
+int publisher_checkpoint_put(Publisher *p, const char *key, const Checkpoint *cp, char *err,
                              size_t errlen);
 
 #endif

@@ -1,0 +1,139 @@
+/*
+ * relay_internal.h - what relay.c, session.c and backfill.c share: the relay's state and the
+ * primitives of its loop. Not an interface for any other module.
+ */
+#ifndef OUTBOXD_RELAY_INTERNAL_H
+#define OUTBOXD_RELAY_INTERNAL_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "outboxd/bookmark.h"
+#include "outboxd/checkpoint.h"
+#include "outboxd/config.h"
+#include "outboxd/http.h"
+#include "outboxd/jetstream.h"
+#include "outboxd/outbox.h"
+#include "outboxd/pgoutput.h"
+#include "outboxd/pgstream.h"
+#include "outboxd/publisher.h"
+
+#define BATCH 512
+/* How often a standby looks whether the slot became free. */
+#define STANDBY_POLL_US INT64_C(1000000)
+/* How often the server's WAL position is read for the lag gauge. */
+#define MONITOR_US INT64_C(5000000)
+/* How often the summary line is logged. */
+#define SUMMARY_US INT64_C(60000000)
+
+typedef struct Mark {
+    uint64_t lsn;
+    uint64_t seq_limit;
+} Mark;
+
+typedef struct Marks {
+    Mark *v;
+    size_t cap; /* a power of two */
+    size_t head, tail;
+} Marks;
+
+typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL } StreamEnd;
+
+typedef struct Relay {
+    const Config *cfg;
+    volatile sig_atomic_t *stop;
+    PgStream *pg;
+    PgStream *monitor; /* an ordinary session for the server's WAL position */
+    Bookmarks *bookmarks; /* NULL with --bookmark-every=0 */
+    int64_t next_monitor;
+    Publisher *pub;
+    OutboxMapper *mapper;
+    HttpServer *http;
+    PgoMessage *msg; /* decoder scratch (large: reused for every message) */
+    OutboxEvent ev;
+    OutboxEvent dlq;
+    Marks marks;
+    PgSystem sys;
+    bool have_sys;
+    StreamInfo stream;
+    /* the transaction being received */
+    bool in_txn;
+    OutboxTxn txn;
+    uint64_t txn_first_seq;
+    uint32_t txn_rows; /* outbox rows seen in it so far */
+    /* after a lost connection: rows of this transaction that are already stored */
+    uint64_t skip_commit_lsn;
+    uint32_t skip_rows;
+    /* positions */
+    uint64_t received;  /* newest WAL position received */
+    uint64_t confirmed; /* newest position confirmable (and confirmed at the next update) */
+    uint64_t reported;  /* flush position last sent */
+    uint64_t checkpointed;
+    char checkpoint_key[128];
+    Checkpoint cp; /* the durable progress, as last read or written (see checkpoint.h) */
+    PgBackfill backfill;
+    size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
+    char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
+    bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
+    /* timers */
+    int64_t status_interval_us;
+    int64_t next_status;
+    int64_t next_checkpoint;
+    int64_t next_summary;
+    uint64_t summary_events;
+    char err[1024];
+} Relay;
+
+
+static inline int64_t min64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* relay.c: the pipeline */
+
+/* Takes in acknowledgements and moves the confirmable position; -1 when an event can never be
+ * published and the relay must stop (logged). */
+int relay_poll_acks(Relay *r, int64_t now, PublisherStatus *st);
+/* Sends a status update with the confirmed position; -1 when the connection failed (logged). */
+int relay_send_status(Relay *r, bool reply);
+/* Writes the checkpoint (r->cp with the confirmed position) and waits for JetStream to store
+ * it; -1 when it could not (logged). */
+int relay_checkpoint_put(Relay *r);
+/* Handles a decoded Insert (or a backfilled row dressed as one): maps and publishes it. */
+int relay_handle_insert(Relay *r, const PgoMessage *m);
+/* Waits for the PostgreSQL socket (when want_pg), a change of the NATS connection or the
+ * deadline; *pg_ready tells whether the socket has data. */
+int relay_wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready);
+/* Waits until every published event is acknowledged (or the deadline), keeping status updates
+ * flowing; returns the number still in flight. */
+size_t relay_drain(Relay *r, int64_t deadline, bool until_stop);
+/* Sleeps up to us, taking in acknowledgements, waking early for a stop request. */
+void relay_nap(Relay *r, int64_t us);
+
+/* session.c: connecting, taking the slot, standing by, reconnecting */
+
+/* Connects, identifies the system and runs the start-up checks and set-up (with the backfill
+ * when the slot is new). Returns 0, or the error code of the failure (PGSTREAM_CHECK_FAILED
+ * for a failed check), logged. */
+int session_connect(Relay *r);
+/* Takes the slot, standing by while another session holds it, and starts streaming. Returns 0
+ * when streaming, 1 on stop, -1 when the connection failed. */
+int session_acquire_slot(Relay *r);
+/* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
+ * go on (logged). */
+int session_reconnect(Relay *r);
+/* After a lost connection: lets every published event be acknowledged, so the session that
+ * follows starts exactly after what is stored. */
+void session_end(Relay *r);
+
+/* backfill.c: publishing the rows that were in the outbox before the slot existed */
+
+/* Before the set-up: decides whether the set-up that follows backfills (setup->backfill). */
+int backfill_prepare(Relay *r, PgSetup *setup);
+/* After the set-up: runs or finishes the backfill the set-up started or an earlier run left
+ * unfinished. */
+int backfill_finish(Relay *r, PgSetup *setup, bool created);
+
+#endif

@@ -1,0 +1,246 @@
+/*
+ * session.c - the relay's PostgreSQL sessions: connecting and checking, taking the slot or
+ * standing by while another relay holds it, where streaming starts, and reconnecting.
+ *
+ * One relay streams from a slot at a time: PostgreSQL lets one session hold it, so a second
+ * relay on the same slot waits as a standby (/readyz 503) and takes over when the slot is
+ * released. Streaming starts from the later of the slot's confirmed position, the durable
+ * checkpoint and what this process confirmed, never past the server's WAL. After a lost
+ * connection the relay lets every published event be acknowledged before it reconnects, so
+ * the session that follows starts right after what is stored.
+ */
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "outboxd/log.h"
+#include "outboxd/metrics.h"
+#include "outboxd/notify.h"
+#include "relay_internal.h"
+
+/* Full-jitter backoff for reconnects, as for publishing. */
+static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
+{
+    int64_t cap = cfg->retry_min_ms * 1000;
+    for (unsigned i = 0; i < attempt && cap < cfg->retry_max_ms * 1000; i++)
+        cap *= 2;
+    if (cap > cfg->retry_max_ms * 1000)
+        cap = cfg->retry_max_ms * 1000;
+    return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
+}
+
+/* Reads the stored checkpoint into *stored and takes its backfill state: the relay that held
+ * the slot before may have moved both on. -1 when it cannot be read (err says why). */
+static int load_checkpoint(Relay *r, Checkpoint *stored)
+{
+    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, stored, r->err, sizeof(r->err)) < 0)
+        return -1;
+    r->cp.backfill = stored->backfill;
+    if (stored->commit_time > r->cp.commit_time)
+        r->cp.commit_time = stored->commit_time;
+    return 0;
+}
+
+int session_connect(Relay *r)
+{
+    const Config *cfg = r->cfg;
+    int rc = pgstream_connect(&r->pg, cfg->pg_url, r->err, sizeof(r->err));
+    if (rc != 0) {
+        log_error("%s", r->err);
+        return rc;
+    }
+    PgSystem sys;
+    if (pgstream_identify(r->pg, &sys, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        goto fail;
+    }
+    if (r->have_sys && strcmp(sys.system_id, r->sys.system_id) != 0) {
+        log_error("the database at --pg-url is another system now (id %s, was %s): the slot "
+                  "and the checkpoint belong to the old one; refusing to continue",
+                  sys.system_id, r->sys.system_id);
+        rc = PGSTREAM_CHECK_FAILED;
+        goto fail;
+    }
+    if (!r->have_sys)
+        log_info("connected to PostgreSQL: system %s, timeline %u, database \"%s\"",
+                 sys.system_id, sys.timeline, sys.dbname);
+    r->sys = sys;
+    r->have_sys = true;
+    snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
+    Checkpoint stored;
+    if (load_checkpoint(r, &stored) < 0) {
+        log_error("%s", r->err);
+        rc = -1;
+        goto fail;
+    }
+
+    PgSetup setup = {
+        .slot = cfg->slot,
+        .publication = cfg->publication,
+        .mapper = r->mapper,
+        .create = cfg->create,
+    };
+    if ((rc = backfill_prepare(r, &setup)) != 0)
+        goto fail;
+    bool created;
+    rc = pgstream_setup(r->pg, &setup, &created, r->err, sizeof(r->err));
+    if (rc != 0) {
+        log_error("%s", r->err);
+        goto fail;
+    }
+    if ((rc = backfill_finish(r, &setup, created)) != 0)
+        goto fail;
+    /* Status updates must reach the walsender well within wal_sender_timeout, whatever the
+     * configured interval. */
+    int64_t wst;
+    if (pgstream_wal_sender_timeout_ms(r->pg, &wst, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        rc = -1;
+        goto fail;
+    }
+    r->status_interval_us = cfg->status_interval_ms * 1000;
+    if (wst > 0 && r->status_interval_us > wst * 1000 / 3) {
+        r->status_interval_us = wst * 1000 / 3;
+        log_warn("status interval lowered to %" PRId64 " ms to stay within the server's "
+                 "wal_sender_timeout of %" PRId64 " ms",
+                 r->status_interval_us / 1000, wst);
+    }
+    return 0;
+fail:
+    pgstream_free(r->pg);
+    r->pg = NULL;
+    return rc ? rc : -1;
+}
+
+/* Where to start: the later of the slot, the checkpoint and what this process confirmed, but
+ * never past the server's WAL (a checkpoint from before a restore of an older backup). */
+static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
+{
+    /* Read again at every start: while this relay stood by, the one that held the slot moved
+     * it on (and may have finished a backfill). */
+    Checkpoint stored;
+    if (load_checkpoint(r, &stored) < 0) {
+        log_warn("%s; starting from the slot's position", r->err);
+        stored.lsn = 0;
+    }
+    uint64_t checkpoint = stored.lsn;
+    uint64_t start = slot_confirmed;
+    const char *from = "the slot";
+    if (checkpoint > start && checkpoint <= r->sys.xlogpos) {
+        start = checkpoint;
+        from = "the checkpoint";
+    } else if (checkpoint > r->sys.xlogpos) {
+        log_warn("checkpoint " LSN_FMT " is ahead of the server's WAL (" LSN_FMT
+                 "): was the database restored from an older backup? ignoring it",
+                 LSN_ARGS(checkpoint), LSN_ARGS(r->sys.xlogpos));
+    }
+    if (r->confirmed > start && r->confirmed <= r->sys.xlogpos) {
+        start = r->confirmed;
+        from = "this run's confirmed position";
+    }
+    if (start > slot_confirmed)
+        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT
+                 "; PostgreSQL 15 may not have kept its latest position)",
+                 from, LSN_ARGS(start), LSN_ARGS(slot_confirmed));
+    return start;
+}
+
+/*
+ * Takes the slot: waits as a standby while another session holds it, then starts streaming.
+ * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
+ */
+int session_acquire_slot(Relay *r)
+{
+    bool standby = false;
+    while (!*r->stop) {
+        PgSlotInfo info;
+        if (pgstream_slot_info(r->pg, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
+            log_warn("%s", r->err);
+            return -1;
+        }
+        if (!info.exists) {
+            log_error("replication slot \"%s\" disappeared", r->cfg->slot);
+            return -1;
+        }
+        int rc = 0;
+        if (info.active_pid == 0) {
+            uint64_t start = start_position(r, info.confirmed);
+            rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
+                                r->err,
+                                sizeof(r->err));
+            if (rc == 0) {
+                if (standby)
+                    log_info("took over replication slot \"%s\"", r->cfg->slot);
+                atomic_store(&metrics.standby, 0);
+                r->received = r->reported = start;
+                if (start > r->confirmed)
+                    r->confirmed = start;
+                r->checkpointed = r->confirmed;
+                r->in_txn = false;
+                r->next_status = now_mono_us();
+                log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
+                         r->cfg->slot, LSN_ARGS(start), r->stream.name);
+                notify_systemd("READY=1\nSTATUS=streaming");
+                r->streaming = true;
+                return 0;
+            }
+            if (rc != PGSTREAM_SLOT_BUSY) {
+                log_warn("%s", r->err);
+                return -1;
+            }
+        }
+        if (!standby) {
+            if (info.active_pid)
+                log_info("standby: replication slot \"%s\" is held by PID %d (another relay?); "
+                         "taking over when it is released",
+                         r->cfg->slot, info.active_pid);
+            else
+                log_info("standby: replication slot \"%s\" is busy; taking over when it is "
+                         "released",
+                         r->cfg->slot);
+            standby = true;
+            atomic_store(&metrics.standby, 1);
+            /* Started and healthy: a standby is a successful start for systemd. */
+            notify_systemd("READY=1\nSTATUS=standby: another relay holds the slot");
+        }
+        relay_nap(r, STANDBY_POLL_US);
+    }
+    return 1;
+}
+
+/* Reconnects after a lost connection, with backoff. Returns 0, or 1 on stop. */
+int session_reconnect(Relay *r)
+{
+    for (unsigned attempt = 0; !*r->stop; attempt++) {
+        int64_t delay = reconnect_delay_us(r->cfg, attempt);
+        log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);
+        relay_nap(r, delay);
+        if (*r->stop)
+            break;
+        int rc = session_connect(r);
+        if (rc == 0)
+            return 0;
+        if (rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system"))
+            return -1;
+    }
+    return 1;
+}
+
+/* After a lost connection: let every published event be acknowledged, so the session that
+ * follows starts exactly after what is stored. */
+void session_end(Relay *r)
+{
+    atomic_store(&metrics.pg_connected, 0);
+    r->streaming = false;
+    pgstream_free(r->pg);
+    r->pg = NULL;
+    size_t left = relay_drain(r, INT64_MAX, true);
+    if (r->in_txn && left == 0) {
+        /* PostgreSQL resends this transaction whole: skip the rows already stored. */
+        r->skip_commit_lsn = r->txn.commit_lsn;
+        r->skip_rows = r->txn_rows;
+    }
+    r->in_txn = false;
+}
+
