@@ -216,8 +216,9 @@ static const Setting settings[] = {
      .help = "on SIGTERM, how long to wait for outstanding acknowledgements"},
     {.key = "strict_order", .type = SET_BOOL, .offset = FIELD(strict_order), .def = "true",
      .placeholder = "BOOL",
-     .help = "chain each publish to the previous one (Nats-Expected-Last-Msg-Id) so the stream "
-             "keeps commit order through failures; needs outboxd to be the stream's only writer"},
+     .help = "chain each publish to the stream's last sequence (Nats-Expected-Last-Sequence) so "
+             "the stream keeps commit order through failures, and resume exactly after the last "
+             "event it holds; needs outboxd to be the stream's only writer"},
     {.key = "on_poison", .type = SET_CHOICE, .offset = FIELD(on_poison), .def = "dead-letter",
      .choices = poison_actions, .placeholder = "ACTION",
      .help = "what to do with an event that can never be published"},

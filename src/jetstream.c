@@ -10,10 +10,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <openssl/evp.h>
 
 #include "outboxd/outbox.h"
+#include "outboxd/subject.h"
 #include "outboxd/util.h"
 
 static NatsSecurity security;
@@ -335,12 +337,30 @@ static void base64_decode(const char *in, Buf *out)
 }
 
 /* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
-static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
-                       size_t outlen, char *err, size_t errlen)
+/* The value of header name in a raw header block ("NATS/1.0\r\nKey: value\r\n..."), parsed
+ * here because libnats 3.4.1 misreads empty header values; false when absent. */
+static bool raw_header(const char *raw, const char *name, char *out, size_t outlen)
 {
-    out[0] = '\0';
-    if (seq == 0)
-        return 0;
+    size_t n = strlen(name);
+    for (const char *line = raw ? strstr(raw, "\r\n") : NULL; line; line = strstr(line, "\r\n")) {
+        line += 2;
+        if (strncasecmp(line, name, n) == 0 && line[n] == ':') {
+            const char *v = line + n + 1;
+            while (*v == ' ')
+                v++;
+            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
+            return true;
+        }
+    }
+    return false;
+}
+
+/* Reads the stream's message at seq: its raw header block into raw (empty when it has none).
+ * Returns 1, 0 when there is no message at seq (deleted), -1 on error. */
+static int read_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *raw,
+                            char *err, size_t errlen)
+{
+    buf_reset(raw);
     char subject[320], body[64];
     snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
     snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
@@ -348,24 +368,68 @@ static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, cha
     json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
     if (!reply)
         return -1;
-    /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". Parsed
-     * here because libnats 3.4.1 misreads empty header values. */
-    const char *b64 = json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
-    if (b64) {
-        Buf raw;
-        buf_init(&raw);
-        base64_decode(b64, &raw);
-        const char *key = raw.data ? strstr(raw.data, "\r\n" OUTBOX_HDR_MSG_ID ":") : NULL;
-        if (key) {
-            const char *v = key + 2 + strlen(OUTBOX_HDR_MSG_ID) + 1;
-            while (*v == ' ')
-                v++;
-            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
-        }
-        buf_deinit(&raw);
-    }
+    json_t *msg = json_object_get(reply, "message");
+    const char *b64 = json_string_value(json_object_get(msg, "hdrs"));
+    if (b64)
+        base64_decode(b64, raw);
+    buf_putc(raw, '\0');
+    int rc = msg ? 1 : 0;
     json_decref(reply);
-    return 0;
+    return rc;
+}
+
+static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
+                       size_t outlen, char *err, size_t errlen)
+{
+    out[0] = '\0';
+    if (seq == 0)
+        return 0;
+    Buf raw;
+    buf_init(&raw);
+    int rc = read_msg_headers(nc, stream, seq, &raw, err, errlen);
+    if (rc > 0)
+        raw_header(raw.data, OUTBOX_HDR_MSG_ID, out, outlen);
+    buf_deinit(&raw);
+    return rc < 0 ? -1 : 0;
+}
+
+int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_seq,
+                        unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
+                        size_t errlen)
+{
+    Buf raw;
+    buf_init(&raw);
+    int found = 0;
+    for (uint64_t seq = last_seq; seq > 0 && last_seq - seq < max_back && !found; seq--) {
+        int rc = read_msg_headers(nc, stream, seq, &raw, err, errlen);
+        if (rc < 0) {
+            found = -1;
+            break;
+        }
+        char value[OUTBOX_POSITION_MAX + 8], ignored[8];
+        /* A replayed event is a copy appended later: its place says nothing. */
+        if (rc > 0 && raw_header(raw.data, OUTBOX_HDR_POSITION, value, sizeof(value)) &&
+            !raw_header(raw.data, "Outbox-Replay", ignored, sizeof(ignored)) &&
+            outbox_position_parse(value, pos) && pos->lsn != 0) {
+            *at = seq;
+            found = 1;
+        }
+    }
+    buf_deinit(&raw);
+    return found;
+}
+
+bool jsapi_stream_covers(const StreamInfo *info, const char *filter)
+{
+    char one[256];
+    for (const char *p = info->subjects; *p;) {
+        size_t n = strcspn(p, " ");
+        snprintf(one, sizeof(one), "%.*s", (int)n, p);
+        p += n + (p[n] == ' ');
+        if (subject_covers(one, filter))
+            return true;
+    }
+    return false;
 }
 
 int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, char *err,
@@ -392,6 +456,15 @@ int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, 
         info->replicas = 1;
     info->duplicate_window_ms =
         json_integer_value(json_object_get(config, "duplicate_window")) / 1000000;
+    size_t i;
+    json_t *s;
+    json_array_foreach(json_object_get(config, "subjects"), i, s)
+    {
+        size_t used = strlen(info->subjects);
+        if (json_is_string(s))
+            snprintf(info->subjects + used, sizeof(info->subjects) - used, "%s%s",
+                     used ? " " : "", json_string_value(s));
+    }
     info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
     info->messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
     json_decref(reply);

@@ -37,6 +37,8 @@ static const char *const publish_error_names[PUBERR_COUNT] = {
     [PUBERR_NO_RESPONDERS] = "no_responders",
     [PUBERR_REJECTED] = "rejected",
     [PUBERR_CONNECTION] = "connection",
+    [PUBERR_STREAM_FULL] = "stream_full",
+    [PUBERR_ORDER] = "order",
 };
 
 static const char *const dead_letter_names[DLR_COUNT] = {
@@ -46,6 +48,7 @@ static const char *const dead_letter_names[DLR_COUNT] = {
     [DLR_INVALID_SUBJECT] = "invalid_subject",
     [DLR_REJECTED] = "rejected",
     [DLR_INVALID_ENVELOPE] = "invalid_envelope",
+    [DLR_NO_STREAM] = "no_stream",
 };
 
 #define RELAXED memory_order_relaxed
@@ -175,6 +178,14 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
     counter(out, "outboxd_events_duplicate_total",
             "acknowledgements JetStream flagged as duplicates (dedupe hits)",
             load_u64(&m->events_duplicate));
+    counter(out, "outboxd_events_id_reused_total",
+            "events whose first publish JetStream acknowledged as a duplicate: their event_id "
+            "was used before, and the stream kept the earlier message",
+            load_u64(&m->events_id_reused));
+    counter(out, "outboxd_events_already_stored_total",
+            "events not published again after a restart or reconnect because the stream held "
+            "them already (--strict-order)",
+            load_u64(&m->events_skipped_stored));
 
     family(out, "outboxd_publish_errors_total", "counter", "failed publishes, by reason");
     for (int r = 0; r < PUBERR_COUNT; r++)

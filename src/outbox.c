@@ -8,6 +8,7 @@
  */
 #include "outboxd/outbox.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -95,6 +96,8 @@ struct OutboxMapper {
     uint64_t txn_lsn; /* the transaction whose commit LSN and time are formatted in txn_text */
     int64_t txn_time;
     char txn_text[2][32];
+    char txn_pos[OUTBOX_POSITION_MAX]; /* "<timeline> <commit LSN> ", the index follows */
+    size_t txn_pos_len;
 };
 
 void outbox_event_init(OutboxEvent *ev)
@@ -681,9 +684,21 @@ static void put_txn_headers(OutboxMapper *m, const OutboxTxn *txn, OutboxEvent *
         m->txn_time = txn->commit_time;
         lsn_format(txn->commit_lsn, m->txn_text[0]);
         pg_time_format_rfc3339(txn->commit_time, m->txn_text[1]);
+        m->txn_pos_len = (size_t)snprintf(m->txn_pos, sizeof(m->txn_pos), "%u %s ",
+                                          txn->timeline, m->txn_text[0]);
     }
     outbox_event_add_header(ev, OUTBOX_HDR_COMMIT_LSN, m->txn_text[0], strlen(m->txn_text[0]));
     outbox_event_add_header(ev, OUTBOX_HDR_COMMIT_TIME, m->txn_text[1], strlen(m->txn_text[1]));
+    /* The position: the transaction's part, then the index, without printf per event. */
+    char pos[OUTBOX_POSITION_MAX], digits[12], *d = digits + sizeof(digits);
+    uint32_t i = txn->index;
+    do
+        *--d = (char)('0' + i % 10);
+    while ((i /= 10) != 0);
+    size_t nd = (size_t)(digits + sizeof(digits) - d);
+    memcpy(pos, m->txn_pos, m->txn_pos_len);
+    memcpy(pos + m->txn_pos_len, d, nd);
+    outbox_event_add_header(ev, OUTBOX_HDR_POSITION, pos, m->txn_pos_len + nd);
     ev->commit_lsn = txn->commit_lsn;
     ev->commit_time = txn->commit_time;
 }
@@ -1032,6 +1047,14 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
     put_header(out, OUTBOX_HDR_TABLE, dl->table, dl->table ? strlen(dl->table) : 0, 0);
     put_header(out, OUTBOX_HDR_COMMIT_LSN, lsn, strlen(lsn), 0);
     put_header(out, OUTBOX_HDR_COMMIT_TIME, when, strlen(when), 0);
+    char pos[OUTBOX_POSITION_MAX];
+    if (dl->position)
+        snprintf(pos, sizeof(pos), "%s", dl->position);
+    else
+        outbox_position_format(
+            &(OutboxPosition){.timeline = dl->timeline, .lsn = dl->commit_lsn, .index = dl->index},
+            pos);
+    put_header(out, OUTBOX_HDR_POSITION, pos, strlen(pos), 0);
     out->msg_id = out->hvals.data;
     out->commit_lsn = dl->commit_lsn;
     out->commit_time = dl->commit_time;
@@ -1059,4 +1082,33 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
     free(text);
     out->body = out->body_buf.data;
     out->body_len = out->body_buf.len;
+}
+
+void outbox_position_format(const OutboxPosition *pos, char out[static OUTBOX_POSITION_MAX])
+{
+    char lsn[18];
+    snprintf(out, OUTBOX_POSITION_MAX, "%u %s %u", pos->timeline, lsn_format(pos->lsn, lsn),
+             pos->index);
+}
+
+bool outbox_position_parse(const char *s, OutboxPosition *pos)
+{
+    char lsn[24];
+    unsigned long tl, index;
+    int n = 0;
+    if (sscanf(s, "%lu %23s %lu%n", &tl, lsn, &index, &n) != 3 || s[n] != '\0' ||
+        tl > UINT32_MAX || index > UINT32_MAX || !isdigit((unsigned char)s[0]))
+        return false;
+    OutboxPosition p = {.timeline = (uint32_t)tl, .index = (uint32_t)index};
+    if (!lsn_parse(lsn, &p.lsn))
+        return false;
+    *pos = p;
+    return true;
+}
+
+int outbox_position_cmp(const OutboxPosition *a, const OutboxPosition *b)
+{
+    if (a->lsn != b->lsn)
+        return a->lsn < b->lsn ? -1 : 1;
+    return a->index < b->index ? -1 : a->index > b->index ? 1 : 0;
 }

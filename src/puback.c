@@ -7,11 +7,12 @@
  */
 #include "outboxd/puback.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include <jansson.h>
 
-#include "outboxd/log.h"
+#include "outboxd/util.h"
 
 /* Returns p past lit (n bytes, after any spaces before it), or NULL when lit does not come
  * next. NEXT() passes a literal's length. */
@@ -33,7 +34,7 @@ static bool name_byte(char c)
            c == '-';
 }
 
-int puback_quick(const char *d, size_t n)
+int puback_quick(const char *d, size_t n, uint64_t *seq)
 {
     const char *end = d + n;
     const char *p = NEXT(NEXT(NEXT(NEXT(d, end, "{"), end, "\"stream\""), end, ":"), end, "\"");
@@ -55,18 +56,24 @@ int puback_quick(const char *d, size_t n)
         p++;
     if (p - digits > 18 || (*digits == '0' && p - digits > 1))
         return -1;
+    uint64_t v = 0;
+    for (const char *c = digits; c < p; c++)
+        v = v * 10 + (uint64_t)(*c - '0');
+    *seq = v;
     if (NEXT(p, end, "}") == end)
         return PUBACK_STORED;
     p = NEXT(NEXT(NEXT(NEXT(p, end, ","), end, "\"duplicate\""), end, ":"), end, "true");
     return p && NEXT(p, end, "}") == end ? PUBACK_DUPLICATE : -1;
 }
 
-PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)
+PubAckKind puback_parse(const char *data, size_t len, PubAckInfo *info)
 {
-    *err_code = 0;
+    info->seq = 0;
+    info->err_code = 0;
+    info->description[0] = '\0';
     if (!data || len == 0)
         return PUBACK_REFUSED;
-    int quick = puback_quick(data, len);
+    int quick = puback_quick(data, len, &info->seq);
     if (quick >= 0)
         return (PubAckKind)quick;
 
@@ -78,13 +85,15 @@ PubAckKind puback_parse(const char *data, size_t len, unsigned *err_code)
         json_int_t c = json_integer_value(json_object_get(e, "err_code"));
         if (c == 0)
             c = json_integer_value(json_object_get(e, "code"));
-        *err_code = c > 0 && c <= 0xffff ? (unsigned)c : 0;
-        log_debug("publish refused by JetStream: %s (err_code %lld)",
-                  json_string_value(json_object_get(e, "description")) ?: "no description",
-                  (long long)c);
+        info->err_code = c > 0 && c <= 0xffff ? (unsigned)c : 0;
+        const char *d = json_string_value(json_object_get(e, "description"));
+        snprintf(info->description, sizeof(info->description), "%s", d ? d : "");
+        text_one_line(info->description);
     } else if (root && json_is_integer(json_object_get(root, "seq"))) {
         kind = json_is_true(json_object_get(root, "duplicate")) ? PUBACK_DUPLICATE
                                                                 : PUBACK_STORED;
+        json_int_t s = json_integer_value(json_object_get(root, "seq"));
+        info->seq = s > 0 ? (uint64_t)s : 0;
     }
     json_decref(root);
     return kind;

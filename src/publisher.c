@@ -21,11 +21,34 @@
  * while earlier ones fail, so retrying one event alone would reorder the stream. Instead the
  * publisher pauses, waits a backoff (doubling from retry_min to retry_max, full jitter), and
  * sends every unacknowledged event again in sequence order with its Nats-Msg-Id, so JetStream
- * drops what it already holds. With strict order each event also carries
- * Nats-Expected-Last-Msg-Id = the previous event's id: a gap makes every later publish fail
- * until the go-back-N refills it, so the stream can never hold a later event before an earlier
- * one. When the oldest unacknowledged event fails that check although everything before it is
- * stored, someone else wrote to the stream: the chain restarts from the stream's last message.
+ * drops what it already holds. After the backoff only the oldest event goes out (a probe);
+ * the rest follow once it is stored, so a stream that is still full or a broker still
+ * electing a leader costs one publish per attempt, not the whole window.
+ *
+ * The order chain (strict order). Each event carries Nats-Expected-Last-Sequence = the stream
+ * sequence the event before it got, so the stream stores it only right behind that one: a gap
+ * makes every later publish fail (10071) until the go-back-N refills it, and the stream can
+ * never hold a later event before an earlier one. Why sequences and not the previous event's
+ * Nats-Msg-Id (Nats-Expected-Last-Msg-Id): nats-server 2.9 rebuilds a stream's last message id
+ * after a restart only from messages still inside the duplicate window, so after a quiet spell
+ * longer than the window and a broker restart every chained publish was refused for ever; the
+ * last sequence is the stream's own state and survives restarts, purges and quiet spells. The
+ * expected value is assigned when an event is sent, not when it is encoded: a resend renumbers
+ * the window from the last sequence the stream is known to hold. That is learnt from the
+ * answers themselves (each PubAck carries its sequence; a duplicate's sequence is a lower
+ * bound), and when the stream disagrees its refusal says what its last sequence is ("wrong
+ * last sequence: N"). The rule for the head: if it is refused with 10071 while everything
+ * before it is stored, nothing of outboxd's is missing, so the chain continues from the
+ * stream's sequence: at once after duplicates (a replayed window, a re-used event id), with a
+ * warning otherwise (another writer, a stream restored from a snapshot). A chain that keeps
+ * breaking without the head getting stored backs off and, after CHAIN_BREAKS_MAX tries, stops
+ * the relay with a message naming the cause: the loop can never spin without progress. Dead
+ * letters are chained like events: they stand in their event's place in the stream.
+ *
+ * An event whose subject no stream captures gets "no responders", or no answer at all once a
+ * stream's subjects were narrowed under a running relay, for ever. After NO_STREAM_GRACE_US of
+ * that the publisher asks the server which stream captures the subject; if none does, the
+ * event becomes a dead letter (reason no_stream) instead of a stall.
  */
 #include "outboxd/publisher.h"
 
@@ -53,7 +76,21 @@ enum { ST_INFLIGHT = 0, ST_ACKED = 1, ST_DUPLICATE = 2, ST_FAILED = 3 };
 /* Error codes beside JetStream's own err_code values (10000 and up). */
 enum { CODE_NONE = 0, CODE_NO_RESPONDERS = 1, CODE_BAD_REPLY = 2 };
 /* JetStream err_code values that decide what happens next. */
-enum { JS_WRONG_LAST_MSG_ID = 10070, JS_MESSAGE_TOO_LARGE = 10054 };
+enum {
+    JS_WRONG_LAST_MSG_ID = 10070,
+    JS_WRONG_LAST_SEQUENCE = 10071,
+    JS_MESSAGE_TOO_LARGE = 10054,
+    JS_MAX_MESSAGES = 10077,      /* the stream is at a limit: transient, never poison */
+    JS_MAX_BYTES = 10047,
+    JS_STORE_FAILED = 10028,      /* insufficient resources */
+};
+
+/* After this many breaks of the order chain in a row without the head getting stored, the
+ * relay stops: something keeps writing to the stream. */
+#define CHAIN_BREAKS_MAX 8
+/* How long the head may get "no responders" before the publisher asks whether any stream
+ * captures its subject. */
+#define NO_STREAM_GRACE_US INT64_C(10000000)
 
 #define SEQ_BITS 40
 #define SEQ_MASK ((UINT64_C(1) << SEQ_BITS) - 1)
@@ -84,8 +121,12 @@ typedef struct Slot {
     WireMsg wire;        /* kept until acknowledged, so it can be sent again */
     uint64_t seq;
     unsigned attempt;
-    bool dead_letter;    /* not chained into the stream order */
+    bool dead_letter;
+    bool chained;        /* carries Nats-Expected-Last-Sequence */
     bool sent;           /* went out at least once (a resend of it is a retry) */
+    bool resent;         /* went out more than once */
+    uint64_t expected;   /* the Nats-Expected-Last-Sequence it carries */
+    uint64_t stream_seq; /* from its PubAck: where the stream stored (or holds) it */
     int64_t sent_at;     /* CLOCK_MONOTONIC µs */
     int64_t commit_time; /* µs since 2000-01-01 */
     size_t bytes;
@@ -109,22 +150,28 @@ struct Publisher {
     size_t npool, pool_bytes;
     int64_t ack_timeout_us;
     bool strict;
-    char chain_last[256]; /* Nats-Msg-Id the next chained event expects as the stream's last */
+    uint64_t stream_last; /* the stream's last sequence as far as outboxd knows */
+    uint64_t expect_next; /* the Nats-Expected-Last-Sequence of the next chained send */
+    unsigned chain_breaks; /* 10071s at the head in a row without progress */
     char *dead_letter_subject;
     char *table;
     char stream[256];
     /* recovery */
     int64_t retry_min_us, retry_max_us;
     bool paused;
-    bool reseed;         /* restart the chain from the stream's last message before resending */
+    bool probing;        /* after a pause: only the head went out; the rest follows its ack */
     int64_t resume_at;
+    int64_t no_resp_since; /* when the head first got "no responders" (0: it did not) */
+    uint64_t no_resp_seq;
+    uint64_t err_seq;      /* the event whose refusal err_text describes */
+    char err_text[160];    /* JetStream's description of that refusal */
     unsigned failures;   /* consecutive pauses without progress, for the backoff */
     bool last_was_duplicate; /* the newest released event was acknowledged as a duplicate */
     unsigned seen_epoch;
     atomic_uint conn_epoch; /* incremented by every disconnect */
     atomic_bool connected;
     bool fatal;
-    char fatal_msg[512];
+    char fatal_msg[1024];
     OutboxEvent dlq;     /* scratch for dead letters built from a refused message */
     int wake_fd;
     atomic_bool closing; /* we are closing the connection ourselves */
@@ -168,21 +215,23 @@ static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
 
 /* ---- answers ---------------------------------------------------------------------- */
 
-static unsigned classify_reply(natsMsg *msg, unsigned *code)
+static unsigned classify_reply(natsMsg *msg, unsigned *code, PubAckInfo *info)
 {
     *code = CODE_NONE;
+    info->seq = 0;
+    info->description[0] = '\0';
     if (natsMsg_IsNoResponders(msg)) {
         *code = CODE_NO_RESPONDERS;
         return ST_FAILED;
     }
-    unsigned err_code;
-    switch (puback_parse(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), &err_code)) {
+    switch (puback_parse(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), info)) {
     case PUBACK_STORED:
         return ST_ACKED;
     case PUBACK_DUPLICATE:
         return ST_DUPLICATE;
     default:
-        *code = err_code > CODE_BAD_REPLY && err_code < 0x4000 ? err_code : CODE_BAD_REPLY;
+        *code = info->err_code > CODE_BAD_REPLY && info->err_code < 0x4000 ? info->err_code
+                                                                           : CODE_BAD_REPLY;
         return ST_FAILED;
     }
 }
@@ -193,10 +242,21 @@ static void take_reply(Publisher *p, natsMsg *msg)
     unsigned attempt;
     if (puback_reply_subject(natsMsg_GetSubject(msg), &seq, &attempt)) {
         unsigned code;
-        unsigned st = classify_reply(msg, &code);
+        PubAckInfo info;
+        unsigned st = classify_reply(msg, &code, &info);
         Slot *slot = &p->ring[seq & p->mask];
         uint64_t expect = state_word(seq, attempt, 0, ST_INFLIGHT);
-        atomic_compare_exchange_strong(&slot->state, &expect, state_word(seq, attempt, code, st));
+        /* Answers are taken on the relay's thread: the slot's other fields are ours. */
+        if (atomic_compare_exchange_strong(&slot->state, &expect,
+                                           state_word(seq, attempt, code, st))) {
+            slot->stream_seq = info.seq;
+            /* The oldest refusal's text: the head's is the one to report. */
+            if (st == ST_FAILED && info.description[0] &&
+                (p->err_seq < p->head || seq <= p->err_seq)) {
+                p->err_seq = seq;
+                snprintf(p->err_text, sizeof(p->err_text), "%s", info.description);
+            }
+        }
     }
     /* Anything else (a checkpoint write's answer) needs no handling. Nobody else holds the
      * answer: free it here rather than wake nats.c's collector thread for each one. */
@@ -439,8 +499,35 @@ int publisher_bind_stream(Publisher *p, const char *filter, StreamInfo *info, ch
     }
     if (jsapi_stream_info(p->nc, p->stream, info, err, errlen) < 0)
         return -1;
-    snprintf(p->chain_last, sizeof(p->chain_last), "%s", info->last_msg_id);
+    p->stream_last = p->expect_next = info->last_seq;
+    /* Coverage: the stream must capture every subject a template can produce, not merely
+     * overlap them (a stream on "outbox.order.*" overlaps "outbox.*.*"), or the first event
+     * of another kind would find no stream. */
+    for (const char *f = filter; *f;) {
+        size_t n = strcspn(f, " ");
+        char one[1024];
+        snprintf(one, sizeof(one), "%.*s", (int)n, f);
+        f += n + (f[n] == ' ');
+        if (!jsapi_stream_covers(info, one)) {
+            snprintf(err, errlen,
+                     "stream \"%s\" (subjects %s) captures only some of the subjects %s can be: "
+                     "add a subject that covers all of them (such as \"%.*s>\"), or events of "
+                     "the other kinds would find no stream",
+                     info->name, info->subjects, one, (int)strcspn(one, "*>"), one);
+            return PUBLISH_CHECK_FAILED;
+        }
+    }
 
+    /* With strict order dead letters are chained into the events' stream: they stand in their
+     * event's place. */
+    if (p->dead_letter_subject && p->strict && !jsapi_stream_covers(info, p->dead_letter_subject)) {
+        snprintf(err, errlen,
+                 "stream \"%s\" (subjects %s) does not capture the dead-letter subject %s: with "
+                 "--strict-order dead letters take their event's place in the same stream; add "
+                 "the subject to it, or set --dead-letter-subject",
+                 info->name, info->subjects, p->dead_letter_subject);
+        return PUBLISH_CHECK_FAILED;
+    }
     if (p->dead_letter_subject) {
         char name[256];
         if (jsapi_find_stream(p->nc, p->dead_letter_subject, name, sizeof(name), &found, err,
@@ -467,7 +554,8 @@ uint64_t publisher_next_seq(const Publisher *p)
 bool publisher_has_room(const Publisher *p)
 {
     int64_t n = (int64_t)(p->next - p->head);
-    return !p->fatal && n < p->max_inflight && (p->bytes < p->max_bytes || n == 0);
+    return !p->fatal && !p->probing && n < p->max_inflight &&
+           (p->bytes < p->max_bytes || n == 0);
 }
 
 size_t publisher_max_body(const Publisher *p)
@@ -500,15 +588,32 @@ static void reply_subject(const Publisher *p, uint64_t seq, unsigned attempt, ch
     memcpy(out + n, d, k + 1);
 }
 
-/* Encodes ev into the slot, in a buffer from the pool when the slot has none. */
-static void encode_slot(Publisher *p, Slot *slot, const OutboxEvent *ev, const char *expected)
+/* A sequence as text, for Nats-Expected-Last-Sequence. */
+static void seq_text(uint64_t v, char out[static 24])
+{
+    char *d = out + 23;
+    *d = '\0';
+    do
+        *--d = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    memmove(out, d, (size_t)(out + 24 - d));
+}
+
+/* Encodes ev into the slot, in a buffer from the pool when the slot has none; a chained event
+ * expects the given sequence (send_slot corrects it when the window was renumbered). */
+static void encode_slot(Publisher *p, Slot *slot, const OutboxEvent *ev, bool chained,
+                        uint64_t expect)
 {
     if (wire_capacity(&slot->wire) == 0 && p->npool > 0) {
         Buf b = p->pool[--p->npool];
         p->pool_bytes -= b.cap;
         wire_give_buffer(&slot->wire, b);
     }
-    wire_encode(&slot->wire, ev, expected);
+    char expected[24];
+    seq_text(expect, expected);
+    wire_encode(&slot->wire, ev, chained ? expected : NULL);
+    slot->chained = chained;
+    slot->expected = expect;
 }
 
 /* Lets the slot's message go. Its buffer goes to the pool, last in first out, so the buffers
@@ -529,13 +634,23 @@ static void clear_slot(Publisher *p, Slot *slot)
 /* Sends the event in slot as the given attempt, unless publishing is paused: then it waits in
  * the window and goes out, in order, when publishing resumes. A failed send leaves the event in
  * flight: it fails by timeout or disconnect and is sent again, never lost. */
-static void send_slot(Publisher *p, Slot *slot, unsigned attempt)
+static void send_slot(Publisher *p, Slot *slot, unsigned attempt, bool in_order)
 {
     slot->attempt = attempt;
     atomic_store(&slot->state, state_word(slot->seq, attempt, 0, ST_INFLIGHT));
     slot->sent_at = now_mono_us();
     if (p->paused)
         return;
+    if (slot->chained && in_order) {
+        if (slot->expected != p->expect_next) {
+            char expected[24];
+            seq_text(p->expect_next, expected);
+            wire_set_expected(&slot->wire, expected);
+            slot->expected = p->expect_next;
+        }
+        p->expect_next++;
+    }
+    slot->resent = slot->sent;
     slot->sent = true;
     char reply[96];
     reply_subject(p, slot->seq, attempt, reply, sizeof(reply));
@@ -550,9 +665,9 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
 {
     uint64_t seq = p->next;
     Slot *slot = &p->ring[seq & p->mask];
-    bool chained = p->strict && !dead_letter;
-    encode_slot(p, slot, ev, chained ? p->chain_last : NULL);
-    /* A chained event may later expect another, longer id (see reseed_head). */
+    bool chained = p->strict;
+    encode_slot(p, slot, ev, chained, p->expect_next);
+    /* A chained event may later expect a longer sequence (a resend renumbers). */
     size_t size = wire_size(&slot->wire) + (chained ? WIRE_EXPECTED_ROOM : 0);
     int64_t max_payload = natsConnection_GetMaxPayload(p->nc);
     if (max_payload > 0 && (int64_t)size > max_payload) {
@@ -565,17 +680,14 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
     }
     if (!p->paused && !atomic_load(&p->connected))
         pause_publishing(p, now_mono_us(), PUBERR_CONNECTION, "not connected to NATS");
-    if (chained)
-        snprintf(p->chain_last, sizeof(p->chain_last), "%s", ev->msg_id);
-
     slot->seq = seq;
-    slot->sent = false;
+    slot->sent = slot->resent = false;
     slot->dead_letter = dead_letter;
     slot->commit_time = ev->commit_time;
     slot->bytes = size;
     p->next++;
     p->bytes += (int64_t)size;
-    send_slot(p, slot, 0);
+    send_slot(p, slot, 0, true);
     *seq_out = seq;
     return 0;
 }
@@ -587,8 +699,13 @@ static PublishError error_kind(unsigned code)
     switch (code) {
     case CODE_NO_RESPONDERS:
         return PUBERR_NO_RESPONDERS;
-    case CODE_BAD_REPLY:
-        return PUBERR_REJECTED;
+    case JS_MAX_MESSAGES:
+    case JS_MAX_BYTES:
+    case JS_STORE_FAILED:
+        return PUBERR_STREAM_FULL;
+    case JS_WRONG_LAST_SEQUENCE:
+    case JS_WRONG_LAST_MSG_ID:
+        return PUBERR_ORDER;
     default:
         return PUBERR_REJECTED;
     }
@@ -604,14 +721,34 @@ static void describe_code(unsigned code, char *out, size_t outlen)
     case CODE_BAD_REPLY:
         snprintf(out, outlen, "JetStream sent an unexpected reply");
         break;
-    case JS_WRONG_LAST_MSG_ID:
+    case JS_WRONG_LAST_SEQUENCE:
         snprintf(out, outlen, "the stream's last message is not the previous event (err_code "
-                              "10070)");
+                              "10071)");
+        break;
+    case JS_MAX_MESSAGES:
+    case JS_MAX_BYTES:
+    case JS_STORE_FAILED:
+        snprintf(out, outlen, "the stream is full (err_code %u): raise its limits (max_msgs, "
+                              "max_bytes), let consumers catch up on a work-queue stream, or "
+                              "free storage on the servers",
+                 code);
         break;
     default:
         snprintf(out, outlen, "JetStream refused the event (err_code %u)", code);
         break;
     }
+}
+
+/* describe_code() with JetStream's own text when the head's refusal carried one. */
+static void describe_refusal(const Publisher *p, const Slot *slot, unsigned code, char *out,
+                             size_t outlen)
+{
+    char why[200];
+    describe_code(code, why, sizeof(why));
+    if (p->err_seq == slot->seq && p->err_text[0])
+        snprintf(out, outlen, "%s: \"%s\"", why, p->err_text);
+    else
+        snprintf(out, outlen, "%s", why);
 }
 
 /* An event's id and commit LSN, read from its headers. */
@@ -638,6 +775,7 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
     int64_t delay = backoff_us(p->retry_min_us, p->retry_max_us, p->failures);
     p->failures++;
     p->paused = true;
+    p->probing = false;
     p->resume_at = now + delay;
     log_warn("publishing paused: %s; events wait in the window (%" PRIu64 " now) and are sent "
              "again in order in %" PRId64 " ms%s",
@@ -645,13 +783,18 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
              atomic_load(&p->connected) ? "" : " once NATS is reachable");
 }
 
-/* The event at the head can never be stored as it is: replace it by a dead letter, or stop. */
+/* The event at the head can never be stored as it is: replace it by a dead letter (reason
+ * no_stream for a subject no stream captures), or stop. */
 static void refuse_head(Publisher *p, Slot *slot, unsigned code)
 {
-    char event[256], why[128];
+    char event[256], why[400];
     EventName name;
     describe_event(&slot->wire, &name, event, sizeof(event));
-    describe_code(code, why, sizeof(why));
+    if (code == CODE_NO_RESPONDERS)
+        snprintf(why, sizeof(why), "no stream captures subject %.200s",
+                 wire_subject(&slot->wire));
+    else
+        describe_refusal(p, slot, code, why, sizeof(why));
     if (!p->dead_letter_subject || slot->dead_letter) {
         p->fatal = true;
         snprintf(p->fatal_msg, sizeof(p->fatal_msg), "%s: %s", event, why);
@@ -660,8 +803,14 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
     uint64_t lsn = 0;
     if (name.has_lsn)
         lsn_parse(name.lsn, &lsn);
+    char position[OUTBOX_POSITION_MAX];
+    bool has_position = wire_header(&slot->wire, OUTBOX_HDR_POSITION, position, sizeof(position));
+    DeadLetterReason reason = code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE
+                              : code == CODE_NO_RESPONDERS ? DLR_NO_STREAM
+                                                           : DLR_REJECTED;
     DeadLetter dl = {
-        .reason = code == JS_MESSAGE_TOO_LARGE ? "too_large" : "rejected",
+        .reason = metrics_dead_letter_name(reason),
+        .position = has_position ? position : NULL,
         .detail = why,
         .event_id = name.has_id ? name.id : NULL,
         .event_id_len = name.has_id ? strlen(name.id) : 0,
@@ -672,57 +821,156 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
         .index = (uint32_t)slot->seq,
     };
     outbox_dead_letter(&p->dlq, p->dead_letter_subject, &dl, 0);
-    metrics_dead_letter(code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE : DLR_REJECTED);
+    metrics_dead_letter(reason);
     log_warn("dead-lettered %s to %s: %s", event, p->dead_letter_subject, why);
-    encode_slot(p, slot, &p->dlq, NULL);
+    /* In the event's place: the events behind it keep their numbers. */
+    encode_slot(p, slot, &p->dlq, p->strict, slot->expected);
     slot->dead_letter = true;
-    send_slot(p, slot, slot->attempt + 1);
+    send_slot(p, slot, slot->attempt + 1, false);
 }
 
-/* With strict order: the next resend of the head expects the stream's current last message. */
-static void reseed_head(Publisher *p, Slot *slot)
+/* The head has had no answer (a timeout) or "no responders" since no_resp_since: once that
+ * lasted NO_STREAM_GRACE_US, asks the server whether any stream captures its subject. True
+ * when none does: no retry can ever store it. While one does (a leader election, a cluster
+ * without quorum), it asks again after another grace period. */
+static bool subject_without_stream(Publisher *p, Slot *slot, int64_t now)
+{
+    if (slot->dead_letter)
+        return false;
+    if (p->no_resp_seq != slot->seq || p->no_resp_since == 0) {
+        p->no_resp_seq = slot->seq;
+        p->no_resp_since = now;
+        return false;
+    }
+    if (now - p->no_resp_since < NO_STREAM_GRACE_US || !atomic_load(&p->connected))
+        return false;
+    p->no_resp_since = now;
+    char name[256], err[256];
+    bool found = true;
+    return jsapi_find_stream(p->nc, wire_subject(&slot->wire), name, sizeof(name), &found, err,
+                             sizeof(err)) == 0 &&
+           !found;
+}
+
+/* Reads N from JetStream's "wrong last sequence: N". */
+static bool wrong_sequence_of(const Publisher *p, const Slot *slot, uint64_t *last)
+{
+    const char *n = p->err_seq == slot->seq ? strstr(p->err_text, "sequence: ") : NULL;
+    if (!n)
+        return false;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(n + strlen("sequence: "), &end, 10);
+    if (errno || end == n + strlen("sequence: "))
+        return false;
+    *last = v;
+    return true;
+}
+
+/* With strict order: asks the stream for its last sequence (when its refusal did not say). */
+static bool stream_last_seq(Publisher *p, uint64_t *last)
 {
     StreamInfo info;
     char err[256];
     if (jsapi_stream_info(p->nc, p->stream, &info, err, sizeof(err)) < 0) {
-        log_warn("could not read stream %s to restart the order chain: %s", p->stream, err);
-        return;
+        log_warn("could not read stream %s to continue the order chain: %s", p->stream, err);
+        return false;
     }
-    wire_set_expected(&slot->wire, info.last_msg_id);
-    if (p->last_was_duplicate)
-        log_info("continuing the order chain of stream %s after duplicates, from its last "
-                 "message \"%s\"",
-                 p->stream, info.last_msg_id);
-    else
-        log_warn("stream %s has messages outboxd did not write (last id \"%s\"); the order chain "
-                 "continues from there",
-                 p->stream, info.last_msg_id);
-    p->reseed = false;
+    *last = info.last_seq;
+    return true;
 }
 
-/* Sends every unacknowledged event again, oldest first. */
-static void resend_window(Publisher *p)
+/* The head was refused with 10071 while everything before it is released: the stream's last
+ * sequence is not the one outboxd knew. Continue the chain from the stream's, or stop when it
+ * keeps breaking without progress. */
+static void continue_chain(Publisher *p, Slot *slot, int64_t now)
+{
+    uint64_t last;
+    if (!wrong_sequence_of(p, slot, &last) && !stream_last_seq(p, &last)) {
+        pause_publishing(p, now, PUBERR_ORDER, "the order chain broke and the stream's last "
+                                               "sequence could not be read");
+        return;
+    }
+    if (++p->chain_breaks > CHAIN_BREAKS_MAX) {
+        p->fatal = true;
+        snprintf(p->fatal_msg, sizeof(p->fatal_msg),
+                 "the order chain of stream %s broke %u times in a row without progress (its "
+                 "last sequence moves under outboxd: another writer?); with --strict-order "
+                 "outboxd must be the stream's only writer: stop the other writer, or run with "
+                 "--strict-order=false",
+                 p->stream, CHAIN_BREAKS_MAX);
+        return;
+    }
+    bool after_duplicates = p->last_was_duplicate || last == p->stream_last;
+    if (!after_duplicates)
+        log_warn("stream %s holds messages outboxd did not write (its last sequence is %" PRIu64
+                 ", outboxd's last event is at %" PRIu64 "); the order chain continues from "
+                 "there",
+                 p->stream, last, p->stream_last);
+    else
+        log_debug("continuing the order chain of stream %s from sequence %" PRIu64, p->stream,
+                  last);
+    p->stream_last = last;
+    if (p->chain_breaks == 1 || after_duplicates) {
+        /* The first time, or a known cause: resend at once. */
+        p->paused = true;
+        p->probing = false;
+        p->resume_at = now;
+    } else {
+        char why[320];
+        snprintf(why, sizeof(why), "the order chain of stream %s broke again", p->stream);
+        pause_publishing(p, now, PUBERR_ORDER, why);
+    }
+}
+
+/* Sends the unacknowledged events again, oldest first: only the head when probing. The chain
+ * is renumbered from the stream's last sequence as outboxd knows it; events stored out of an
+ * earlier attempt keep their place in it. */
+static void resend_window(Publisher *p, bool probe)
 {
     uint64_t count = 0, retries = 0;
+    p->expect_next = p->stream_last;
     for (uint64_t seq = p->head; seq < p->next; seq++) {
         Slot *slot = &p->ring[seq & p->mask];
         unsigned st = word_state(atomic_load(&slot->state));
-        if (st == ST_ACKED || st == ST_DUPLICATE)
+        if (st == ST_ACKED || st == ST_DUPLICATE) {
+            if (st == ST_ACKED && slot->stream_seq > p->expect_next)
+                p->expect_next = slot->stream_seq;
             continue;
-        if (seq == p->head && p->reseed && !slot->dead_letter)
-            reseed_head(p, slot);
+        }
         retries += slot->sent;
-        send_slot(p, slot, slot->attempt + 1);
+        send_slot(p, slot, slot->attempt + 1, true);
         count++;
+        if (probe)
+            break;
     }
+    p->probing = probe && count > 0;
     atomic_fetch_add_explicit(&metrics.publish_retries, retries, memory_order_relaxed);
-    log_info("publishing resumed: sent %" PRIu64 " events (%" PRIu64 " of them again)", count,
-             retries);
+    if (probe)
+        log_debug("publishing resumed: probing with the oldest event");
+    else
+        log_info("publishing resumed: sent %" PRIu64 " events (%" PRIu64 " of them again)", count,
+                 retries);
 }
 
 static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
 {
     p->last_was_duplicate = state == ST_DUPLICATE;
+    /* A stored event is the stream's last; a duplicate's sequence is only a lower bound. */
+    if (state == ST_ACKED || slot->stream_seq > p->stream_last)
+        p->stream_last = slot->stream_seq;
+    if (state == ST_DUPLICATE && p->strict && !slot->resent && !slot->dead_letter) {
+        /* Sent once, answered as a duplicate: with the exact resume of --strict-order nothing
+         * is sent twice, so the stream holds another message with this Nats-Msg-Id. */
+        char event[256];
+        EventName name;
+        describe_event(&slot->wire, &name, event, sizeof(event));
+        atomic_fetch_add_explicit(&metrics.events_id_reused, 1, memory_order_relaxed);
+        log_warn("%s was not stored: JetStream holds, or remembers within its duplicate window, "
+                 "a message with the same Nats-Msg-Id (stream sequence %" PRIu64 "): a row "
+                 "re-used an event_id, or that message was deleted from the stream",
+                 event, slot->stream_seq);
+    }
     if (!slot->dead_letter) {
         if (state == ST_DUPLICATE)
             atomic_fetch_add_explicit(&metrics.events_duplicate, 1, memory_order_relaxed);
@@ -754,10 +1002,20 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             release(p, slot, state, now_unix);
             p->head++;
             p->failures = 0;
+            p->chain_breaks = 0;
+            p->no_resp_since = 0;
+            if (p->probing) { /* the probe got through: the rest of the window follows */
+                p->probing = false;
+                resend_window(p, false);
+            }
             continue;
         }
         if (state == ST_INFLIGHT) {
             if (!p->paused && now - slot->sent_at > p->ack_timeout_us) {
+                if (subject_without_stream(p, slot, now)) {
+                    refuse_head(p, slot, CODE_NO_RESPONDERS);
+                    break;
+                }
                 char why[128];
                 snprintf(why, sizeof(why), "no acknowledgement within %" PRId64 " ms",
                          p->ack_timeout_us / 1000);
@@ -771,31 +1029,32 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             refuse_head(p, slot, code);
             break;
         }
-        if (!p->paused && code == JS_WRONG_LAST_MSG_ID && p->strict && p->last_was_duplicate) {
-            /* The events before were already in the stream (a replay, a restart), so the stream's
-             * last message is some later one: not a failure, the chain just continues from it. */
-            p->reseed = true;
-            p->paused = true;
-            p->resume_at = now;
-            log_debug("the events before %" PRIu64 " were duplicates; continuing the order chain "
-                      "from the stream's last message",
-                      p->head);
-        } else if (!p->paused) {
-            char event[256], why[128], line[400];
-            EventName name;
-            describe_event(&slot->wire, &name, event, sizeof(event));
-            describe_code(code, why, sizeof(why));
-            snprintf(line, sizeof(line), "%s: %s", event, why);
-            if (code == JS_WRONG_LAST_MSG_ID && p->strict)
-                p->reseed = true; /* everything before the head is stored: no gap of ours */
-            pause_publishing(p, now, error_kind(code), line);
+        if (p->paused)
+            break;
+        if (code == JS_WRONG_LAST_SEQUENCE && slot->chained) {
+            /* Everything before the head is stored: no gap of outboxd's. */
+            continue_chain(p, slot, now);
+            break;
         }
+        if (code == CODE_NO_RESPONDERS && subject_without_stream(p, slot, now)) {
+            refuse_head(p, slot, code);
+            break;
+        }
+        char event[256], why[400], line[700];
+        EventName name;
+        describe_event(&slot->wire, &name, event, sizeof(event));
+        describe_refusal(p, slot, code, why, sizeof(why));
+        snprintf(line, sizeof(line), "%s: %s", event, why);
+        pause_publishing(p, now, error_kind(code), line);
         break;
     }
 
     if (p->paused && !p->fatal && now >= p->resume_at && atomic_load(&p->connected)) {
+        /* A resend after a chain break goes out whole (the stream answered at once); after a
+         * failure, the head first. */
+        bool probe = p->failures > 0;
         p->paused = false;
-        resend_window(p);
+        resend_window(p, probe);
     }
 
     st->next_seq = p->next;
@@ -837,6 +1096,24 @@ void publisher_rearm(Publisher *p)
     uint64_t v;
     ssize_t ignored = read(p->wake_fd, &v, sizeof(v));
     (void)ignored;
+}
+
+/* How far back from the stream's end publisher_stream_position() looks for an event of
+ * outboxd's (past replayed copies, say). */
+#define POSITION_LOOKBACK 256
+
+int publisher_stream_position(Publisher *p, OutboxPosition *pos, uint64_t *at, char *err,
+                              size_t errlen)
+{
+    StreamInfo info;
+    if (jsapi_stream_info(p->nc, p->stream, &info, err, errlen) < 0)
+        return -1;
+    if (p->head == p->next)
+        p->stream_last = p->expect_next = info.last_seq;
+    if (info.messages == 0)
+        return 0;
+    return jsapi_last_position(p->nc, p->stream, info.last_seq, POSITION_LOOKBACK, pos, at, err,
+                               errlen);
 }
 
 /* ---- the durable checkpoint ------------------------------------------------------------------ */

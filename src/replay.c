@@ -290,7 +290,7 @@ static int pump(Replay *r, int64_t until, PublisherStatus *st)
     int64_t now = now_mono_us();
     publisher_poll(r->pub, now, st);
     if (st->failed) {
-        snprintf(r->err, sizeof(r->err), "could not publish %s; stopping", st->failure);
+        snprintf(r->err, sizeof(r->err), "could not publish %.900s; stopping", st->failure);
         r->failed = true;
         return -1;
     }

@@ -72,7 +72,7 @@ static size_t expected_line_len(const char *expected)
                                  : 0;
 }
 
-/* Writes the Nats-Expected-Last-Msg-Id line; with clean, control bytes become spaces. */
+/* Writes the Nats-Expected-Last-Sequence line; with clean, control bytes become spaces. */
 static char *put_expected(char *p, const char *expected, bool clean)
 {
     if (!expected || !*expected)

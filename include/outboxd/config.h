@@ -79,7 +79,7 @@ typedef struct Config {
     int64_t status_interval_ms;   /* standby status update period */
     int64_t shutdown_timeout_ms;  /* on SIGTERM, how long to wait for outstanding acks */
     /* failures */
-    bool strict_order;          /* chain publishes with Nats-Expected-Last-Msg-Id */
+    bool strict_order;          /* chain publishes with Nats-Expected-Last-Sequence */
     char *on_poison;            /* "dead-letter" or "stop" */
     char *dead_letter_subject;
     char *checkpoint_bucket;    /* JetStream KV bucket for the durable checkpoint */

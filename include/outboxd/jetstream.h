@@ -15,6 +15,7 @@
 #include <nats/nats.h>
 
 #include "outboxd/checkpoint.h"
+#include "outboxd/outbox.h"
 
 /* What outboxd needs to know of the stream it publishes to. */
 typedef struct StreamInfo {
@@ -24,7 +25,21 @@ typedef struct StreamInfo {
     uint64_t messages;
     uint64_t last_seq;
     char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
+    char subjects[2048];   /* its subjects, space-separated */
 } StreamInfo;
+
+/* True when one of the stream's subjects captures every subject filter (a subject, or a
+ * filter with wildcards) can be. */
+bool jsapi_stream_covers(const StreamInfo *info, const char *filter);
+
+/*
+ * Finds the newest of the stream's last max_back messages (from seq last_seq down) that
+ * carries an Outbox-Position from the relay (not a replay): its position in *pos and its
+ * sequence in *at. Returns 1 when found, 0 when none of them does, -1 on error.
+ */
+int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_seq,
+                        unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
+                        size_t errlen);
 
 /* How outboxd authenticates to NATS and protects the connection. Every field may be NULL. */
 typedef struct NatsSecurity {

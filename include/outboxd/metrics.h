@@ -21,6 +21,9 @@ typedef enum PublishError {
     PUBERR_NO_RESPONDERS, /* "no_responders": no stream took the subject (or it is recovering) */
     PUBERR_REJECTED,      /* "rejected": JetStream answered with an error */
     PUBERR_CONNECTION,    /* "connection": not connected, or the publish call failed */
+    PUBERR_STREAM_FULL,   /* "stream_full": the stream is at a limit (messages, bytes) */
+    PUBERR_ORDER,         /* "order": the stream's last sequence is not what the order chain
+                           * expected (another writer, a restored stream) */
     PUBERR_COUNT
 } PublishError;
 
@@ -33,6 +36,7 @@ typedef enum DeadLetterReason {
     DLR_INVALID_SUBJECT,  /* "invalid_subject" */
     DLR_REJECTED,         /* "rejected": JetStream refused it for good */
     DLR_INVALID_ENVELOPE, /* "invalid_envelope": a message that is not a valid event envelope */
+    DLR_NO_STREAM,        /* "no_stream": no stream captures the event's subject */
     DLR_COUNT
 } DeadLetterReason;
 
@@ -44,6 +48,10 @@ extern const double metrics_latency_bounds[METRICS_LATENCY_BUCKETS];
 typedef struct Metrics {
     _Atomic uint64_t events_published;  /* acked and stored (duplicates not included) */
     _Atomic uint64_t events_duplicate;  /* acked as duplicate by JetStream */
+    _Atomic uint64_t events_id_reused;  /* first sends acked as duplicate: a row re-used an
+                                         * earlier event's event_id, JetStream kept the earlier */
+    _Atomic uint64_t events_skipped_stored; /* events the stream held already, not sent again
+                                             * after a restart or reconnect */
     _Atomic uint64_t publish_errors[PUBERR_COUNT];
     _Atomic uint64_t publish_retries;   /* events sent again after a failure */
     _Atomic uint64_t messages_refused;  /* non-transactional messages with the events' prefix */

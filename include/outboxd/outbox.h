@@ -27,7 +27,8 @@
 #define OUTBOX_HDR_COMMIT_LSN "Outbox-Commit-Lsn"
 #define OUTBOX_HDR_COMMIT_TIME "Outbox-Commit-Time"
 
-#define OUTBOX_HDR_EXPECTED_LAST "Nats-Expected-Last-Msg-Id"
+#define OUTBOX_HDR_EXPECTED_LAST "Nats-Expected-Last-Sequence"
+#define OUTBOX_HDR_POSITION "Outbox-Position"
 #define OUTBOX_HDR_DL_REASON "Outbox-Dead-Letter-Reason"
 #define OUTBOX_HDR_DL_DETAIL "Outbox-Dead-Letter-Detail"
 #define OUTBOX_HDR_ORIGINAL_SUBJECT "Outbox-Original-Subject"
@@ -75,11 +76,37 @@ const char *outbox_event_set_header(OutboxEvent *ev, const char *name, const cha
 
 typedef struct OutboxMapper OutboxMapper;
 
-/* The transaction an insert belongs to, from its Begin message. */
+/* The transaction an insert belongs to, from its Begin message, and where the event being
+ * mapped stands in it. */
 typedef struct OutboxTxn {
     uint64_t commit_lsn;
     int64_t commit_time; /* µs since 2000-01-01 */
+    uint32_t timeline;   /* the server's timeline */
+    uint32_t index;      /* the event's index among the transaction's events, from 0 */
 } OutboxTxn;
+
+/*
+ * Where an event comes from in the WAL: its transaction's commit LSN on a timeline, and its
+ * index among that transaction's events. Every event carries it as
+ * "Outbox-Position: <timeline> <commit LSN> <index>" ("1 0/16B3F10 0"); events are published
+ * in position order, so the position of the last event the stream holds says which events it
+ * holds (with --strict-order).
+ */
+typedef struct OutboxPosition {
+    uint32_t timeline;
+    uint64_t lsn;
+    uint32_t index;
+} OutboxPosition;
+
+/* Longest "Outbox-Position" value, with its NUL. */
+#define OUTBOX_POSITION_MAX 48
+
+/* Formats pos as the header value into out. */
+void outbox_position_format(const OutboxPosition *pos, char out[static OUTBOX_POSITION_MAX]);
+/* Parses a header value; false when it is not one. */
+bool outbox_position_parse(const char *s, OutboxPosition *pos);
+/* <0, 0, >0 as a comes before, at or after b (timelines are not compared: see callers). */
+int outbox_position_cmp(const OutboxPosition *a, const OutboxPosition *b);
 
 /*
  * Creates a mapper for the outbox tables (each "schema.table" or "table", meaning public.table,
@@ -172,6 +199,9 @@ typedef struct DeadLetter {
     uint64_t commit_lsn;
     int64_t commit_time;  /* µs since 2000-01-01 */
     uint32_t index;       /* the row's position among the transaction's outbox rows */
+    uint32_t timeline;
+    const char *position; /* the replaced event's Outbox-Position, or NULL: made from
+                           * timeline, commit_lsn and index */
     /* dl may point into the event that is being replaced, but never into out. */
 } DeadLetter;
 
@@ -180,7 +210,8 @@ typedef struct DeadLetter {
  * or "dlq-<commit LSN>-<index>" when the event_id is unusable (stable across restarts either
  * way, so a repeat is dropped as a duplicate);
  * headers Outbox-Dead-Letter-Reason, -Detail, Outbox-Original-Subject, Outbox-Event-Id,
- * Outbox-Table, Outbox-Commit-Lsn, Outbox-Commit-Time. The body is the original body when it
+ * Outbox-Table, Outbox-Commit-Lsn, Outbox-Commit-Time, Outbox-Position (the dead letter stands
+ * in the event's place in the stream). The body is the original body when it
  * is given and at most max_body bytes, else a short JSON object pointing at the row.
  */
 void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLetter *dl,

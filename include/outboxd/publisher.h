@@ -39,7 +39,7 @@ typedef struct PublisherOptions {
     int64_t max_inflight;       /* events */
     int64_t max_inflight_bytes; /* bytes */
     int64_t ack_timeout_ms;
-    bool strict_order;          /* chain publishes with Nats-Expected-Last-Msg-Id */
+    bool strict_order;          /* chain publishes with Nats-Expected-Last-Sequence */
     int64_t retry_min_ms;       /* backoff after failures: doubles up to retry_max_ms, */
     int64_t retry_max_ms;       /* with full jitter */
     const char *dead_letter_subject; /* NULL: an unpublishable event is fatal */
@@ -53,7 +53,7 @@ typedef struct PublisherStatus {
     bool paused;            /* waiting to publish again after a failure */
     bool failed;            /* an event can never be published and there is no dead-letter
                              * subject: the relay must stop */
-    char failure[512];      /* which event and why, one line */
+    char failure[1024];     /* which event and why, one line */
 } PublisherStatus;
 
 /*
@@ -65,7 +65,7 @@ void publisher_free(Publisher *p);
 
 /*
  * Finds the stream that captures subjects matching filter (e.g. "outbox.*.*") and reads what
- * StreamInfo holds. With strict order the chain of Nats-Expected-Last-Msg-Id starts from the
+ * StreamInfo holds. With strict order the chain of Nats-Expected-Last-Sequence starts from the
  * stream's last message. Also checks that a stream captures the dead-letter subject. Returns
  * 0, or PUBLISH_CHECK_FAILED saying which subject no stream captures.
  */
@@ -105,6 +105,14 @@ int64_t publisher_next_deadline(const Publisher *p);
  * do not wake it: see publisher_next_deadline()); call publisher_rearm() after waking. */
 int publisher_wake_fd(const Publisher *p);
 void publisher_rearm(Publisher *p);
+
+/*
+ * Reads the stream's last sequence (taken as the order chain's start when nothing is in
+ * flight) and the position of the newest event of outboxd's among its last messages. Returns
+ * 1 with *pos and its sequence *at, 0 when there is none, -1 on error.
+ */
+int publisher_stream_position(Publisher *p, OutboxPosition *pos, uint64_t *at, char *err,
+                              size_t errlen);
 
 /* ---- the durable checkpoint (a JetStream key-value bucket) ---- */
 

@@ -19,15 +19,15 @@
 #include "outboxd/outbox.h"
 #include "outboxd/util.h"
 
-/* Most that wire_set_expected() can add to a message: a Nats-Expected-Last-Msg-Id line with
- * the longest event id. */
-#define WIRE_EXPECTED_ROOM (sizeof(OUTBOX_HDR_EXPECTED_LAST) + 3 + OUTBOX_MAX_EVENT_ID)
+/* Most that wire_set_expected() can add to a message: a Nats-Expected-Last-Sequence line with
+ * a 20-digit sequence. */
+#define WIRE_EXPECTED_ROOM (sizeof(OUTBOX_HDR_EXPECTED_LAST) + 3 + 20)
 
 typedef struct WireMsg {
     Buf buf;             /* subject, NUL, header block, body */
     size_t subject_len;
     size_t hdr_len;      /* the header block, from "NATS/1.0\r\n" to its closing "\r\n" */
-    size_t expected_off; /* in the header block: the Nats-Expected-Last-Msg-Id line, or the
+    size_t expected_off; /* in the header block: the Nats-Expected-Last-Sequence line, or the
                           * closing "\r\n" when there is none */
     size_t body_len;
 } WireMsg;
@@ -46,11 +46,11 @@ static inline size_t wire_capacity(const WireMsg *w)
     return w->buf.cap;
 }
 
-/* Encodes ev, with expected (NULL or "" for none) as Nats-Expected-Last-Msg-Id. Neither the
+/* Encodes ev, with expected (NULL or "" for none) as Nats-Expected-Last-Sequence. Neither the
  * header values of an OutboxEvent (outbox.c escapes them) nor an event id (outbox.c checks it)
  * hold control bytes. */
 void wire_encode(WireMsg *w, const OutboxEvent *ev, const char *expected);
-/* Replaces the Nats-Expected-Last-Msg-Id line (NULL or "" removes it). Control bytes in
+/* Replaces the Nats-Expected-Last-Sequence line (NULL or "" removes it). Control bytes in
  * expected, which comes from the stream, become spaces. */
 void wire_set_expected(WireMsg *w, const char *expected);
 

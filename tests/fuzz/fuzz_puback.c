@@ -21,7 +21,8 @@
 
 static void check_answer(const char *d, size_t n)
 {
-    int quick = puback_quick(d, n);
+    uint64_t quick_seq = 0;
+    int quick = puback_quick(d, n, &quick_seq);
     json_error_t jerr;
     json_t *root = json_loadb(d, n, 0, &jerr);
     bool ok = root && json_is_object(root) && !json_object_get(root, "error") &&
@@ -31,10 +32,13 @@ static void check_answer(const char *d, size_t n)
         FUZZ_ASSERT(ok);
         FUZZ_ASSERT((quick == PUBACK_DUPLICATE) == dup);
     }
-    unsigned code = 0xdead0;
-    PubAckKind kind = puback_parse(d, n, &code);
-    if (quick >= 0)
+    PubAckInfo info;
+    PubAckKind kind = puback_parse(d, n, &info);
+    unsigned code = info.err_code;
+    if (quick >= 0) {
         FUZZ_ASSERT(kind == (PubAckKind)quick && code == 0);
+        FUZZ_ASSERT(quick_seq == (uint64_t)json_integer_value(json_object_get(root, "seq")));
+    }
     else
         FUZZ_ASSERT(kind == (ok ? (dup ? PUBACK_DUPLICATE : PUBACK_STORED) : PUBACK_REFUSED));
     FUZZ_ASSERT(code <= 0xffff);

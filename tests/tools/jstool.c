@@ -32,6 +32,10 @@
  *
  *   jstool delete-stream --name N
  *
+ *   jstool request --subject S --data TEXT
+ *       A core NATS request (e.g. to the JetStream API: $JS.API.STREAM.UPDATE.<name> with a
+ *       stream configuration); prints the reply's body.
+ *
  * Exit status 0 on success, 1 with a one-line message on stderr otherwise.
  */
 #ifndef _GNU_SOURCE
@@ -746,6 +750,21 @@ static int cmd_delete_stream(Client *c, const Args *a)
     return 0;
 }
 
+static int cmd_request(Client *c, const Args *a)
+{
+    natsMsg *reply = NULL;
+    natsStatus s = natsConnection_RequestString(&reply, c->nc, a->subject, a->data, API_WAIT_MS);
+    if (s != NATS_OK) {
+        char what[512];
+        snprintf(what, sizeof(what), "could not request \"%s\"", a->subject);
+        report(what, s, 0);
+        return 1;
+    }
+    printf("%.*s\n", natsMsg_GetDataLength(reply), natsMsg_GetData(reply));
+    natsMsg_Destroy(reply);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     Args a;
@@ -773,6 +792,11 @@ int main(int argc, char **argv)
     } else if (strcmp(a.cmd, "delete-stream") == 0) {
         need(a.name, "--name", a.cmd);
         fn = cmd_delete_stream;
+    } else if (strcmp(a.cmd, "request") == 0) {
+        need(a.subject, "--subject", a.cmd);
+        if (a.data == NULL)
+            need(NULL, "--data", a.cmd);
+        fn = cmd_request;
     } else {
         fail_usage("unknown subcommand \"%s\"", a.cmd);
     }

@@ -17,6 +17,8 @@ static const struct {
     {"outboxd_build_info", "gauge"},
     {"outboxd_events_published_total", "counter"},
     {"outboxd_events_duplicate_total", "counter"},
+    {"outboxd_events_id_reused_total", "counter"},
+    {"outboxd_events_already_stored_total", "counter"},
     {"outboxd_publish_errors_total", "counter"},
     {"outboxd_publish_retries_total", "counter"},
     {"outboxd_messages_refused_total", "counter"},
@@ -524,7 +526,7 @@ static void test_observe(void)
 }
 
 #define THREADS 4
-#define PER_THREAD 20000
+#define PER_THREAD 21000 /* a multiple of every reason count */
 
 static void *hammer(void *arg)
 {

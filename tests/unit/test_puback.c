@@ -4,9 +4,13 @@
 #include "check.h"
 #include "outboxd/puback.h"
 
+static PubAckInfo last;
+
 static PubAckKind parse(const char *s, unsigned *code)
 {
-    return puback_parse(s, strlen(s), code);
+    PubAckKind k = puback_parse(s, strlen(s), &last);
+    *code = last.err_code;
+    return k;
 }
 
 static void test_answers(void)
@@ -36,8 +40,19 @@ static void test_answers(void)
     CHECK(parse("{\"stream\":\"O\",\"seq\":}", &code) == PUBACK_REFUSED && code == 0);
     CHECK(parse("{\"stream\":\"O\"}", &code) == PUBACK_REFUSED && code == 0);
     CHECK(parse("{\"stream\":\"O\",\"seq\":12,\"duplicate\": false}", &code) == PUBACK_STORED);
-    CHECK(puback_parse(NULL, 0, &code) == PUBACK_REFUSED && code == 0);
-    CHECK(puback_parse("{\"stream\":\"O\",\"seq\":12}", 10, &code) == PUBACK_REFUSED);
+    CHECK(puback_parse(NULL, 0, &last) == PUBACK_REFUSED && last.err_code == 0);
+    CHECK(puback_parse("{\"stream\":\"O\",\"seq\":12}", 10, &last) == PUBACK_REFUSED);
+    /* The sequence, from either reader, and JetStream's text for a refusal. */
+    CHECK(parse("{\"stream\":\"OUTBOX\", \"seq\":123456789012}", &code) == PUBACK_STORED &&
+          last.seq == UINT64_C(123456789012));
+    CHECK(parse("{\"seq\": 7, \"stream\": \"OUTBOX\", \"duplicate\": true}", &code) ==
+              PUBACK_DUPLICATE &&
+          last.seq == 7);
+    CHECK(parse("{\"error\":{\"code\":503,\"err_code\":10077,\"description\":\"maximum "
+                "messages exceeded\"},\"stream\":\"F\",\"seq\":0}",
+                &code) == PUBACK_REFUSED &&
+          code == 10077 && last.seq == 0);
+    CHECK_STR(last.description, "maximum messages exceeded");
 }
 
 /* What nats-server 2.9 writes, byte for byte, and other spellings of the same answers, take
@@ -53,10 +68,12 @@ static void test_quick(void)
         "{\"stream\":\"T\", \"seq\":1,\"duplicate\": true}",
         "{\"stream\":\"OUTBOX\",\"seq\":12,\"duplicate\":true}",
     };
+    uint64_t seq = 0;
     for (size_t i = 0; i < sizeof(stored) / sizeof(stored[0]); i++)
-        CHECK(puback_quick(stored[i], strlen(stored[i])) == PUBACK_STORED);
+        CHECK(puback_quick(stored[i], strlen(stored[i]), &seq) == PUBACK_STORED);
     for (size_t i = 0; i < sizeof(dup) / sizeof(dup[0]); i++)
-        CHECK(puback_quick(dup[i], strlen(dup[i])) == PUBACK_DUPLICATE);
+        CHECK(puback_quick(dup[i], strlen(dup[i]), &seq) == PUBACK_DUPLICATE);
+    CHECK(seq == 12);
     const char *other[] = {
         "{\"stream\":\"T\", \"seq\":1,\"duplicate\": false}",
         "{\"stream\":\"T\", \"seq\":1, \"domain\":\"hub\"}",
@@ -70,7 +87,7 @@ static void test_quick(void)
         "",
     };
     for (size_t i = 0; i < sizeof(other) / sizeof(other[0]); i++)
-        CHECK(puback_quick(other[i], strlen(other[i])) == -1);
+        CHECK(puback_quick(other[i], strlen(other[i]), &seq) == -1);
 }
 
 static void test_reply_subjects(void)

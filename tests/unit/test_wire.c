@@ -39,7 +39,7 @@ static void test_encode(void)
     encode_sample(&ev, &w);
     CHECK_STR(wire_subject(&w), "outbox.order.created");
     const char want[] = "NATS/1.0\r\nNats-Msg-Id: e-1\r\nOutbox-Event-Type: created\r\n"
-                        "X-Tenant: acme\r\nNats-Expected-Last-Msg-Id: e-0\r\n\r\n";
+                        "X-Tenant: acme\r\nNats-Expected-Last-Sequence: e-0\r\n\r\n";
     CHECK_MEM(wire_hdr(&w), w.hdr_len, want, sizeof(want) - 1);
     CHECK_MEM(wire_body(&w), w.body_len, "{\"a\":1}", 7);
     CHECK(wire_size(&w) == sizeof(want) - 1 + 7);
