@@ -851,3 +851,8 @@ void pgrows_free(PgRows *r)
     PQclear(r->res);
     free(r);
 }
+
+int pgstream_server_version(const PgStream *s)
+{
+    return PQserverVersion(s->conn);
+}

@@ -41,13 +41,15 @@
 #include "outboxd/notify.h"
 #include "relay_internal.h"
 
-static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit)
+static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit, int64_t commit_time)
 {
     if (m->tail > m->head) {
         Mark *last = &m->v[(m->tail - 1) & (m->cap - 1)];
         if (last->seq_limit == seq_limit) { /* nothing published in between: one mark */
             if (lsn > last->lsn)
                 last->lsn = lsn;
+            if (commit_time)
+                last->commit_time = commit_time;
             return;
         }
     }
@@ -62,11 +64,12 @@ static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit)
         m->v = nv;
         m->cap = ncap;
     }
-    m->v[m->tail++ & (m->cap - 1)] = (Mark){lsn, seq_limit};
+    m->v[m->tail++ & (m->cap - 1)] = (Mark){lsn, seq_limit, commit_time};
 }
 
-/* Pops every mark that the acknowledged prefix covers; returns the newest such LSN or 0. */
-static uint64_t marks_release(Marks *m, uint64_t first_unacked)
+/* Pops every mark that the acknowledged prefix covers; returns the newest such LSN or 0, and
+ * raises *commit_time to the newest transaction's commit time among them. */
+static uint64_t marks_release(Marks *m, uint64_t first_unacked, int64_t *commit_time)
 {
     uint64_t lsn = 0;
     while (m->head < m->tail) {
@@ -75,6 +78,8 @@ static uint64_t marks_release(Marks *m, uint64_t first_unacked)
             break;
         if (front->lsn > lsn)
             lsn = front->lsn;
+        if (front->commit_time > *commit_time)
+            *commit_time = front->commit_time;
         m->head++;
     }
     return lsn;
@@ -180,7 +185,7 @@ static void checkpoint_async(Relay *r, int64_t now)
 int relay_poll_acks(Relay *r, int64_t now, PublisherStatus *st)
 {
     publisher_poll(r->pub, now, st);
-    uint64_t lsn = marks_release(&r->marks, st->first_unacked);
+    uint64_t lsn = marks_release(&r->marks, st->first_unacked, &r->cp.commit_time);
     if (lsn > r->confirmed)
         r->confirmed = lsn;
     if (st->failed) {
@@ -247,6 +252,7 @@ static int publish_event(Relay *r, OutboxReject rej, const PgoMessage *m, Descri
     DeadLetter dl;
     if (rej != OUTBOX_OK) {
         describe(r->mapper, m, &r->txn, index, &dl);
+        dl.timeline = r->txn.timeline;
         dl.reason = reject_reasons[rej];
         dl.detail = r->err;
         return poison(r, &dl, reject_metric[rej]);
@@ -267,6 +273,7 @@ static int publish_event(Relay *r, OutboxReject rej, const PgoMessage *m, Descri
             .commit_lsn = r->txn.commit_lsn,
             .commit_time = r->txn.commit_time,
             .index = index,
+            .timeline = r->txn.timeline,
         };
         return poison(r, &dl, DLR_TOO_LARGE);
     }
@@ -278,15 +285,29 @@ static int publish_event(Relay *r, OutboxReject rej, const PgoMessage *m, Descri
     return 0;
 }
 
-/* The position of the next event in its transaction; false when it was stored before the
- * connection was lost (skip it). */
+void relay_stored_at_least(Relay *r, const OutboxPosition *pos)
+{
+    if (!r->have_stored || r->stored.timeline != pos->timeline ||
+        outbox_position_cmp(pos, &r->stored) > 0)
+        r->stored = *pos;
+    r->have_stored = true;
+}
+
+/* The position of the next event in its transaction; false when the stream holds it already
+ * (skip it): PostgreSQL resends from the confirmed position, which can lie before events that
+ * are stored — inside a transaction too. */
 static bool next_event(Relay *r, uint32_t *index)
 {
     *index = r->txn_rows++;
-    if (r->skip_rows > 0 && r->txn.commit_lsn == r->skip_commit_lsn) {
-        r->skip_rows--; /* stored before the connection was lost */
+    r->txn.index = *index;
+    OutboxPosition pos = {.timeline = r->txn.timeline, .lsn = r->txn.commit_lsn, .index = *index};
+    if (r->have_stored && !r->backfilling && pos.timeline == r->stored.timeline &&
+        outbox_position_cmp(&pos, &r->stored) <= 0) {
+        atomic_fetch_add_explicit(&metrics.events_skipped_stored, 1, memory_order_relaxed);
         return false;
     }
+    r->last_sent = pos;
+    r->have_last_sent = true;
     return true;
 }
 
@@ -336,6 +357,7 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         r->in_txn = true;
         r->txn.commit_lsn = m->u.begin.final_lsn;
         r->txn.commit_time = m->u.begin.commit_time;
+        r->txn.timeline = r->sys.timeline;
         r->txn_first_seq = publisher_next_seq(r->pub);
         r->txn_rows = 0;
         return 0;
@@ -343,7 +365,8 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         r->in_txn = false;
         if (m->u.commit.end_lsn > r->received)
             r->received = m->u.commit.end_lsn;
-        marks_push(&r->marks, m->u.commit.end_lsn, publisher_next_seq(r->pub));
+        marks_push(&r->marks, m->u.commit.end_lsn, publisher_next_seq(r->pub),
+                   m->u.commit.commit_time);
         atomic_store_explicit(&metrics.last_commit_unix_us,
                               pg_time_to_unix_us(m->u.commit.commit_time), memory_order_relaxed);
         return 0;
@@ -378,7 +401,7 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
     if (cm.wal_end > atomic_load_explicit(&metrics.server_wal_lsn, memory_order_relaxed))
         atomic_store_explicit(&metrics.server_wal_lsn, cm.wal_end, memory_order_relaxed);
     if (!r->in_txn)
-        marks_push(&r->marks, cm.wal_end, publisher_next_seq(r->pub));
+        marks_push(&r->marks, cm.wal_end, publisher_next_seq(r->pub), 0);
     if (cm.reply_requested)
         *reply = true;
     return 0;

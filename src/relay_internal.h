@@ -30,6 +30,7 @@
 typedef struct Mark {
     uint64_t lsn;
     uint64_t seq_limit;
+    int64_t commit_time; /* of the newest transaction it covers; 0 for a keepalive's */
 } Mark;
 
 typedef struct Marks {
@@ -62,9 +63,13 @@ typedef struct Relay {
     OutboxTxn txn;
     uint64_t txn_first_seq;
     uint32_t txn_rows; /* outbox rows seen in it so far */
-    /* after a lost connection: rows of this transaction that are already stored */
-    uint64_t skip_commit_lsn;
-    uint32_t skip_rows;
+    /* what the stream holds: every event at or before this position is stored (from the
+     * stream's last event with --strict-order, and after a drained session) */
+    OutboxPosition stored;
+    bool have_stored;
+    OutboxPosition last_sent; /* the newest event handed to the publisher */
+    bool have_last_sent;
+    bool backfilling; /* backfilled rows flow: they are not skipped by position */
     /* positions */
     uint64_t received;  /* newest WAL position received */
     uint64_t confirmed; /* newest position confirmable (and confirmed at the next update) */
@@ -101,6 +106,8 @@ int relay_send_status(Relay *r, bool reply);
 /* Writes the checkpoint (r->cp with the confirmed position) and waits for JetStream to store
  * it; -1 when it could not (logged). */
 int relay_checkpoint_put(Relay *r);
+/* Every event up to pos is stored: the relay does not publish those again. */
+void relay_stored_at_least(Relay *r, const OutboxPosition *pos);
 /* Handles a decoded Insert (or a backfilled row dressed as one): maps and publishes it. */
 int relay_handle_insert(Relay *r, const PgoMessage *m);
 /* Waits for the PostgreSQL socket (when want_pg), a change of the NATS connection or the

@@ -113,10 +113,48 @@ fail:
     return rc ? rc : -1;
 }
 
+/* With --strict-order the stream's last event of outboxd's says exactly which events the
+ * stream holds: read it at every start (a standby taking over, a restart, a reconnect), so
+ * nothing it holds is sent again however long ago it was stored. */
+static void find_stored(Relay *r)
+{
+    if (!r->cfg->strict_order)
+        return;
+    OutboxPosition pos;
+    uint64_t at;
+    int rc = publisher_stream_position(r->pub, &pos, &at, r->err, sizeof(r->err));
+    if (rc < 0) {
+        log_warn("could not read the stream's last event: %s; events after the checkpoint are "
+                 "sent again and JetStream drops those inside its duplicate window",
+                 r->err);
+        return;
+    }
+    if (rc == 0) {
+        if (!r->have_stored)
+            log_info("stream \"%s\" holds no event of outboxd's among its last messages; "
+                     "resuming from the checkpoint",
+                     r->stream.name);
+        return;
+    }
+    if (pos.timeline != r->sys.timeline) {
+        log_warn("the stream's last event (position %u " LSN_FMT " %u) is from timeline %u, the "
+                 "server is on timeline %u: not skipping by it; JetStream's duplicate window "
+                 "drops what it holds",
+                 pos.timeline, LSN_ARGS(pos.lsn), pos.index, pos.timeline, r->sys.timeline);
+        return;
+    }
+    if (!r->have_stored || outbox_position_cmp(&pos, &r->stored) > 0)
+        log_info("stream \"%s\" holds every event up to position %u " LSN_FMT " %u (sequence %" PRIu64
+                 "): nothing up to it is published again",
+                 r->stream.name, pos.timeline, LSN_ARGS(pos.lsn), pos.index, at);
+    relay_stored_at_least(r, &pos);
+}
+
 /* Where to start: the later of the slot, the checkpoint and what this process confirmed, but
  * never past the server's WAL (a checkpoint from before a restore of an older backup). */
 static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
 {
+    find_stored(r);
     /* Read again at every start: while this relay stood by, the one that held the slot moved
      * it on (and may have finished a backfill). */
     Checkpoint stored;
@@ -140,9 +178,11 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
         from = "this run's confirmed position";
     }
     if (start > slot_confirmed)
-        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT
-                 "; PostgreSQL 15 may not have kept its latest position)",
-                 from, LSN_ARGS(start), LSN_ARGS(slot_confirmed));
+        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT "%s)", from,
+                 LSN_ARGS(start), LSN_ARGS(slot_confirmed),
+                 pgstream_server_version(r->pg) < 170000
+                     ? "; before PostgreSQL 17 a restart can lose a slot's latest position"
+                     : "");
     return start;
 }
 
@@ -236,11 +276,10 @@ void session_end(Relay *r)
     pgstream_free(r->pg);
     r->pg = NULL;
     size_t left = relay_drain(r, INT64_MAX, true);
-    if (r->in_txn && left == 0) {
-        /* PostgreSQL resends this transaction whole: skip the rows already stored. */
-        r->skip_commit_lsn = r->txn.commit_lsn;
-        r->skip_rows = r->txn_rows;
-    }
+    if (left == 0 && r->have_last_sent && r->last_sent.lsn != 0)
+        /* PostgreSQL resends from the confirmed position, a half-received transaction whole:
+         * skip what is stored. */
+        relay_stored_at_least(r, &r->last_sent);
     r->in_txn = false;
 }
 

@@ -100,6 +100,9 @@ typedef struct PgSlotInfo {
 int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *err,
                        size_t errlen);
 
+/* The server's version as a number (170004 for 17.4). */
+int pgstream_server_version(const PgStream *s);
+
 /* Reads the outbox's current rows (no slot involved) into backfill->on_row, through a cursor
  * in a repeatable-read transaction: to redo a backfill that was interrupted. */
 int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen);
