@@ -272,6 +272,12 @@ def test_poison_events_go_to_the_dead_letter_subject_or_stop_the_relay(root, req
         assert m['outboxd_dead_letter_total{reason="null_payload"}'] == 1
         assert m['outboxd_dead_letter_total{reason="too_large"}'] == 2
         assert m['outboxd_dead_letter_total{reason="invalid_subject"}'] == 1
+        # Dead letters take their event's place in the order chain: it never broke for them.
+        assert m['outboxd_publish_errors_total{reason="order"}'] == 0
+        assert "did not write" not in relay.logs()
+        # JetStream's own words travel with the refusal.
+        assert "maximum message size exceeded" in relay.logs().lower() or \
+            "message size exceeds maximum allowed" in relay.logs().lower(), relay.logs()[-3000:]
 
         # With --on-poison=stop the relay stops at the row, confirming nothing past it...
         relay.send_signal(signal.SIGTERM)

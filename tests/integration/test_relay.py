@@ -17,10 +17,35 @@ MiB = 1024 * 1024
 LSN_RE = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
 
 
+def position_key(value):
+    """An Outbox-Position ("<timeline> <commit LSN> <index>") as a sortable tuple."""
+    tl, lsn, index = value.split(" ")
+    hi, lo = lsn.split("/")
+    return int(tl), (int(hi, 16) << 32) | int(lo, 16), int(index)
+
+
+def assert_positions_increase(msgs):
+    """Every relayed message carries an Outbox-Position, strictly increasing along the stream,
+    whose LSN is its Outbox-Commit-Lsn."""
+    last = None
+    for m in msgs:
+        h = m["headers"]
+        if "Outbox-Replay" in h:
+            continue
+        pos = h.get("Outbox-Position")
+        assert pos, f"stream seq {m['seq']}: no Outbox-Position"
+        key = position_key(pos)
+        assert pos.split(" ")[1] == h.get("Outbox-Commit-Lsn"), f"stream seq {m['seq']}: {pos}"
+        assert last is None or key > last, f"stream seq {m['seq']}: position {pos} not after {last}"
+        last = key
+
+
 def assert_exactly_once_in_order(msgs, expected_ids):
-    """The stream's Nats-Msg-Ids are exactly expected_ids, in that order, each once."""
+    """The stream's Nats-Msg-Ids are exactly expected_ids, in that order, each once, and their
+    positions increase."""
     got = [m["headers"].get("Nats-Msg-Id") for m in msgs]
     if got == list(expected_ids):
+        assert_positions_increase(msgs)
         return
     counts = collections.Counter(got)
     dups = [i for i, c in counts.items() if c > 1]
@@ -97,7 +122,8 @@ def test_10k_events_exactly_once_with_row_contents_in_commit_order(ctx, pg, js):
         else:
             assert h.get("Outbox-Trace-Id") == header_value(row["trace_id"]), where
         known = {"Outbox-Event-Type", "Outbox-Aggregate-Type", "Outbox-Aggregate-Id", "Outbox-Occurred-At",
-                 "Outbox-Schema-Version", "Outbox-Trace-Id", "Outbox-Commit-Lsn", "Outbox-Commit-Time"}
+                 "Outbox-Schema-Version", "Outbox-Trace-Id", "Outbox-Commit-Lsn", "Outbox-Commit-Time",
+                     "Outbox-Position"}
         unknown = {k for k in h if k.startswith("Outbox-")} - known
         assert not unknown, f"{where}: unexpected headers {unknown}"
 

@@ -119,26 +119,36 @@ def test_rewind_to_a_time_or_an_lsn_publishes_exactly_what_committed_after_it(ct
         assert pg.confirmed_flush(ctx.slot) == first_commit
         assert not [s for s in pg.sql("SELECT slot_name FROM pg_replication_slots") if "_rw_" in s[0]]
 
-        # The relay publishes burst 2 again, with the same ids (all duplicates), and nothing of burst 1.
+        # The stream holds burst 2: with --strict-order its last event says so, and nothing is
+        # sent again (nothing depends on the duplicate window).
         relay.start()
         assert relay.wait_streaming() == first_commit
         published, duplicates = settled_counts(relay, end2)
-        assert published + duplicates == len(burst2)
-        assert duplicates == len(burst2), "republished with the same Nats-Msg-Id, so JetStream dropped them"
+        assert (published, duplicates) == (0, 0)
+        assert relay.metrics()["outboxd_events_already_stored_total"] == len(burst2)
         assert js.msg_ids(ctx.stream) == burst1 + burst2
 
-        # By LSN: from the commit of burst 2's second transaction on.
+        # By LSN: from the commit of burst 2's second transaction on, after the stream lost those
+        # events (as if restored from a snapshot taken before them): they are sent again.
         assert relay.stop() == 0
         lsns = commit_lsns(js, ctx.stream, burst2)
         second = sorted(set(lsns.values()))[1]
         again = [e for e in burst2 if lsns[e] >= second]
+        for m in js.dump(ctx.stream):
+            if m["headers"]["Nats-Msg-Id"] in again:
+                js.run("request", "--subject=$JS.API.STREAM.MSG.DELETE." + ctx.stream,
+                       f"--data={json.dumps({'seq': m['seq']})}")
         check(outboxd(ctx, "rewind", f"--to={lsn_text(second)}", "--yes"))
         assert pg.confirmed_flush(ctx.slot) == second
         relay.start()
         assert relay.wait_streaming() == second
         published, duplicates = settled_counts(relay, end2)
-        assert (published, duplicates) == (0, len(again))
-        assert js.msg_ids(ctx.stream) == burst1 + burst2
+        # Sent again, every one: JetStream's duplicate map still remembers the deleted messages'
+        # ids (a real restore forgets them), so it answers for them as duplicates, and outboxd
+        # says that they were not stored.
+        assert published + duplicates == len(again)
+        assert relay.metrics()["outboxd_events_already_stored_total"] == 0
+        assert duplicates == 0 or "was not stored" in relay.logs()
 
         # Bookmarks hold WAL: they can be dropped alone, also while the relay runs.
         plan = check(outboxd(ctx, "slot", "drop", "--bookmarks-only"), 2)
