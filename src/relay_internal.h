@@ -26,6 +26,10 @@
 #define MONITOR_US INT64_C(5000000)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
+/* A session that streamed this long was real progress: the reconnect backoff starts afresh.
+ * One that failed sooner (START_REPLICATION refused, an error on the first change) keeps it
+ * growing, so a failure that comes back after every connect never becomes a hot loop. */
+#define STABLE_SESSION_US INT64_C(10000000)
 
 typedef struct Mark {
     uint64_t lsn;
@@ -76,6 +80,8 @@ typedef struct Relay {
     size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
     char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
+    int64_t streaming_since;     /* when the open session started streaming */
+    unsigned reconnect_attempt;  /* failed sessions since the last stable one (the backoff) */
     /* timers */
     int64_t status_interval_us;
     int64_t next_status;

@@ -183,6 +183,7 @@ int session_acquire_slot(Relay *r)
                          r->cfg->slot, LSN_ARGS(start), r->stream.name);
                 notify_systemd("READY=1\nSTATUS=streaming");
                 r->streaming = true;
+                r->streaming_since = now_mono_us();
                 return 0;
             }
             if (rc != PGSTREAM_SLOT_BUSY) {
@@ -209,11 +210,14 @@ int session_acquire_slot(Relay *r)
     return 1;
 }
 
-/* Reconnects after a lost connection, with backoff. Returns 0, or 1 on stop. */
+/* Reconnects after a lost connection, with backoff. The backoff goes on growing across
+ * sessions that fail soon after connecting (see STABLE_SESSION_US). Returns 0, or 1 on stop. */
 int session_reconnect(Relay *r)
 {
-    for (unsigned attempt = 0; !*r->stop; attempt++) {
-        int64_t delay = reconnect_delay_us(r->cfg, attempt);
+    while (!*r->stop) {
+        int64_t delay = reconnect_delay_us(r->cfg, r->reconnect_attempt);
+        if (r->reconnect_attempt < 64)
+            r->reconnect_attempt++;
         log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);
         relay_nap(r, delay);
         if (*r->stop)
@@ -231,6 +235,8 @@ int session_reconnect(Relay *r)
  * follows starts exactly after what is stored. */
 void session_end(Relay *r)
 {
+    if (r->streaming && now_mono_us() - r->streaming_since >= STABLE_SESSION_US)
+        r->reconnect_attempt = 0;
     atomic_store(&metrics.pg_connected, 0);
     r->streaming = false;
     pgstream_free(r->pg);
