@@ -42,7 +42,7 @@ typedef struct Marks {
     size_t head, tail;
 } Marks;
 
-typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL } StreamEnd;
+typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL, STREAM_SLOT_LOST } StreamEnd;
 
 typedef struct Relay {
     const Config *cfg;
@@ -124,9 +124,17 @@ void relay_nap(Relay *r, int64_t us);
  * when the slot is new). Returns 0, or the error code of the failure (PGSTREAM_CHECK_FAILED
  * for a failed check), logged. */
 int session_connect(Relay *r);
+/* session_acquire_slot's answer when the slot is lost (wal_status lost). */
+#define SESSION_SLOT_LOST 2
 /* Takes the slot, standing by while another session holds it, and starts streaming. Returns 0
- * when streaming, 1 on stop, -1 when the connection failed. */
+ * when streaming, 1 on stop, -1 when the connection failed, SESSION_SLOT_LOST when the slot
+ * can never stream again. */
 int session_acquire_slot(Relay *r);
+/* After a lost connection: whether PostgreSQL invalidated the slot (it terminates the session
+ * holding a slot it invalidates). Asked over the monitoring session; false when unknown. */
+bool session_slot_lost(Relay *r);
+/* Marks the relay not ready with a lost slot and logs the diagnosis and how to recover. */
+void session_report_slot_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);

@@ -17,6 +17,7 @@
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
+#include "outboxd/slot.h"
 #include "relay_internal.h"
 
 /* Full-jitter backoff for reconnects, as for publishing. */
@@ -146,6 +147,30 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
     return start;
 }
 
+/* Marks the relay not ready with a lost slot and logs what happened, how to recover and what
+ * may be missing from the stream. slot_confirmed: the slot's last confirmed position. */
+static void report_slot_lost(Relay *r, uint64_t slot_confirmed)
+{
+    char detail[512], fix[1024], when[64] = "";
+    atomic_store(&metrics.slot_lost, 1);
+    atomic_store(&metrics.pg_connected, 0);
+    notify_systemd("STATUS=replication slot lost: drop it (outboxd slot drop --yes), then start "
+                   "again");
+    slot_lost_detail(r->cfg->slot, detail, sizeof(detail));
+    slot_lost_fix(r->cfg->slot, fix, sizeof(fix));
+    if (r->cp.commit_time) {
+        char t[32];
+        pg_time_format_rfc3339(r->cp.commit_time, t);
+        snprintf(when, sizeof(when), ", last commit at %s", t);
+    }
+    uint64_t confirmed = r->confirmed > slot_confirmed ? r->confirmed : slot_confirmed;
+    log_error("%s", detail);
+    log_error("to recover: %s", fix);
+    log_error("relayed up to " LSN_FMT "%s: events committed after that whose rows were "
+              "deleted from the outbox since are not in the stream",
+              LSN_ARGS(confirmed), when);
+}
+
 /*
  * Takes the slot: waits as a standby while another session holds it, then starts streaming.
  * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
@@ -162,6 +187,10 @@ int session_acquire_slot(Relay *r)
         if (!info.exists) {
             log_error("replication slot \"%s\" disappeared", r->cfg->slot);
             return -1;
+        }
+        if (strcmp(info.wal_status, "lost") == 0) {
+            report_slot_lost(r, info.confirmed);
+            return SESSION_SLOT_LOST;
         }
         int rc = 0;
         if (info.active_pid == 0) {
@@ -186,6 +215,11 @@ int session_acquire_slot(Relay *r)
                 r->streaming_since = now_mono_us();
                 return 0;
             }
+            if (rc == PGSTREAM_SLOT_LOST) { /* invalidated since slot_info looked */
+                log_warn("%s", r->err);
+                report_slot_lost(r, info.confirmed);
+                return SESSION_SLOT_LOST;
+            }
             if (rc != PGSTREAM_SLOT_BUSY) {
                 log_warn("%s", r->err);
                 return -1;
@@ -208,6 +242,32 @@ int session_acquire_slot(Relay *r)
         relay_nap(r, STANDBY_POLL_US);
     }
     return 1;
+}
+
+bool session_slot_lost(Relay *r)
+{
+    /* PostgreSQL terminates the session holding a slot before it marks the slot invalid: while
+     * the slot looks "unreserved" (past max_slot_wal_keep_size), look again for a moment. */
+    for (int look = 0; look < 10 && !*r->stop; look++) {
+        if (look > 0)
+            relay_nap(r, 200000);
+        PgSlotInfo info;
+        if (!r->monitor && pgstream_connect_plain(&r->monitor, r->cfg->pg_url, r->err,
+                                                  sizeof(r->err)) != 0)
+            return false;
+        if (pgstream_slot_info(r->monitor, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
+            pgstream_free(r->monitor); /* monitor_wal opens it again */
+            r->monitor = NULL;
+            return false;
+        }
+        if (info.exists && strcmp(info.wal_status, "lost") == 0) {
+            report_slot_lost(r, info.confirmed);
+            return true;
+        }
+        if (!info.exists || strcmp(info.wal_status, "unreserved") != 0)
+            return false;
+    }
+    return false;
 }
 
 /* Reconnects after a lost connection, with backoff. The backoff goes on growing across
