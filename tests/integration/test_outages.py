@@ -238,6 +238,7 @@ def test_a_failure_after_every_connect_backs_off(ctx, pg, js):
     delays = [int(x) for x in re.findall(r"reconnecting to PostgreSQL in (\d+) ms", relay.logs())]
     attempts = len(delays) - start
     report("failing START loop", f"{attempts} attempts in {span:.0f} s, CPU {cpu:.2f} s; delays (ms) {delays[:16]}")
-    assert attempts <= 15, f"{attempts} reconnects in {span:.0f} s: the backoff restarts after each connect"
+    # Full jitter up to 4 s: about 2 s apart once grown (without the fix: ~15 a second).
+    assert attempts <= 20, f"{attempts} reconnects in {span:.0f} s: the backoff restarts after each connect"
     assert max(delays) >= 1000, f"the backoff never grew: {delays}"
     assert cpu < CPU_LIMIT * span
