@@ -23,6 +23,7 @@
 #include "outboxd/outbox.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
+#include "outboxd/slot.h"
 #include "outboxd/subject.h"
 #include "outboxd/util.h"
 
@@ -400,12 +401,10 @@ static void check_slot(Doctor *d)
         fix(report(d, "slot", FAIL, "slot \"%s\" belongs to another database", slot),
             "connect to that database, or choose another --slot");
     } else if (strcmp(val(r, 4), "lost") == 0) {
-        fix(report(d, "slot", FAIL,
-                   "slot \"%s\" lost WAL it still needed (wal_status lost): it cannot stream",
-                   slot),
-            "drop it (SELECT pg_drop_replication_slot('%s')) and let outboxd create a new one; "
-            "events committed while it was behind were not relayed",
-            slot);
+        char detail[512], how[1024];
+        slot_lost_detail(slot, detail, sizeof(detail));
+        slot_lost_fix(slot, how, sizeof(how));
+        fix(report(d, "slot", FAIL, "%s", detail), "%s", how);
     } else {
         int pid = ival(r, 3);
         bool unreserved = strcmp(val(r, 4), "unreserved") == 0;

@@ -142,7 +142,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (metrics_ready(s->m))
             return reply_text(conn, MHD_HTTP_OK, "ready\n");
         const char *why;
-        if (atomic_load_explicit(&s->m->standby, memory_order_relaxed))
+        if (atomic_load_explicit(&s->m->slot_lost, memory_order_relaxed))
+            why = "not ready: slot lost (see the log, or outboxd doctor)\n";
+        else if (atomic_load_explicit(&s->m->standby, memory_order_relaxed))
             why = "standby: another relay holds the slot\n";
         else if (!atomic_load_explicit(&s->m->pg_connected, memory_order_relaxed))
             why = "not ready: postgres disconnected\n";

@@ -253,11 +253,16 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
     gauge_int(out, "outboxd_standby",
               "1 while waiting for the replication slot held by another relay",
               load_flag(&m->standby));
+    gauge_int(out, "outboxd_slot_lost",
+              "1 once the replication slot is lost (PostgreSQL removed WAL it needed); the relay "
+              "then exits 1 and the slot must be dropped",
+              load_flag(&m->slot_lost));
 }
 
 bool metrics_ready(const Metrics *m)
 {
-    return load_flag(&m->pg_connected) && load_flag(&m->nats_connected) && !load_flag(&m->standby);
+    return load_flag(&m->pg_connected) && load_flag(&m->nats_connected) &&
+           !load_flag(&m->standby) && !load_flag(&m->slot_lost);
 }
 
 bool metrics_alive(const Metrics *m, int64_t now_mono_us, int64_t stale_us)

@@ -663,8 +663,12 @@ int pgstream_start(PgStream *s, const char *slot, const char *publication, bool 
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {
         const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         set_pg_error(err, errlen, "could not start replication", PQerrorMessage(s->conn));
+        const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
         if (code && strcmp(code, "55006") == 0) /* object_in_use: the slot is active */
             rc = PGSTREAM_SLOT_BUSY;
+        /* object_not_in_prerequisite_state, "This slot has been invalidated because ..." */
+        else if (code && strcmp(code, "55000") == 0 && detail && strstr(detail, "invalidated"))
+            rc = PGSTREAM_SLOT_LOST;
         PQclear(res);
         goto done;
     }

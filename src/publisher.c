@@ -1073,6 +1073,11 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
 
 int64_t publisher_next_deadline(const Publisher *p)
 {
+    /* Paused and disconnected: nothing can be resent before the connection is back, and the
+     * wake fd reports that. resume_at lies in the past once the backoff ran out, and returning
+     * it would make the caller poll without sleeping for the whole outage. */
+    if (p->paused && !atomic_load(&p->connected))
+        return INT64_MAX;
     if (p->head == p->next)
         return p->paused ? p->resume_at : INT64_MAX;
     int64_t due = p->paused ? p->resume_at

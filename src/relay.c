@@ -672,6 +672,10 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     StreamEnd end = STREAM_STOPPED;
     for (;;) {
         rc = session_acquire_slot(&r);
+        if (rc == SESSION_SLOT_LOST) {
+            end = STREAM_SLOT_LOST;
+            break;
+        }
         if (rc > 0)
             break;
         if (rc == 0) {
@@ -681,6 +685,13 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
             end = stream(&r);
             if (end != STREAM_PG_LOST)
                 break;
+            /* PostgreSQL ends the session of a slot it invalidates: stop now rather than wait
+             * for every event in flight (NATS may be what held the slot back). */
+            if (session_slot_lost(&r)) {
+                end = STREAM_SLOT_LOST;
+                r.streaming = false;
+                break;
+            }
         }
         log_warn("lost the replication connection; letting outstanding events be acknowledged, "
                  "then reconnecting");
@@ -725,6 +736,10 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     if (end == STREAM_STOPPED) {
         log_info("shutting down: confirmed " LSN_FMT, LSN_ARGS(r.confirmed));
         code = EXIT_OUTBOXD_OK;
+    } else if (end == STREAM_SLOT_LOST) {
+        log_error("stopped: replication slot \"%s\" is lost (see above for how to recover)",
+                  cfg->slot);
+        code = EXIT_OUTBOXD_FAILURE;
     } else {
         log_error("stopped after a failure: confirmed " LSN_FMT
                   "; a restart resends everything after it",

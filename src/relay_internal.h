@@ -26,6 +26,10 @@
 #define MONITOR_US INT64_C(5000000)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
+/* A session that streamed this long was real progress: the reconnect backoff starts afresh.
+ * One that failed sooner (START_REPLICATION refused, an error on the first change) keeps it
+ * growing, so a failure that comes back after every connect never becomes a hot loop. */
+#define STABLE_SESSION_US INT64_C(10000000)
 
 typedef struct Mark {
     uint64_t lsn;
@@ -39,7 +43,7 @@ typedef struct Marks {
     size_t head, tail;
 } Marks;
 
-typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL } StreamEnd;
+typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL, STREAM_SLOT_LOST } StreamEnd;
 
 typedef struct Relay {
     const Config *cfg;
@@ -81,6 +85,8 @@ typedef struct Relay {
     size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
     char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
+    int64_t streaming_since;     /* when the open session started streaming */
+    unsigned reconnect_attempt;  /* failed sessions since the last stable one (the backoff) */
     /* timers */
     int64_t status_interval_us;
     int64_t next_status;
@@ -125,9 +131,17 @@ void relay_nap(Relay *r, int64_t us);
  * when the slot is new). Returns 0, or the error code of the failure (PGSTREAM_CHECK_FAILED
  * for a failed check), logged. */
 int session_connect(Relay *r);
+/* session_acquire_slot's answer when the slot is lost (wal_status lost). */
+#define SESSION_SLOT_LOST 2
 /* Takes the slot, standing by while another session holds it, and starts streaming. Returns 0
- * when streaming, 1 on stop, -1 when the connection failed. */
+ * when streaming, 1 on stop, -1 when the connection failed, SESSION_SLOT_LOST when the slot
+ * can never stream again. */
 int session_acquire_slot(Relay *r);
+/* After a lost connection: whether PostgreSQL invalidated the slot (it terminates the session
+ * holding a slot it invalidates). Asked over the monitoring session; false when unknown. */
+bool session_slot_lost(Relay *r);
+/* Marks the relay not ready with a lost slot and logs the diagnosis and how to recover. */
+void session_report_slot_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);

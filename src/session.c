@@ -17,6 +17,7 @@
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
+#include "outboxd/slot.h"
 #include "relay_internal.h"
 
 /* Full-jitter backoff for reconnects, as for publishing. */
@@ -186,6 +187,30 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
     return start;
 }
 
+/* Marks the relay not ready with a lost slot and logs what happened, how to recover and what
+ * may be missing from the stream. slot_confirmed: the slot's last confirmed position. */
+static void report_slot_lost(Relay *r, uint64_t slot_confirmed)
+{
+    char detail[512], fix[1024], when[64] = "";
+    atomic_store(&metrics.slot_lost, 1);
+    atomic_store(&metrics.pg_connected, 0);
+    notify_systemd("STATUS=replication slot lost: drop it (outboxd slot drop --yes), then start "
+                   "again");
+    slot_lost_detail(r->cfg->slot, detail, sizeof(detail));
+    slot_lost_fix(r->cfg->slot, fix, sizeof(fix));
+    if (r->cp.commit_time) {
+        char t[32];
+        pg_time_format_rfc3339(r->cp.commit_time, t);
+        snprintf(when, sizeof(when), ", last commit at %s", t);
+    }
+    uint64_t confirmed = r->confirmed > slot_confirmed ? r->confirmed : slot_confirmed;
+    log_error("%s", detail);
+    log_error("to recover: %s", fix);
+    log_error("relayed up to " LSN_FMT "%s: events committed after that whose rows were "
+              "deleted from the outbox since are not in the stream",
+              LSN_ARGS(confirmed), when);
+}
+
 /*
  * Takes the slot: waits as a standby while another session holds it, then starts streaming.
  * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
@@ -202,6 +227,10 @@ int session_acquire_slot(Relay *r)
         if (!info.exists) {
             log_error("replication slot \"%s\" disappeared", r->cfg->slot);
             return -1;
+        }
+        if (strcmp(info.wal_status, "lost") == 0) {
+            report_slot_lost(r, info.confirmed);
+            return SESSION_SLOT_LOST;
         }
         int rc = 0;
         if (info.active_pid == 0) {
@@ -223,7 +252,13 @@ int session_acquire_slot(Relay *r)
                          r->cfg->slot, LSN_ARGS(start), r->stream.name);
                 notify_systemd("READY=1\nSTATUS=streaming");
                 r->streaming = true;
+                r->streaming_since = now_mono_us();
                 return 0;
+            }
+            if (rc == PGSTREAM_SLOT_LOST) { /* invalidated since slot_info looked */
+                log_warn("%s", r->err);
+                report_slot_lost(r, info.confirmed);
+                return SESSION_SLOT_LOST;
             }
             if (rc != PGSTREAM_SLOT_BUSY) {
                 log_warn("%s", r->err);
@@ -249,11 +284,40 @@ int session_acquire_slot(Relay *r)
     return 1;
 }
 
-/* Reconnects after a lost connection, with backoff. Returns 0, or 1 on stop. */
+bool session_slot_lost(Relay *r)
+{
+    /* PostgreSQL terminates the session holding a slot before it marks the slot invalid: while
+     * the slot looks "unreserved" (past max_slot_wal_keep_size), look again for a moment. */
+    for (int look = 0; look < 10 && !*r->stop; look++) {
+        if (look > 0)
+            relay_nap(r, 200000);
+        PgSlotInfo info;
+        if (!r->monitor && pgstream_connect_plain(&r->monitor, r->cfg->pg_url, r->err,
+                                                  sizeof(r->err)) != 0)
+            return false;
+        if (pgstream_slot_info(r->monitor, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
+            pgstream_free(r->monitor); /* monitor_wal opens it again */
+            r->monitor = NULL;
+            return false;
+        }
+        if (info.exists && strcmp(info.wal_status, "lost") == 0) {
+            report_slot_lost(r, info.confirmed);
+            return true;
+        }
+        if (!info.exists || strcmp(info.wal_status, "unreserved") != 0)
+            return false;
+    }
+    return false;
+}
+
+/* Reconnects after a lost connection, with backoff. The backoff goes on growing across
+ * sessions that fail soon after connecting (see STABLE_SESSION_US). Returns 0, or 1 on stop. */
 int session_reconnect(Relay *r)
 {
-    for (unsigned attempt = 0; !*r->stop; attempt++) {
-        int64_t delay = reconnect_delay_us(r->cfg, attempt);
+    while (!*r->stop) {
+        int64_t delay = reconnect_delay_us(r->cfg, r->reconnect_attempt);
+        if (r->reconnect_attempt < 64)
+            r->reconnect_attempt++;
         log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);
         relay_nap(r, delay);
         if (*r->stop)
@@ -271,6 +335,8 @@ int session_reconnect(Relay *r)
  * follows starts exactly after what is stored. */
 void session_end(Relay *r)
 {
+    if (r->streaming && now_mono_us() - r->streaming_since >= STABLE_SESSION_US)
+        r->reconnect_attempt = 0;
     atomic_store(&metrics.pg_connected, 0);
     r->streaming = false;
     pgstream_free(r->pg);

@@ -599,6 +599,29 @@ done:
     return code;
 }
 
+/* ---- a lost slot ---------------------------------------------------------------------------- */
+
+void slot_lost_detail(const char *slot, char *out, size_t outlen)
+{
+    snprintf(out, outlen,
+             "replication slot \"%s\" is lost: PostgreSQL removed WAL it still needed "
+             "(wal_status lost; the slot fell further behind than max_slot_wal_keep_size), so it "
+             "can never stream again",
+             slot);
+}
+
+void slot_lost_fix(const char *slot, char *out, size_t outlen)
+{
+    snprintf(out, outlen,
+             "drop it with outboxd slot drop --slot=%s --yes (same --pg-url), then start outboxd: "
+             "it creates a new slot and backfills the rows still in the outbox (--backfill); "
+             "events committed after the checkpoint's commit time whose rows were deleted since "
+             "were not relayed and must be recovered from the application; raise "
+             "max_slot_wal_keep_size or alert on outboxd_replication_lag_bytes so it does not "
+             "happen again",
+             slot);
+}
+
 /* ---- slot drop ------------------------------------------------------------------------------ */
 
 /* The bookmarks of slot in all, oldest first (all is sorted by name, and the names by time). */

@@ -4,7 +4,8 @@
  * Reads what an operator needs to judge a relay without asking the relay itself, so it works
  * whether or not one runs: the slot (held by which PID, confirmed position, lag, WAL retained)
  * from PostgreSQL, the checkpoint and the stream from JetStream. A part that cannot be reached
- * is reported as such; only the slot decides the exit code.
+ * is reported as such; only the slot decides the exit code (a missing or lost slot, or a lag
+ * over --max-lag, is a problem).
  */
 #include "outboxd/status.h"
 
@@ -19,6 +20,7 @@
 #include "outboxd/jetstream.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
+#include "outboxd/slot.h"
 #include "outboxd/util.h"
 
 typedef struct Report {
@@ -93,8 +95,17 @@ static uint64_t lag_of(const Report *rep)
     return rep->slot.wal > rep->slot.confirmed ? rep->slot.wal - rep->slot.confirmed : 0;
 }
 
+/* A lost slot: PostgreSQL removed WAL it needed; it retains nothing and can never stream. */
+static bool lost(const Report *rep)
+{
+    return rep->slot.exists && strcmp(rep->slot.wal_status, "lost") == 0;
+}
+
 static uint64_t retained_of(const Report *rep)
 {
+    /* A lost slot has no restart_lsn (read as 0/0) and holds no WAL. */
+    if (lost(rep) || rep->slot.restart == 0)
+        return 0;
     return rep->slot.wal > rep->slot.restart ? rep->slot.wal - rep->slot.restart : 0;
 }
 
@@ -113,10 +124,19 @@ static void print_text(const Config *cfg, const Report *rep, const char *verdict
                rep->slot.active_pid ? "held by PID " : "not held by any relay");
         if (rep->slot.active_pid)
             printf("%d", rep->slot.active_pid);
-        printf("\n            confirmed %s, lag %s, WAL retained %s",
-               lsn_format(rep->slot.confirmed, lsn), a, b);
-        if (rep->slot.wal_status[0])
-            printf(" (%s)", rep->slot.wal_status);
+        if (lost(rep)) {
+            char detail[512], fix[1024];
+            slot_lost_detail(cfg->slot, detail, sizeof(detail));
+            slot_lost_fix(cfg->slot, fix, sizeof(fix));
+            printf("\n            LOST: confirmed %s, retains no WAL\n            %s\n"
+                   "            fix: %s",
+                   lsn_format(rep->slot.confirmed, lsn), detail, fix);
+        } else {
+            printf("\n            confirmed %s, lag %s, WAL retained %s",
+                   lsn_format(rep->slot.confirmed, lsn), a, b);
+            if (rep->slot.wal_status[0])
+                printf(" (%s)", rep->slot.wal_status);
+        }
         printf("\n            system %s, server WAL at %s\n", rep->system_id,
                lsn_format(rep->slot.wal, lsn));
     }
@@ -148,12 +168,16 @@ static void print_json(const Config *cfg, const Report *rep, const char *verdict
                             rep->slot.active_pid ? json_integer(rep->slot.active_pid) : json_null());
         json_object_set_new(slot, "confirmed_lsn",
                             json_string(lsn_format(rep->slot.confirmed, lsn)));
-        json_object_set_new(slot, "restart_lsn", json_string(lsn_format(rep->slot.restart, lsn)));
+        json_object_set_new(slot, "restart_lsn",
+                            lost(rep) || !rep->slot.restart
+                                ? json_null()
+                                : json_string(lsn_format(rep->slot.restart, lsn)));
         json_object_set_new(slot, "server_wal_lsn", json_string(lsn_format(rep->slot.wal, lsn)));
         json_object_set_new(slot, "lag_bytes", json_integer((json_int_t)lag_of(rep)));
         json_object_set_new(slot, "wal_retained_bytes",
                             json_integer((json_int_t)retained_of(rep)));
         json_object_set_new(slot, "wal_status", json_string(rep->slot.wal_status));
+        json_object_set_new(slot, "lost", json_boolean(lost(rep)));
     }
     json_object_set_new(o, "slot", slot);
     json_object_set_new(o, "system_id",
@@ -204,6 +228,12 @@ int status_run(const Config *cfg, bool as_json, int64_t max_lag)
     } else if (!rep.slot.exists) {
         code = 1;
         snprintf(verdict, sizeof(verdict), "slot \"%s\" is missing", cfg->slot);
+    } else if (lost(&rep)) {
+        code = 1;
+        snprintf(verdict, sizeof(verdict),
+                 "slot lost: \"%s\" can never stream again (outboxd slot drop --yes, then start "
+                 "outboxd)",
+                 cfg->slot);
     } else if (max_lag >= 0 && lag_of(&rep) > (uint64_t)max_lag) {
         code = 1;
         snprintf(verdict, sizeof(verdict), "lag %" PRIu64 " bytes exceeds --max-lag %" PRId64,

@@ -67,6 +67,7 @@ typedef struct Metrics {
     _Atomic int pg_connected;   /* 1 while the replication stream runs */
     _Atomic int nats_connected; /* 1 while connected to NATS */
     _Atomic int standby;        /* 1 while waiting for the slot held by another relay */
+    _Atomic int slot_lost;      /* 1 once the slot is found lost (the relay then exits) */
     _Atomic int64_t heartbeat_mono_us; /* the relay loop's last turn (CLOCK_MONOTONIC) */
 } Metrics;
 
@@ -88,7 +89,8 @@ const char *metrics_dead_letter_name(DeadLetterReason reason);
  */
 void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out);
 
-/* /readyz: the slot is held (streaming), NATS is connected and this relay is not on standby. */
+/* /readyz: the slot is held (streaming), NATS is connected, this relay is not on standby and
+ * its slot is not lost. */
 bool metrics_ready(const Metrics *m);
 /* /healthz: the relay loop turned within the last stale_us microseconds. */
 bool metrics_alive(const Metrics *m, int64_t now_mono_us, int64_t stale_us);

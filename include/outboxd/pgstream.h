@@ -18,6 +18,7 @@
 
 #define PGSTREAM_CHECK_FAILED 1
 #define PGSTREAM_SLOT_BUSY 2 /* another session streams from the slot */
+#define PGSTREAM_SLOT_LOST 3 /* the slot was invalidated (wal_status lost): it can never stream */
 
 typedef struct PgStream PgStream;
 
@@ -111,7 +112,8 @@ int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t er
 int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen);
 
 /* START_REPLICATION SLOT slot LOGICAL start (proto_version 1, the publication). Returns
- * PGSTREAM_SLOT_BUSY when another session holds the slot. */
+ * PGSTREAM_SLOT_BUSY when another session holds the slot, PGSTREAM_SLOT_LOST when PostgreSQL
+ * invalidated it. */
 int pgstream_start(PgStream *s, const char *slot, const char *publication, bool messages,
                    uint64_t start_lsn, char *err, size_t errlen);
 

@@ -11,6 +11,7 @@
 #define OUTBOXD_SLOT_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "outboxd/config.h"
 
@@ -48,5 +49,14 @@ typedef struct RewindOptions {
  * stopped.
  */
 int rewind_run(const Config *cfg, const RewindOptions *opts);
+
+/*
+ * A lost slot (wal_status "lost": PostgreSQL removed WAL the slot still needed, after
+ * max_slot_wal_keep_size was exceeded; it can never stream again), in the words that doctor,
+ * status and the relay all use: slot_lost_detail says what happened, slot_lost_fix how to
+ * recover. Both write one line into out.
+ */
+void slot_lost_detail(const char *slot, char *out, size_t outlen);
+void slot_lost_fix(const char *slot, char *out, size_t outlen);
 
 #endif

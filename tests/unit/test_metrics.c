@@ -32,6 +32,7 @@ static const struct {
     {"outboxd_postgres_connected", "gauge"},
     {"outboxd_nats_connected", "gauge"},
     {"outboxd_standby", "gauge"},
+    {"outboxd_slot_lost", "gauge"},
 };
 
 #define NOW INT64_C(1763832378000000) /* 2025-11-22T17:26:18Z */
@@ -333,6 +334,7 @@ static void test_render_zero(void)
     CHECK_LINE(t, "outboxd_postgres_connected 0");
     CHECK_LINE(t, "outboxd_nats_connected 0");
     CHECK_LINE(t, "outboxd_standby 0");
+    CHECK_LINE(t, "outboxd_slot_lost 0");
     CHECK(count_prefix(t, "# HELP ") == (int)ARRAY_SIZE(families));
     CHECK(count_prefix(t, "# TYPE ") == (int)ARRAY_SIZE(families));
 }
@@ -576,6 +578,9 @@ static void test_ready_alive(void)
     m.standby = 1;
     CHECK(!metrics_ready(&m));
     m.standby = 0;
+    m.slot_lost = 1;
+    CHECK(!metrics_ready(&m));
+    m.slot_lost = 0;
     m.pg_connected = 0;
     CHECK(!metrics_ready(&m));
 
