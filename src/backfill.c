@@ -5,6 +5,26 @@
  * snapshot that matches the slot's starting point and published before anything streamed, so
  * the first start misses nothing and repeats nothing. Each row is decoded as an Insert would be
  * and handled exactly as a streamed one (same mapping, dead letters, window).
+ *
+ * Resumable: rows are read table after table in the order of their event id (a keyset), and
+ * as JetStream acknowledges them the checkpoint records the slot's position and snapshot and
+ * the last key stored ("backfill" in checkpoint.h), at least every BACKFILL_PUT_ROWS rows or
+ * BACKFILL_PUT_US. A relay that finds an unfinished backfill continues after that key, reading
+ * only the rows visible in the slot's snapshot (rows committed later come through the WAL).
+ * Rows published after the last checkpoint write are found in the stream itself: every
+ * backfilled event carries the slot's position as its Outbox-Commit-Lsn, so the messages after
+ * the last recorded key are read back from the stream's end, and a row whose event id is among
+ * them is not published again - exact however long ago it was, whatever the duplicate window.
+ *
+ * Owned: one relay backfills, the one holding a session advisory lock named after the slot on
+ * its replication connection. Another relay that finds the backfill unfinished stands by
+ * until the lock is free (PostgreSQL frees it when the owner's session ends, also when it is
+ * killed), then takes the backfill over. No relay streams while the checkpoint says a backfill
+ * is unfinished: streamed events would overtake rows older than them.
+ *
+ * Liveness: the slot's creation (which waits for every running transaction) and each FETCH are
+ * sent without blocking, and every row, wait and standby turn moves the heartbeat that
+ * /healthz reports, with the phase and the rows stored in its body and in the metrics.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -13,23 +33,178 @@
 
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
+#include "outboxd/notify.h"
 #include "relay_internal.h"
 
 /* A relation id no table has, for rows read with SQL rather than decoded from the WAL. */
 #define BACKFILL_RELID UINT32_C(0xFFFFFFFE)
+/* The progress is written at least this often (rows acknowledged, or time). A resumed backfill
+ * reads back from the stream what came after the last write: at most these rows plus the
+ * window, so this bounds its look. */
+#define BACKFILL_PUT_ROWS 10000
+#define BACKFILL_PUT_US INT64_C(1000000)
+/* Acknowledgements are taken in every this many rows (and whenever the window is full). */
+#define BACKFILL_POLL_ROWS 256
+
+/* A row published (or found stored), in order: its key is stored once every event below
+ * seq_limit is acknowledged. */
+typedef struct Progress {
+    uint64_t seq_limit;
+    size_t table;
+    char key[OUTBOX_MAX_EVENT_ID + 1];
+} Progress;
+
+struct BackfillRun {
+    bool locked;  /* this relay's session holds the backfill lock */
+    bool fresh;   /* the set-up creates the slot and backfills in its snapshot */
+    bool resume;  /* backfill_finish continues an interrupted backfill */
+    Progress *ring;
+    size_t cap, head, tail; /* cap a power of two */
+    size_t key_table;       /* the table key_col is for, +1 */
+    int key_col;            /* the event id's column in its rows */
+    uint64_t stored;        /* rows stored (as the checkpoint counts them) */
+    uint64_t put_rows;      /* stored at the last checkpoint write */
+    int64_t next_put;
+    uint64_t since_poll;
+    /* a resumed backfill: the event ids (and dead letters) the stream holds after the last key
+     * recorded, sorted */
+    char **held;
+    size_t nheld;
+    uint64_t skipped;       /* rows found in the stream, not published again */
+    uint64_t base_rows;     /* rows stored before this run */
+    int64_t started_us;
+};
+
+static const char lock_name[] = "backfill";
+
+static void lock_key(const Relay *r, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s %s", lock_name, r->cfg->slot);
+}
+
+static void beat(void)
+{
+    atomic_store_explicit(&metrics.heartbeat_mono_us, now_mono_us(), memory_order_relaxed);
+}
+
+static void set_phase(int phase)
+{
+    atomic_store_explicit(&metrics.backfill_phase, phase, memory_order_relaxed);
+}
+
+void backfill_free(Relay *r)
+{
+    BackfillRun *b = r->bfrun;
+    if (!b)
+        return;
+    for (size_t i = 0; i < b->nheld; i++)
+        free(b->held[i]);
+    free(b->held);
+    free(b->ring);
+    free(b);
+    r->bfrun = NULL;
+    r->backfilling = false;
+}
+
+/* ---- progress ---------------------------------------------------------------------------- */
+
+static void progress_push(BackfillRun *b, uint64_t seq_limit, size_t table, const char *key,
+                          size_t keylen)
+{
+    if (b->tail - b->head == b->cap) {
+        size_t ncap = b->cap ? b->cap * 2 : 1024;
+        Progress *nv = xmalloc(ncap * sizeof(Progress));
+        for (size_t i = b->head; i < b->tail; i++)
+            nv[i - b->head] = b->ring[i & (b->cap - 1)];
+        free(b->ring);
+        b->tail -= b->head;
+        b->head = 0;
+        b->ring = nv;
+        b->cap = ncap;
+    }
+    Progress *p = &b->ring[b->tail++ & (b->cap - 1)];
+    p->seq_limit = seq_limit;
+    p->table = table;
+    if (keylen > OUTBOX_MAX_EVENT_ID)
+        keylen = OUTBOX_MAX_EVENT_ID;
+    memcpy(p->key, key, keylen);
+    p->key[keylen] = '\0';
+}
+
+/* Moves the checkpoint's keyset past every row whose events are all acknowledged. */
+static void progress_release(Relay *r, uint64_t first_unacked)
+{
+    BackfillRun *b = r->bfrun;
+    CheckpointBackfill *c = &r->cp.backfill;
+    const Progress *last = NULL;
+    while (b->head < b->tail) {
+        const Progress *p = &b->ring[b->head & (b->cap - 1)];
+        if (p->seq_limit > first_unacked)
+            break;
+        last = p;
+        b->head++;
+        b->stored++;
+    }
+    if (!last)
+        return;
+    snprintf(c->table, sizeof(c->table), "%s", outbox_mapper_qualified(r->mapper, last->table));
+    snprintf(c->after, sizeof(c->after), "%s", last->key);
+    c->rows = b->stored;
+    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+}
+
+/* Takes in acknowledgements and writes the progress when it is due; -1 on failure (logged). */
+static int progress_poll(Relay *r, bool force)
+{
+    BackfillRun *b = r->bfrun;
+    PublisherStatus st;
+    int64_t now = now_mono_us();
+    atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+    if (relay_poll_acks(r, now, &st) < 0)
+        return -1;
+    progress_release(r, st.first_unacked);
+    b->since_poll = 0;
+    if (b->stored == b->put_rows ||
+        (!force && now < b->next_put && b->stored - b->put_rows < BACKFILL_PUT_ROWS))
+        return 0;
+    if (relay_checkpoint_put(r) < 0)
+        return -1;
+    b->put_rows = b->stored;
+    b->next_put = now + BACKFILL_PUT_US;
+    return 0;
+}
+
+/* ---- rows ------------------------------------------------------------------------------------ */
 
 /* Waits until the window has room (acknowledgements arriving); -1 on stop or failure. */
 static int wait_for_room(Relay *r)
 {
-    PublisherStatus st;
     while (!publisher_has_room(r->pub)) {
-        if (*r->stop || relay_poll_acks(r, now_mono_us(), &st) < 0)
+        if (*r->stop || progress_poll(r, false) < 0)
             return -1;
         bool pg_ready;
         relay_wait_for_work(r, false, min64(now_mono_us() + 100000, publisher_next_deadline(r->pub)),
                       &pg_ready);
     }
     return 0;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* True when the stream holds the event of this row already (or its dead letter). */
+static bool held(const BackfillRun *b, const char *key, size_t keylen)
+{
+    if (b->nheld == 0 || keylen > OUTBOX_MAX_EVENT_ID)
+        return false;
+    char id[OUTBOX_MAX_EVENT_ID + 5] = "dlq-";
+    memcpy(id + 4, key, keylen);
+    id[4 + keylen] = '\0';
+    const char *k = id + 4;
+    return bsearch(&k, b->held, b->nheld, sizeof(char *), cmp_str) ||
+           bsearch(&(const char *){id}, b->held, b->nheld, sizeof(char *), cmp_str);
 }
 
 /* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
@@ -39,6 +214,7 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
                         char *err, size_t errlen)
 {
     Relay *r = arg;
+    BackfillRun *b = r->bfrun;
     PgoMessage *m = r->msg;
     /* Backfilled events carry the slot's starting point as their commit LSN. */
     r->txn.commit_lsn = r->backfill.position;
@@ -56,6 +232,28 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
             return -1;
         r->backfill_table = table + 1;
     }
+    if (b->key_table != table + 1) {
+        const char *key = outbox_mapper_role_column(r->mapper, table, ROLE_EVENT_ID);
+        b->key_col = -1;
+        for (int c = 0; key && c < ncols; c++)
+            if (strcmp(names[c], key) == 0)
+                b->key_col = c;
+        b->key_table = table + 1;
+    }
+    const char *key = b->key_col >= 0 ? values[b->key_col] : NULL;
+    size_t keylen = key ? (size_t)lens[b->key_col] : 0;
+    if (++b->since_poll >= BACKFILL_POLL_ROWS && progress_poll(r, false) < 0) {
+        snprintf(err, errlen, "the backfill was interrupted");
+        return -1;
+    }
+    if (key && held(b, key, keylen)) {
+        /* Published before the relay that ran this backfill stopped, after its last
+         * checkpoint write: stored already. */
+        b->skipped++;
+        r->txn_rows++;
+        progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
+        return 0;
+    }
     if (wait_for_room(r) < 0) {
         snprintf(err, errlen, "the backfill was interrupted");
         return -1;
@@ -72,20 +270,121 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
         snprintf(err, errlen, "the backfill stopped at a row that cannot be published");
         return -1;
     }
+    /* A NULL key is not a keyset position: such rows sort last and are read again on resume. */
+    if (key)
+        progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
     return 0;
 }
 
-/* The rows of a backfill are published: wait for all to be acknowledged, then clear the
- * backfill from the checkpoint. */
-static int finish_backfill(Relay *r, const PgBackfill *bf)
+/* While PostgreSQL works (the slot's creation, a FETCH): liveness, acknowledgements, stop. */
+static bool backfill_tick(void *arg)
 {
-    if (relay_drain(r, INT64_MAX, true) != 0 || *r->stop)
+    Relay *r = arg;
+    if (r->bfrun && r->backfilling)
+        progress_poll(r, false);
+    else
+        beat();
+    return !*r->stop;
+}
+
+/* The slot exists: record its position and snapshot before the first row is published, so
+ * that whoever continues this backfill reads the same rows. */
+static int backfill_started(void *arg, char *err, size_t errlen)
+{
+    Relay *r = arg;
+    PgBackfill *bf = &r->backfill;
+    if (bf->count_only)
+        return 0;
+    CheckpointBackfill *c = &r->cp.backfill;
+    *c = (CheckpointBackfill){.active = true, .position = bf->position};
+    snprintf(c->snapshot, sizeof(c->snapshot), "%s", bf->snapshot);
+    if (relay_checkpoint_put(r) < 0) {
+        snprintf(err, errlen, "could not record the backfill's snapshot in the checkpoint");
         return -1;
-    r->cp.backfill.active = false;
+    }
+    log_info("backfill: slot \"%s\" starts at " LSN_FMT " (snapshot %.60s); publishing the rows "
+             "of %s that are older",
+             r->cfg->slot, LSN_ARGS(bf->position), bf->snapshot, r->tables);
+    set_phase(BACKFILL_PHASE_RUNNING);
+    r->backfilling = true;
+    r->bfrun->started_us = now_mono_us();
+    r->bfrun->next_put = now_mono_us() + BACKFILL_PUT_US;
+    return 0;
+}
+
+/* ---- ownership --------------------------------------------------------------------------------- */
+
+/* Re-reads the checkpoint's backfill state (another relay may have moved it on). */
+static int reload(Relay *r)
+{
+    Checkpoint stored;
+    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, &stored, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    r->cp.backfill = stored.backfill;
+    return 0;
+}
+
+/* Takes the backfill lock, standing by while another relay holds it. -1 on stop or failure. */
+static int take_lock(Relay *r)
+{
+    char name[160];
+    lock_key(r, name, sizeof(name));
+    bool standby = false;
+    while (!*r->stop) {
+        bool got;
+        if (pgstream_try_lock(r->pg, name, &got, r->err, sizeof(r->err)) < 0) {
+            log_error("%s", r->err);
+            return -1;
+        }
+        if (got) {
+            r->bfrun->locked = true;
+            if (standby) {
+                atomic_store(&metrics.standby, 0);
+                set_phase(BACKFILL_PHASE_NONE);
+                log_info("backfill: the relay that owned it is gone; this relay owns it now");
+            }
+            return 0;
+        }
+        if (!standby) {
+            log_info("standby: another relay owns the backfill of slot \"%s\"; waiting, and "
+                     "taking it over if that relay stops",
+                     r->cfg->slot);
+            standby = true;
+            atomic_store(&metrics.standby, 1);
+            set_phase(BACKFILL_PHASE_STANDBY);
+            notify_systemd("READY=1\nSTATUS=standby: another relay owns the backfill");
+        }
+        relay_nap(r, STANDBY_POLL_US);
+    }
+    return -1;
+}
+
+static int unlock(Relay *r)
+{
+    char name[160];
+    lock_key(r, name, sizeof(name));
+    if (!r->bfrun->locked)
+        return 0;
+    r->bfrun->locked = false;
+    if (pgstream_unlock(r->pg, name, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Records a new backfill as unfinished before its slot exists: if the relay dies after
+ * creating the slot, the next one still knows the rows before it are owed. */
+static int begin_fresh(Relay *r, PgSetup *setup)
+{
+    r->cp.backfill = (CheckpointBackfill){.active = true};
     if (relay_checkpoint_put(r) < 0)
         return -1;
-    log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot existed",
-             bf->rows, r->tables);
+    r->bfrun->fresh = true;
+    setup->backfill = &r->backfill;
+    set_phase(BACKFILL_PHASE_SLOT);
     return 0;
 }
 
@@ -93,46 +392,271 @@ int backfill_prepare(Relay *r, PgSetup *setup)
 {
     const Config *cfg = r->cfg;
     PgBackfill *bf = &r->backfill;
-    *bf = (PgBackfill){.on_row = backfill_row, .arg = r, .count_only = !cfg->backfill};
-    PgSlotInfo before;
-    if (pgstream_slot_info(r->pg, cfg->slot, &before, r->err, sizeof(r->err)) < 0) {
+    backfill_free(r);
+    r->bfrun = xcalloc(1, sizeof(BackfillRun));
+    *bf = (PgBackfill){.on_row = backfill_row,
+                       .tick = backfill_tick,
+                       .on_start = backfill_started,
+                       .arg = r,
+                       .count_only = !cfg->backfill};
+    setup->backfill = NULL;
+    r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
+    r->txn_rows = 0;
+    r->backfill_table = 0;
+
+    /* The slot first, then the checkpoint: an owner records its backfill before it creates
+     * the slot, so a slot seen here has its backfill in the checkpoint read after. */
+    PgSlotInfo slot;
+    if (pgstream_slot_info(r->pg, cfg->slot, &slot, r->err, sizeof(r->err)) < 0) {
         log_error("%s", r->err);
         return -1;
     }
-    bool will_create = !before.exists && cfg->create;
-    if (will_create && cfg->backfill) {
-        r->cp.backfill = (CheckpointBackfill){.active = true};
-        if (relay_checkpoint_put(r) < 0)
-            return -1;
+    if (reload(r) < 0)
+        return -1;
+    bool owed = r->cp.backfill.active;
+    if (!owed && (slot.exists || !cfg->create))
+        return 0;
+    if (!owed && !cfg->backfill) {
+        setup->backfill = bf; /* counts the rows it skips */
+        return 0;
     }
-    setup->backfill = will_create ? bf : NULL;
-    r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
-    r->txn_rows = 0;
+    /* A backfill is owed or may be: only the lock's holder decides and runs it. */
+    if (take_lock(r) < 0)
+        return -1;
+    if (pgstream_slot_info(r->pg, cfg->slot, &slot, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    if (reload(r) < 0)
+        return -1;
+    CheckpointBackfill *c = &r->cp.backfill;
+    if (!c->active) {
+        if (!slot.exists && cfg->create && cfg->backfill)
+            return begin_fresh(r, setup); /* first start: no other relay got here first */
+        if (!slot.exists && cfg->create)
+            setup->backfill = bf; /* counts the rows it skips */
+        return unlock(r); /* or finished by the relay this one waited for */
+    }
+    if (!slot.exists) {
+        if (!cfg->create)
+            return unlock(r); /* the set-up reports the missing slot */
+        log_warn("backfill: the slot of the unfinished backfill (%" PRIu64 " rows stored) is "
+                 "gone; backfilling again in a new slot's snapshot (rows the stream holds "
+                 "already are dropped as duplicates only within its duplicate window)",
+                 c->rows);
+        return begin_fresh(r, setup);
+    }
+    if (c->snapshot[0] == '\0') {
+        /* The slot was created but its snapshot never recorded (the relay died in between, or
+         * an older outboxd made it). No relay streamed from it (none streams past an
+         * unfinished backfill), so a new slot loses nothing. */
+        if (slot.active_pid) {
+            log_error("backfill: replication slot \"%s\" is in use by PID %d while the "
+                      "checkpoint says its backfill has not begun; stop that session",
+                      cfg->slot, slot.active_pid);
+            return -1;
+        }
+        log_warn("backfill: replication slot \"%s\" was created but its snapshot was not "
+                 "recorded; creating it again to backfill in a known snapshot",
+                 cfg->slot);
+        if (pgstream_drop_slot(r->pg, cfg->slot, r->err, sizeof(r->err)) < 0) {
+            log_error("%s", r->err);
+            return -1;
+        }
+        return begin_fresh(r, setup);
+    }
+    r->bfrun->resume = true;
     return 0;
+}
+
+/* ---- resuming ---------------------------------------------------------------------------------- */
+
+/*
+ * Reads back, from the stream's end, the backfilled events (Outbox-Commit-Lsn = the slot's
+ * position) published after the last key the checkpoint recorded, into b->held. Stops at that
+ * key's message, at an event of another position, at the stream's start, or after a bound
+ * (more than a run can have published after a checkpoint write: then the duplicate window is
+ * all that is left, and the log says so).
+ */
+static int read_held(Relay *r)
+{
+    BackfillRun *b = r->bfrun;
+    const CheckpointBackfill *c = &r->cp.backfill;
+    natsConnection *nc = jsapi_connect_once(r->cfg->nats_url, r->err, sizeof(r->err));
+    if (!nc) {
+        log_error("backfill: %s", r->err);
+        return -1;
+    }
+    StreamInfo info;
+    int rc = -1;
+    Buf hdrs;
+    buf_init(&hdrs);
+    size_t cap = 0;
+    if (jsapi_stream_info(nc, r->stream.name, &info, r->err, sizeof(r->err)) < 0)
+        goto done;
+    uint64_t bound = 4 * (BACKFILL_PUT_ROWS + (uint64_t)r->cfg->max_inflight);
+    uint64_t looked = 0;
+    bool stopped = false;
+    char dlq_after[sizeof(c->after) + 4];
+    snprintf(dlq_after, sizeof(dlq_after), "dlq-%s", c->after);
+    for (uint64_t seq = info.last_seq; seq > 0 && !stopped; seq--) {
+        if (++looked > bound) {
+            log_warn("backfill: looked at %" PRIu64 " messages of stream \"%s\" without finding "
+                     "where the backfill's checkpoint stands; rows after them that the stream "
+                     "holds are dropped as duplicates only within its duplicate window",
+                     bound, r->stream.name);
+            break;
+        }
+        if ((looked & 255) == 0)
+            beat();
+        bool found;
+        if (jsapi_msg_headers(nc, r->stream.name, seq, &hdrs, &found, r->err,
+                              sizeof(r->err)) < 0)
+            goto done;
+        if (!found)
+            continue;
+        char lsn_text[40], id[OUTBOX_MAX_EVENT_ID + 8];
+        uint64_t lsn;
+        if (!jsapi_header_value(&hdrs, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)) ||
+            !lsn_parse(lsn_text, &lsn) || lsn != c->position)
+            break; /* older than the backfill */
+        jsapi_header_value(&hdrs, OUTBOX_HDR_MSG_ID, id, sizeof(id));
+        if (c->after[0] && (strcmp(id, c->after) == 0 || strcmp(id, dlq_after) == 0))
+            stopped = true; /* the last key recorded: everything before it is behind us */
+        else if (id[0]) {
+            if (b->nheld == cap) {
+                cap = cap ? cap * 2 : 256;
+                b->held = xrealloc(b->held, cap * sizeof(char *));
+            }
+            b->held[b->nheld++] = xstrdup(id);
+        }
+    }
+    qsort(b->held, b->nheld, sizeof(char *), cmp_str);
+    rc = 0;
+done:
+    if (rc < 0)
+        log_error("backfill: %s", r->err);
+    buf_deinit(&hdrs);
+    natsConnection_Destroy(nc);
+    return rc;
+}
+
+/* Continues the backfill the checkpoint describes, after its last key, in its snapshot. */
+static int resume(Relay *r, PgSetup *setup)
+{
+    BackfillRun *b = r->bfrun;
+    PgBackfill *bf = &r->backfill;
+    const CheckpointBackfill *c = &r->cp.backfill;
+    size_t first = 0;
+    if (c->table[0]) {
+        size_t n = outbox_mapper_ntables(r->mapper);
+        while (first < n && strcmp(outbox_mapper_qualified(r->mapper, first), c->table) != 0)
+            first++;
+        if (first == n) {
+            log_error("backfill: the checkpoint's backfill stands in table %s, which is not an "
+                      "outbox table of this relay (%s): run it with the tables it started with",
+                      c->table, r->tables);
+            return -1;
+        }
+    }
+    b->base_rows = b->stored = b->put_rows = c->rows;
+    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+    set_phase(BACKFILL_PHASE_RUNNING);
+    if (read_held(r) < 0)
+        return -1;
+    if (c->after[0])
+        log_info("backfill: resuming the interrupted backfill of %s after event id %s of %s (%"
+                 PRIu64 " rows stored; %zu events found in the stream after it), in the "
+                 "snapshot of slot \"%s\" at " LSN_FMT,
+                 r->tables, c->after, c->table, c->rows, b->nheld, r->cfg->slot,
+                 LSN_ARGS(c->position));
+    else
+        log_info("backfill: resuming the interrupted backfill of %s from its start (%zu events "
+                 "found in the stream already), in the snapshot of slot \"%s\" at " LSN_FMT,
+                 r->tables, b->nheld, r->cfg->slot, LSN_ARGS(c->position));
+    bf->position = c->position;
+    snprintf(bf->snapshot, sizeof(bf->snapshot), "%s", c->snapshot);
+    bf->first_table = first;
+    bf->after = c->after;
+    setup->backfill = bf;
+    r->backfilling = true;
+    b->started_us = now_mono_us();
+    b->next_put = now_mono_us() + BACKFILL_PUT_US;
+    /* bf->after points into r->cp, which the progress moves on: read it from a copy. */
+    char after[sizeof(c->after)];
+    snprintf(after, sizeof(after), "%s", c->after);
+    bf->after = after;
+    int rc = pgstream_read_outbox(r->pg, setup, r->err, sizeof(r->err));
+    bf->after = NULL;
+    if (rc < 0) {
+        log_error("could not backfill: %s", r->err);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- finishing --------------------------------------------------------------------------------- */
+
+/* Every row is published: wait for all to be acknowledged, then clear the backfill from the
+ * checkpoint and release the lock. */
+static int finish_backfill(Relay *r)
+{
+    BackfillRun *b = r->bfrun;
+    const PgBackfill *bf = &r->backfill;
+    if (relay_drain(r, INT64_MAX, true) != 0 || *r->stop)
+        return -1;
+    if (progress_poll(r, true) < 0)
+        return -1;
+    r->cp.backfill.active = false;
+    if (relay_checkpoint_put(r) < 0)
+        return -1;
+    r->backfilling = false;
+    double secs = (double)(now_mono_us() - b->started_us) / 1e6;
+    if (b->resume)
+        log_info("backfill: published the rows that were in %s before the slot existed: "
+                 "%" PRIu64 " in all, resumed after %" PRIu64 " stored earlier; this run read "
+                 "%" PRIu64 " rows, %" PRIu64 " of them found in the stream already, in %.1f s",
+                 r->tables, b->stored, b->base_rows, bf->rows, b->skipped, secs);
+    else
+        log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot "
+                 "existed, in %.1f s",
+                 bf->rows, r->tables, secs);
+    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+    set_phase(BACKFILL_PHASE_NONE);
+    return unlock(r);
 }
 
 int backfill_finish(Relay *r, PgSetup *setup, bool created)
 {
     PgBackfill *bf = &r->backfill;
+    BackfillRun *b = r->bfrun;
+    int rc = 0;
     if (created && bf->count_only && bf->rows > 0)
         log_info("backfill off: the %" PRIu64 " rows already in %s are not published "
                  "(--backfill=false)",
                  bf->rows, r->tables);
-    if (!(created && !bf->count_only) && !(!created && r->cp.backfill.active))
-        return 0;
-    if (!created) {
-        /* A backfill that did not finish (the relay died before every row was acknowledged)
-         * is done again from the table: what JetStream holds already is dropped as a
-         * duplicate. */
-        log_warn("a backfill was interrupted; publishing the rows of %s again (JetStream "
-                 "drops those it holds already)",
-                 r->tables);
-        *bf = (PgBackfill){.on_row = backfill_row, .arg = r};
-        setup->backfill = bf;
-        if (pgstream_read_outbox(r->pg, setup, r->err, sizeof(r->err)) < 0) {
-            log_error("could not backfill: %s", r->err);
-            return -1;
-        }
+    if (b->fresh && !created) {
+        /* Cannot happen while every backfilling relay takes the lock; refuse to guess. */
+        log_error("backfill: replication slot \"%s\" was created by someone else while this "
+                  "relay owned its backfill",
+                  r->cfg->slot);
+        rc = -1;
+    } else if (b->resume) {
+        rc = resume(r, setup) < 0 ? -1 : finish_backfill(r);
+    } else if (b->fresh) {
+        rc = finish_backfill(r);
     }
-    return finish_backfill(r, bf);
+    set_phase(BACKFILL_PHASE_NONE);
+    backfill_free(r);
+    return rc;
+}
+
+bool backfill_unfinished(Relay *r)
+{
+    if (!r->cp.backfill.active)
+        return false;
+    log_warn("the checkpoint says the backfill of slot \"%s\" is unfinished: not streaming "
+             "before it is done; connecting again to take it over",
+             r->cfg->slot);
+    return true;
 }

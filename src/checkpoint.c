@@ -46,6 +46,7 @@ void checkpoint_encode(const Checkpoint *c, Buf *out)
         json_t *b = json_object();
         put_lsn(b, "position", c->backfill.position);
         json_object_set_new(b, "snapshot", json_string(c->backfill.snapshot));
+        json_object_set_new(b, "table", json_string(c->backfill.table));
         json_object_set_new(b, "after", json_string(c->backfill.after));
         json_object_set_new(b, "rows", json_integer((json_int_t)c->backfill.rows));
         json_object_set_new(o, "backfill", b);
@@ -181,6 +182,9 @@ int checkpoint_decode(const char *value, size_t len, Checkpoint *out, char *err,
         if (!bad)
             read_string(b, "snapshot", "backfill.", c.backfill.snapshot,
                         sizeof(c.backfill.snapshot), err, errlen, &bad);
+        if (!bad)
+            read_string(b, "table", "backfill.", c.backfill.table, sizeof(c.backfill.table), err,
+                        errlen, &bad);
         if (!bad)
             read_string(b, "after", "backfill.", c.backfill.after, sizeof(c.backfill.after), err,
                         errlen, &bad);

@@ -134,8 +134,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return ok;
     }
     if (strcmp(url, "/healthz") == 0) {
-        if (metrics_alive(s->m, now_mono_us(), HTTP_STALE_US))
-            return reply_text(conn, MHD_HTTP_OK, "ok\n");
+        if (metrics_alive(s->m, now_mono_us(), HTTP_STALE_US)) {
+            char text[128];
+            metrics_health_text(s->m, text, sizeof(text));
+            return reply_text(conn, MHD_HTTP_OK, text);
+        }
         return reply_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "stalled\n");
     }
     if (strcmp(url, "/readyz") == 0) {

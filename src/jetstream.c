@@ -506,3 +506,52 @@ int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkp
     kvStore_Destroy(kv);
     return rc;
 }
+
+int jsapi_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *hdrs,
+                      bool *found, char *err, size_t errlen)
+{
+    buf_reset(hdrs);
+    *found = false;
+    char subject[320], body[64];
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
+    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
+    bool no_responders;
+    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
+    if (!reply)
+        return -1;
+    json_t *e = json_object_get(reply, "error");
+    int rc = 0;
+    if (e) {
+        /* 10037: no message found (deleted, purged, or past the end) */
+        if (json_integer_value(json_object_get(e, "err_code")) != 10037) {
+            snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: %s", seq,
+                     stream, json_string_value(json_object_get(e, "description")) ?: "?");
+            rc = -1;
+        }
+    } else {
+        const char *b64 =
+            json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
+        if (b64)
+            base64_decode(b64, hdrs);
+        *found = true;
+    }
+    json_decref(reply);
+    return rc;
+}
+
+bool jsapi_header_value(const Buf *hdrs, const char *name, char *out, size_t outlen)
+{
+    out[0] = '\0';
+    size_t n = strlen(name);
+    for (const char *p = hdrs->data; p && (p = strstr(p, "\r\n"));) {
+        p += 2;
+        if (strncasecmp(p, name, n) == 0 && p[n] == ':') {
+            const char *v = p + n + 1;
+            while (*v == ' ')
+                v++;
+            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
+            return true;
+        }
+    }
+    return false;
+}

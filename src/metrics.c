@@ -257,6 +257,13 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
               "1 once the replication slot is lost (PostgreSQL removed WAL it needed); the relay "
               "then exits 1 and the slot must be dropped",
               load_flag(&m->slot_lost));
+    gauge_int(out, "outboxd_backfill_phase",
+              "first-start backfill: 0 none, 1 creating the slot, 2 publishing the rows, 3 "
+              "waiting while another relay owns it",
+              atomic_load_explicit(&m->backfill_phase, memory_order_relaxed));
+    gauge_int(out, "outboxd_backfill_rows",
+              "rows of the first-start backfill stored so far (kept after it finished)",
+              (int64_t)load_u64(&m->backfill_rows));
 }
 
 bool metrics_ready(const Metrics *m)
@@ -269,4 +276,23 @@ bool metrics_alive(const Metrics *m, int64_t now_mono_us, int64_t stale_us)
 {
     int64_t beat = load_i64(&m->heartbeat_mono_us);
     return beat != 0 && now_mono_us - beat <= stale_us;
+}
+
+void metrics_health_text(const Metrics *m, char *out, size_t outlen)
+{
+    uint64_t rows = load_u64(&m->backfill_rows);
+    switch (atomic_load_explicit(&m->backfill_phase, memory_order_relaxed)) {
+    case BACKFILL_PHASE_SLOT:
+        snprintf(out, outlen, "ok: creating the replication slot (waiting for running "
+                              "transactions)\n");
+        break;
+    case BACKFILL_PHASE_RUNNING:
+        snprintf(out, outlen, "ok: backfill, %" PRIu64 " rows stored\n", rows);
+        break;
+    case BACKFILL_PHASE_STANDBY:
+        snprintf(out, outlen, "ok: standby, another relay owns the unfinished backfill\n");
+        break;
+    default:
+        snprintf(out, outlen, "ok\n");
+    }
 }

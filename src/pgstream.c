@@ -13,6 +13,7 @@
 #include "outboxd/pgstream.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -153,6 +154,48 @@ static int command(PgStream *s, const char *sql, const char *what, char *sqlstat
     }
     PQclear(res);
     return rc;
+}
+
+/*
+ * Runs sql like PQexec, but without blocking for more than 200 ms at a time: tick(arg) is
+ * called between the waits (liveness stays reported while the server works), and when it
+ * returns false the statement is cancelled (its result is then the server's error). Returns
+ * the last result, as PQexec does (NULL only when out of memory or the connection is gone).
+ */
+static PGresult *exec_waiting(PgStream *s, const char *sql, bool (*tick)(void *), void *arg)
+{
+    if (!tick)
+        return PQexec(s->conn, sql);
+    if (!PQsendQuery(s->conn, sql))
+        return NULL;
+    bool cancelled = false;
+    while (PQisBusy(s->conn)) {
+        struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
+        if (poll_until(&pfd, 1, now_mono_us() + 200000) < 0 && errno != EINTR)
+            break;
+        if (!PQconsumeInput(s->conn))
+            break;
+        if (!cancelled && !tick(arg)) {
+            PGcancel *c = PQgetCancel(s->conn);
+            char why[256];
+            if (c) {
+                PQcancel(c, why, sizeof(why));
+                PQfreeCancel(c);
+            }
+            cancelled = true;
+        }
+    }
+    PGresult *last = NULL, *res;
+    while ((res = PQgetResult(s->conn))) {
+        /* keep the first error, as PQexec does */
+        if (last && PQresultStatus(last) == PGRES_FATAL_ERROR) {
+            PQclear(res);
+            continue;
+        }
+        PQclear(last);
+        last = res;
+    }
+    return last;
 }
 
 int pgstream_identify(PgStream *s, PgSystem *sys, char *err, size_t errlen)
@@ -370,22 +413,47 @@ done:
     return rc;
 }
 
-/* Reads the outbox through a cursor inside the transaction holding the new slot's snapshot. */
+/* The filter of a resumed backfill: rows visible in the slot's snapshot. xmin is a 32-bit xid;
+ * pg_visible_in_snapshot() wants it with its epoch, taken from ref (the current snapshot's
+ * xmax, which every committed xmin precedes by less than 2^31 unless frozen). Frozen rows read
+ * xmin 2 (and bootstrap ones 1): they are older than any snapshot. */
+static bool put_snapshot_filter(PgStream *s, Buf *sql, const PgBackfill *bf, uint64_t ref,
+                                char *err, size_t errlen)
+{
+    uint64_t base = ref & ~UINT64_C(0xFFFFFFFF);
+    buf_printf(sql,
+               "(xmin::text::int8 < 3 OR pg_catalog.pg_visible_in_snapshot(("
+               "%" PRIu64 " + xmin::text::int8 - CASE WHEN %" PRIu64 " + xmin::text::int8 > %"
+               PRIu64 " THEN 4294967296 ELSE 0 END)::text::pg_catalog.xid8, ",
+               base, base, ref);
+    if (!put_literal(s, sql, bf->snapshot, err, errlen))
+        return false;
+    buf_puts(sql, "::pg_catalog.pg_snapshot))");
+    return true;
+}
+
+/*
+ * Reads outbox table t through a cursor, in the order of its event id column, in the current
+ * transaction: all of it (the new slot's snapshot), or with after the rows whose key sorts
+ * after it and with ref the rows visible in bf->snapshot (a resumed backfill).
+ */
 static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfill *bf,
-                          char *err, size_t errlen)
+                          const char *after, uint64_t ref, char *err, size_t errlen)
 {
     Buf sql;
     buf_init(&sql);
     int rc = -1;
     PGresult *res = NULL;
+    const char *key = outbox_mapper_role_column(setup->mapper, t, ROLE_EVENT_ID);
+    if (!key) {
+        snprintf(err, errlen, "%s has no event id column to backfill in the order of",
+                 outbox_mapper_qualified(setup->mapper, t));
+        goto done;
+    }
     buf_puts(&sql, bf->count_only ? "SELECT count(*) FROM " : "DECLARE outboxd_backfill NO SCROLL "
                                                                 "CURSOR FOR SELECT * FROM ");
     if (!put_table(s, &sql, setup->mapper, t, err, errlen))
         goto done;
-    /* Commit order is unknowable for rows older than the slot: their transaction ids, oldest
-     * first, come closest (the order of rows within one transaction is not kept on disk). */
-    if (!bf->count_only)
-        buf_puts(&sql, " ORDER BY age(xmin) DESC, ctid");
     if (bf->count_only) {
         if (!(res = query(s, sql.data, err, errlen)))
             goto done;
@@ -393,12 +461,41 @@ static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfil
         rc = 0;
         goto done;
     }
+    /* The keyset: event ids are unique (they are message ids), so "after the last stored key"
+     * is exact. Rows with a NULL id (dead letters to be) sort last and are not keyed. */
+    const char *where = " WHERE ";
+    if (after && after[0]) {
+        buf_puts(&sql, where);
+        buf_putc(&sql, '(');
+        if (!put_ident(s, &sql, key, err, errlen))
+            goto done;
+        buf_puts(&sql, " > ");
+        if (!put_literal(s, &sql, after, err, errlen))
+            goto done;
+        buf_puts(&sql, " OR ");
+        if (!put_ident(s, &sql, key, err, errlen))
+            goto done;
+        buf_puts(&sql, " IS NULL)");
+        where = " AND ";
+    }
+    if (ref) {
+        buf_puts(&sql, where);
+        if (!put_snapshot_filter(s, &sql, bf, ref, err, errlen))
+            goto done;
+    }
+    buf_puts(&sql, " ORDER BY ");
+    if (!put_ident(s, &sql, key, err, errlen))
+        goto done;
     if (command(s, sql.data, "could not read the outbox for the backfill", NULL, err, errlen) < 0)
         goto done;
     for (;;) {
         PQclear(res);
-        if (!(res = query(s, "FETCH 1000 FROM outboxd_backfill", err, errlen)))
+        res = exec_waiting(s, "FETCH 1000 FROM outboxd_backfill", bf->tick, bf->arg);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+            set_pg_error(err, errlen, "could not read the outbox for the backfill",
+                         PQerrorMessage(s->conn));
             goto done;
+        }
         int nrows = PQntuples(res), ncols = PQnfields(res);
         if (nrows == 0)
             break;
@@ -430,27 +527,31 @@ done:
 }
 
 /* Reads every outbox table, one after the other, in the current transaction. */
-static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, char *err,
-                         size_t errlen)
+static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, uint64_t ref,
+                         char *err, size_t errlen)
 {
-    for (size_t t = 0; t < outbox_mapper_ntables(setup->mapper); t++)
-        if (backfill_table(s, setup, t, bf, err, errlen) < 0)
+    size_t first = ref ? bf->first_table : 0;
+    for (size_t t = first; t < outbox_mapper_ntables(setup->mapper); t++)
+        if (backfill_table(s, setup, t, bf, t == first && ref ? bf->after : NULL, ref, err,
+                           errlen) < 0)
             return -1;
     return 0;
 }
 
 /* CREATE_REPLICATION_SLOT ... (SNAPSHOT 'use') must be the first command of a repeatable-read
- * transaction; the rows read in it are exactly those committed before the slot's start. */
+ * transaction; the rows read in it are exactly those committed before the slot's start. The
+ * snapshot is kept (bf->snapshot) so that a resumed backfill reads the same rows. */
 static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const char *create,
                                      char *sqlstate, char *err, size_t errlen)
 {
+    PgBackfill *bf = setup->backfill;
     if (command(s, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                 "could not start the backfill transaction", NULL, err, errlen) < 0)
         return -1;
     Buf sql;
     buf_init(&sql);
     buf_printf(&sql, "%s (SNAPSHOT 'use')", create);
-    PGresult *res = PQexec(s->conn, sql.data);
+    PGresult *res = exec_waiting(s, sql.data, bf->tick, bf->arg);
     buf_deinit(&sql);
     int rc = -1;
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
@@ -458,8 +559,19 @@ static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const ch
         goto done;
     }
     if (PQnfields(res) >= 2)
-        lsn_parse(PQgetvalue(res, 0, 1), &setup->backfill->position);
-    rc = backfill_rows(s, setup, setup->backfill, err, errlen);
+        lsn_parse(PQgetvalue(res, 0, 1), &bf->position);
+    PQclear(res);
+    if (!(res = query(s, "SELECT pg_catalog.pg_current_snapshot()::text", err, errlen)))
+        goto done;
+    if ((size_t)PQgetlength(res, 0, 0) >= sizeof(bf->snapshot)) {
+        snprintf(err, errlen, "the slot's snapshot is too long to record (%d bytes: %s)",
+                 PQgetlength(res, 0, 0), "too many transactions were running");
+        goto done;
+    }
+    snprintf(bf->snapshot, sizeof(bf->snapshot), "%s", PQgetvalue(res, 0, 0));
+    if (bf->on_start && bf->on_start(bf->arg, err, errlen) < 0)
+        goto done;
+    rc = backfill_rows(s, setup, bf, 0, err, errlen);
 done:
     PQclear(res);
     char ignored[256];
@@ -470,14 +582,67 @@ done:
 
 int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
 {
+    PgBackfill *bf = setup->backfill;
     if (command(s, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                 "could not start reading the outbox", NULL, err, errlen) < 0)
         return -1;
-    int rc = backfill_rows(s, setup, setup->backfill, err, errlen);
+    int rc = -1;
+    uint64_t ref = 0;
+    PGresult *res = query(s, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
+                             "::text", err, errlen);
+    if (res) {
+        ref = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+        PQclear(res);
+        rc = ref ? backfill_rows(s, setup, bf, ref, err, errlen) : -1;
+    }
     char ignored[256];
     command(s, rc == 0 ? "COMMIT" : "ROLLBACK", "could not end reading the outbox", NULL, ignored,
             sizeof(ignored));
     return rc;
+}
+
+/* SELECT fn(arg): arg a literal, or with lock_key the 64-bit key of advisory lock "outboxd
+ * <arg>". Returns the result, or NULL with err set. */
+static PGresult *select_call(PgStream *s, const char *fn, const char *arg, bool lock_key,
+                             char *err, size_t errlen)
+{
+    Buf sql, label;
+    buf_init(&sql);
+    buf_init(&label);
+    buf_printf(&label, lock_key ? "outboxd %s" : "%s", arg);
+    buf_printf(&sql, "SELECT pg_catalog.%s(%s", fn, lock_key ? "pg_catalog.hashtextextended(" : "");
+    PGresult *res = NULL;
+    if (put_literal(s, &sql, label.data, err, errlen)) {
+        buf_puts(&sql, lock_key ? ", 0))" : ")");
+        res = query(s, sql.data, err, errlen);
+    }
+    buf_deinit(&label);
+    buf_deinit(&sql);
+    return res;
+}
+
+int pgstream_try_lock(PgStream *s, const char *name, bool *got, char *err, size_t errlen)
+{
+    PGresult *res = select_call(s, "pg_try_advisory_lock", name, true, err, errlen);
+    if (!res)
+        return -1;
+    *got = strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+    PQclear(res);
+    return 0;
+}
+
+int pgstream_unlock(PgStream *s, const char *name, char *err, size_t errlen)
+{
+    PGresult *res = select_call(s, "pg_advisory_unlock", name, true, err, errlen);
+    PQclear(res);
+    return res ? 0 : -1;
+}
+
+int pgstream_drop_slot(PgStream *s, const char *slot, char *err, size_t errlen)
+{
+    PGresult *res = select_call(s, "pg_drop_replication_slot", slot, false, err, errlen);
+    PQclear(res);
+    return res ? 0 : -1;
 }
 
 static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *err, size_t errlen)

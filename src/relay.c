@@ -665,7 +665,9 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     code = EXIT_OUTBOXD_FAILURE;
     int rc = session_connect(&r);
     if (rc != 0) {
-        code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
+        code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK
+               : *stop                     ? EXIT_OUTBOXD_OK /* stopped while standing by */
+                                           : EXIT_OUTBOXD_FAILURE;
         goto done;
     }
 
@@ -756,6 +758,7 @@ done:
     outbox_event_deinit(&r.ev);
     outbox_event_deinit(&r.dlq);
     free(r.marks.v);
+    backfill_free(&r);
     free(r.msg);
     return code;
 }

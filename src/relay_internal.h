@@ -45,6 +45,8 @@ typedef struct Marks {
 
 typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL, STREAM_SLOT_LOST } StreamEnd;
 
+typedef struct BackfillRun BackfillRun;
+
 typedef struct Relay {
     const Config *cfg;
     volatile sig_atomic_t *stop;
@@ -82,6 +84,7 @@ typedef struct Relay {
     char checkpoint_key[128];
     Checkpoint cp; /* the durable progress, as last read or written (see checkpoint.h) */
     PgBackfill backfill;
+    BackfillRun *bfrun; /* a backfill's progress while one is prepared or runs */
     size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
     char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
@@ -156,5 +159,10 @@ int backfill_prepare(Relay *r, PgSetup *setup);
 /* After the set-up: runs or finishes the backfill the set-up started or an earlier run left
  * unfinished. */
 int backfill_finish(Relay *r, PgSetup *setup, bool created);
+/* Before streaming: true (logged) when the checkpoint says a backfill is unfinished, which
+ * streaming must not overtake: reconnect, and session_connect takes the backfill over. */
+bool backfill_unfinished(Relay *r);
+/* Frees what a backfill that did not get to backfill_finish left. */
+void backfill_free(Relay *r);
 
 #endif

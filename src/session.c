@@ -235,6 +235,8 @@ int session_acquire_slot(Relay *r)
         int rc = 0;
         if (info.active_pid == 0) {
             uint64_t start = start_position(r, info.confirmed);
+            if (backfill_unfinished(r))
+                return -1;
             rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
                                 r->err,
                                 sizeof(r->err));

@@ -10,13 +10,16 @@
  *
  *   {"version": 1, "lsn": "0/16B3F10", "timeline": 1, "system": "7312...", "slot": "outboxd",
  *    "written": "2026-12-03T17:26:18.123456Z", "commit_time": "...",
- *    "backfill": {"position": "0/16B3E00", "snapshot": "757:757:", "after": "...",
- *                 "rows": 1200}}
+ *    "backfill": {"position": "0/16B3E00", "snapshot": "757:757:", "table": "public.outbox",
+ *                 "after": "...", "rows": 1200}}
  *
  * "lsn" is the confirmed position (every event before it is stored), "timeline" the server's
  * timeline when it was confirmed, "commit_time" the commit time of the last transaction
  * confirmed (for a gap's runbook after a failover), "backfill" present while a first-start
- * backfill is unfinished. Readers ignore members they do not know, so later releases add
+ * backfill is unfinished: "table" and "after" are its keyset progress (every row of the tables
+before "table", and of "table" every row whose event id sorts at or before "after", is stored;
+both "" before the first), "snapshot" the slot's snapshot that a resumed backfill reads in.
+Readers ignore members they do not know, so later releases add
  * members without a new version; "version" goes up only for a change an older outboxd would
  * misread, and outboxd refuses a checkpoint of a higher version than its own. A bare LSN
  * ("0/16B3F10", what outboxd 0.1 wrote) reads as version 0 with only "lsn".
@@ -36,8 +39,9 @@
 typedef struct CheckpointBackfill {
     bool active;        /* a backfill is unfinished */
     uint64_t position;  /* the slot's starting point: backfilled events carry it */
-    char snapshot[4096]; /* the slot's snapshot, pg_current_snapshot() text: a resumed
+    char snapshot[8192]; /* the slot's snapshot, pg_current_snapshot() text: a resumed
                           * backfill reads only the rows visible in it ("" when unknown) */
+    char table[192];    /* keyset progress: the table "after" belongs to ("" at start) */
     char after[512];    /* keyset progress: the last key whose row is stored ("" at start) */
     uint64_t rows;      /* rows stored so far */
 } CheckpointBackfill;

@@ -16,6 +16,7 @@
 
 #include "outboxd/checkpoint.h"
 #include "outboxd/outbox.h"
+#include "outboxd/util.h"
 
 /* What outboxd needs to know of the stream it publishes to. */
 typedef struct StreamInfo {
@@ -87,6 +88,15 @@ int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t
 /* The stream's configuration, state and last message id. */
 int jsapi_stream_info(natsConnection *nc, const char *name, StreamInfo *info, char *err,
                       size_t errlen);
+
+/* The raw header block ("NATS/1.0\r\nKey: value\r\n...") of the stream's message at seq, into
+ * hdrs (emptied first); *found false when there is no message at seq (deleted, or beyond the
+ * stream's ends). */
+int jsapi_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *hdrs,
+                      bool *found, char *err, size_t errlen);
+
+/* The value of header name in a raw header block, into out ("" and false when absent). */
+bool jsapi_header_value(const Buf *hdrs, const char *name, char *out, size_t outlen);
 
 /* The checkpoint under key in bucket, without creating anything; a zeroed *cp when absent. */
 int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkpoint *cp,

@@ -69,7 +69,17 @@ typedef struct Metrics {
     _Atomic int standby;        /* 1 while waiting for the slot held by another relay */
     _Atomic int slot_lost;      /* 1 once the slot is found lost (the relay then exits) */
     _Atomic int64_t heartbeat_mono_us; /* the relay loop's last turn (CLOCK_MONOTONIC) */
+    _Atomic int backfill_phase;        /* BACKFILL_PHASE_*: what the start-up is doing */
+    _Atomic uint64_t backfill_rows;    /* rows of the first-start backfill stored so far */
 } Metrics;
+
+/* The start-up's phase, for /healthz and outboxd_backfill_phase. */
+enum {
+    BACKFILL_PHASE_NONE,     /* no backfill (streaming, or about to) */
+    BACKFILL_PHASE_SLOT,     /* creating the slot: waits for running transactions */
+    BACKFILL_PHASE_RUNNING,  /* publishing the rows that were there before the slot */
+    BACKFILL_PHASE_STANDBY,  /* another relay owns the unfinished backfill */
+};
 
 /* The process's metrics. */
 extern Metrics metrics;
@@ -94,5 +104,8 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out);
 bool metrics_ready(const Metrics *m);
 /* /healthz: the relay loop turned within the last stale_us microseconds. */
 bool metrics_alive(const Metrics *m, int64_t now_mono_us, int64_t stale_us);
+/* The /healthz body of a live relay: "ok\n", or what the start-up is doing ("ok: backfill, 1200
+ * rows stored\n"). */
+void metrics_health_text(const Metrics *m, char *out, size_t outlen);
 
 #endif

@@ -32,17 +32,32 @@ typedef struct PgSystem {
 /*
  * First-start backfill: when the slot is created, the rows already in the outbox, as the slot's
  * starting snapshot sees them (no more, no less than what the WAL will not bring), are handed
- * to on_row one by one (in table order, through a cursor: memory stays bounded). values[i] is
- * NULL for SQL NULL. on_row returns 0 to go on, -1 to stop (with err set). count_only just
- * counts them into rows.
+ * to on_row one by one, table after table, each in the order of its event id column (the
+ * keyset: a resumed backfill continues after the last key stored), through a cursor: memory
+ * stays bounded. values[i] is NULL for SQL NULL. on_row returns 0 to go on, -1 to stop (with
+ * err set). count_only just counts them into rows.
+ *
+ * While the server works (the slot's creation waits for every running transaction; a FETCH
+ * may sort), tick is called about every 200 ms; it returns false to cancel the statement (a
+ * stop request), which then fails.
  */
 typedef struct PgBackfill {
     int (*on_row)(void *arg, size_t table, int ncols, const char *const *names, const uint32_t *types,
                   const char *const *values, const int *lens, char *err, size_t errlen);
+    bool (*tick)(void *arg); /* may be NULL */
+    /* The slot exists and position and snapshot are known, before the first row is read:
+     * record them durably. -1 (with err) stops the backfill. May be NULL. */
+    int (*on_start)(void *arg, char *err, size_t errlen);
     void *arg;
     bool count_only;
     uint64_t rows;     /* rows seen */
     uint64_t position; /* the slot's consistent point */
+    char snapshot[8192]; /* the slot's snapshot (pg_current_snapshot() text): set when the slot
+                          * is created, the filter of pgstream_read_outbox() */
+    /* pgstream_read_outbox(): start at table first_table, after the key "after" ("": from its
+     * first row); the tables after it from their first row */
+    size_t first_table;
+    const char *after;
 } PgBackfill;
 
 /* What the relay asks of the database at start-up. */
@@ -104,9 +119,23 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
 /* The server's version as a number (170004 for 17.4). */
 int pgstream_server_version(const PgStream *s);
 
-/* Reads the outbox's current rows (no slot involved) into backfill->on_row, through a cursor
- * in a repeatable-read transaction: to redo a backfill that was interrupted. */
+/*
+ * Resumes a backfill that was interrupted: reads the outbox's rows from backfill->first_table
+ * and backfill->after on into backfill->on_row, in a new repeatable-read transaction, keeping
+ * only rows whose xmin is visible in backfill->snapshot (the slot's: rows committed later come
+ * through the WAL). Frozen rows (xmin 2) count as visible. A row's 32-bit xmin is widened to
+ * 64 bits against the current transaction's snapshot, exact for every xid not frozen.
+ */
 int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen);
+
+/* Takes the session advisory lock named name (a 64-bit hash of it) without waiting: *got
+ * tells whether this session holds it now. Released by pgstream_unlock or the end of the
+ * session (also when the process dies). */
+int pgstream_try_lock(PgStream *s, const char *name, bool *got, char *err, size_t errlen);
+int pgstream_unlock(PgStream *s, const char *name, char *err, size_t errlen);
+
+/* Drops the replication slot (it must not be in use). */
+int pgstream_drop_slot(PgStream *s, const char *slot, char *err, size_t errlen);
 
 /* The server's wal_sender_timeout in milliseconds (0 = disabled). */
 int pgstream_wal_sender_timeout_ms(PgStream *s, int64_t *out, char *err, size_t errlen);

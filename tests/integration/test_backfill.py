@@ -1,11 +1,14 @@
 """First start: rows already in the outbox when outboxd creates its slot are published once
 (from the slot's own starting snapshot), and never again."""
 
+import re
 import signal
+import threading
+import time
 
 import pytest
 
-from harness import random_sizes
+from harness import random_sizes, wait_until
 
 
 @pytest.mark.timeout(120)
@@ -48,3 +51,160 @@ def test_without_backfill_existing_rows_are_counted_and_skipped(ctx, pg, js):
     later = w.insert_txn(n=2)
     js.wait_count(ctx.stream, 2, 30)
     assert js.msg_ids(ctx.stream) == later
+
+
+# ---- resumable and owned --------------------------------------------------------------------------
+
+def fill(pg, table, n):
+    """n rows inserted with SQL (fast, one transaction); returns their event ids."""
+    pg.sql(f"INSERT INTO {table} (event_id, aggregate_type, aggregate_id, event_type, payload) "
+           "SELECT gen_random_uuid(), 'order', 'o' || i, 'created', jsonb_build_object('i', i) "
+           "FROM generate_series(1, %s) AS i", n)
+    return {r[0] for r in pg.sql(f"SELECT event_id::text FROM {table}")}
+
+
+class HealthProbe:
+    """A startup + liveness probe with small parameters, polling /healthz like Kubernetes would:
+    the first 200 must come within `start` seconds of the relay's start, then every answer must be
+    200 (failure threshold 1, period `period`). Records the phases /healthz reported."""
+
+    def __init__(self, relay, start=3.0, period=0.1):
+        self.relay, self.start, self.period = relay, start, period
+        self.failures, self.bodies, self.checks = [], set(), 0
+        self.t0 = time.monotonic()
+        self.live = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set() and self.relay.running:
+            status, body = self.relay.http_get("/healthz", timeout=1)
+            self.checks += 1
+            if status == 200:
+                self.live = True
+                self.bodies.add(body.strip().split(",")[0])
+            elif self.live:
+                self.failures.append(f"{time.monotonic() - self.t0:.1f}s: {status} {body.strip()}")
+            elif time.monotonic() - self.t0 > self.start:
+                self.failures.append(f"no 200 within the startup window of {self.start}s "
+                                     f"({status} {body.strip()})")
+                return
+            self._stop.wait(self.period)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def stored_rows(relay):
+    try:
+        return relay.metrics().get("outboxd_backfill_rows", 0)
+    except AssertionError:
+        return 0
+
+
+def backfill_ids(msgs, position):
+    return [m["headers"]["Nats-Msg-Id"] for m in msgs
+            if m["headers"].get("Outbox-Commit-Lsn") == position]
+
+
+@pytest.mark.timeout(150)
+def test_backfill_stays_live_and_resumes_exactly_once_after_kill_9(ctx, pg, js):
+    ctx.setup()
+    n = 40000
+    t0 = time.monotonic()
+    ids = fill(pg, ctx.table, n)
+    print(f"\n{n} rows written before the slot in {time.monotonic() - t0:.1f}s")
+    # A small window makes the backfill take seconds, longer than the probe windows below.
+    relay = ctx.relay("--max-inflight=64")
+    relay.start()
+    probe = HealthProbe(relay, start=3.0)
+    # Kill it once a good part is stored (and the checkpoint written), well before the end.
+    wait_until(lambda: stored_rows(relay) >= n // 3, 60, "a third of the backfill to be stored",
+               interval=0.1)
+    t_kill = time.monotonic() - probe.t0
+    probe.stop()
+    relay.kill()
+    before = js.count(ctx.stream)
+    print(f"first run: killed -9 after {t_kill:.1f}s, stream holds {before} events, "
+          f"{probe.checks} health checks, phases {sorted(probe.bodies)}")
+    assert not probe.failures, probe.failures
+    assert t_kill > probe.start, "the backfill outlasted the probe's startup window"
+    assert "ok: backfill" in probe.bodies
+    assert 0 < before < n
+
+    t1 = time.monotonic()
+    relay.start()
+    probe = HealthProbe(relay, start=3.0)
+    relay.wait_streaming(timeout=90)
+    probe.stop()
+    log = relay.logs()
+    m = re.search(r"resuming the interrupted backfill of \S+ after event id (\S+) of \S+ "
+                  r"\((\d+) rows stored; (\d+) events found in the stream after it\)", log)
+    assert m, log[-3000:]
+    m2 = re.search(r"(\d+) in all, resumed after (\d+) stored earlier; this run read (\d+) rows, "
+                   r"(\d+) of them found in the stream already", log)
+    assert m2, log[-3000:]
+    total, earlier, read, found = map(int, m2.groups())
+    print(f"second run: resumed after event id {m.group(1)} ({earlier} rows checkpointed, "
+          f"{m.group(3)} more events found in the stream), read {read} of {n} rows, "
+          f"{found} of them already stored; done in {time.monotonic() - t1:.1f}s")
+    assert not probe.failures, probe.failures
+    assert total == n and read < n and earlier >= n // 4
+    assert read == n - earlier, "the second run read only the rows after the checkpoint"
+
+    msgs = js.dump(ctx.stream)
+    got = [m["headers"]["Nats-Msg-Id"] for m in msgs]
+    dups = len(got) - len(set(got))
+    print(f"stream: {len(got)} events, {len(set(got))} distinct, duplicates {dups}")
+    assert dups == 0 and set(got) == ids
+    assert relay.metrics()["outboxd_events_duplicate_total"] == 0, \
+        "nothing was published twice, not even into the duplicate window"
+
+    w = ctx.writer(seed=93)
+    w.write([5])
+    js.wait_count(ctx.stream, n + 5, 30)
+    assert js.msg_ids(ctx.stream)[n:] == w.event_ids
+
+
+@pytest.mark.timeout(150)
+def test_two_replicas_one_backfills_the_other_takes_it_over_exactly_once(ctx, pg, js):
+    ctx.setup()
+    n = 40000
+    ids = fill(pg, ctx.table, n)
+    a = ctx.relay("--max-inflight=64", name="a")
+    b = ctx.relay("--max-inflight=64", name="b")
+    t0 = time.monotonic()
+    a.start()
+    b.start()
+    # One owns the backfill, the other stands by (and says so on /healthz).
+    wait_until(lambda: "standby: another relay owns the backfill" in a.logs() + b.logs(), 30,
+               "one relay to stand by for the backfill")
+    owner, other = (a, b) if "standby: another relay owns" in b.logs() else (b, a)
+    assert other.http_get("/healthz")[1].startswith("ok: standby")
+    # Rows committed while the backfill runs come through the WAL, after every backfilled one.
+    w = ctx.writer(seed=94)
+    w.write([3, 2])
+    wait_until(lambda: stored_rows(owner) >= n // 4, 60, "a quarter of the backfill", interval=0.1)
+    assert "streaming from slot" not in a.logs() + b.logs(), "nobody streams before the backfill"
+    owner.kill()
+    t_kill = time.monotonic() - t0
+    w.write([4])
+    other.wait_streaming(timeout=90)
+    log = other.logs()
+    assert "this relay owns it now" in log and "resuming the interrupted backfill" in log, log[-3000:]
+    m = re.search(r"(\d+) in all, resumed after (\d+) stored earlier; this run read (\d+) rows", log)
+    assert m, log[-3000:]
+    total, earlier, read = map(int, m.groups())
+    js.wait_count(ctx.stream, n + 9, 30)
+    msgs = js.dump(ctx.stream)
+    got = [x["headers"]["Nats-Msg-Id"] for x in msgs]
+    position = msgs[0]["headers"]["Outbox-Commit-Lsn"]
+    back = backfill_ids(msgs, position)
+    print(f"\nowner killed -9 after {t_kill:.1f}s; the standby resumed after {earlier} rows, read "
+          f"{read}; done {time.monotonic() - t0:.1f}s after the start; stream: {len(got)} events, "
+          f"duplicates {len(got) - len(set(got))}")
+    assert len(got) == len(set(got)) == n + 9 and total == n
+    assert set(back) == ids and got[:n] == back, "every backfilled row before any streamed one"
+    assert got[n:] == w.event_ids, "rows committed during the backfill follow it, in commit order"

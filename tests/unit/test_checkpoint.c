@@ -18,6 +18,7 @@ static void test_round_trip(void)
     in.backfill = (CheckpointBackfill){.active = true, .position = 0x16B3E00, .rows = 1200};
     strcpy(in.backfill.snapshot, "757:760:757,758");
     strcpy(in.backfill.after, "018f0c1e-\"quoted\"");
+    strcpy(in.backfill.table, "public.outbox");
     Buf b;
     buf_init(&b);
     checkpoint_encode(&in, &b);
@@ -33,6 +34,7 @@ static void test_round_trip(void)
     CHECK(out.backfill.active && out.backfill.position == 0x16B3E00 && out.backfill.rows == 1200);
     CHECK_STR(out.backfill.snapshot, "757:760:757,758");
     CHECK_STR(out.backfill.after, in.backfill.after);
+    CHECK_STR(out.backfill.table, "public.outbox");
 
     /* Without a backfill the member is absent, and reads back inactive. */
     in.backfill.active = false;
@@ -75,6 +77,8 @@ static void test_wrong(void)
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{}}", "backfill has no \"position\""},
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{\"position\":\"0/1\",\"rows\":\"x\"}}",
          "backfill.rows is not an integer"},
+        {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{\"position\":\"0/1\",\"table\":2}}",
+         "backfill.table is not a string"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         Checkpoint c = {.lsn = 77};

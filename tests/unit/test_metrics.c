@@ -33,6 +33,8 @@ static const struct {
     {"outboxd_nats_connected", "gauge"},
     {"outboxd_standby", "gauge"},
     {"outboxd_slot_lost", "gauge"},
+    {"outboxd_backfill_phase", "gauge"},
+    {"outboxd_backfill_rows", "gauge"},
 };
 
 #define NOW INT64_C(1763832378000000) /* 2025-11-22T17:26:18Z */
