@@ -244,9 +244,15 @@ natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
 json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body, bool *no_responders,
                       char *err, size_t errlen)
 {
+    return jsapi_request_within(nc, subject, body, 5000, no_responders, err, errlen);
+}
+
+json_t *jsapi_request_within(natsConnection *nc, const char *subject, const char *body,
+                             int64_t timeout_ms, bool *no_responders, char *err, size_t errlen)
+{
     natsMsg *reply = NULL;
     *no_responders = false;
-    natsStatus s = natsConnection_RequestString(&reply, nc, subject, body, 5000);
+    natsStatus s = natsConnection_RequestString(&reply, nc, subject, body, timeout_ms);
     if (s == NATS_NO_RESPONDERS) {
         *no_responders = true;
         snprintf(err, errlen, "no responders for %s", subject);
@@ -334,6 +340,75 @@ static void base64_decode(const char *in, Buf *out)
     }
 }
 
+bool jsapi_header_value(const char *block, const char *name, char *out, size_t outlen)
+{
+    size_t n = strlen(name);
+    for (const char *p = block ? strstr(block, "\r\n") : NULL; p; p = strstr(p + 2, "\r\n")) {
+        if (strncmp(p + 2, name, n) != 0 || p[2 + n] != ':')
+            continue;
+        const char *v = p + 2 + n + 1;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        size_t len = strcspn(v, "\r\n");
+        while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+            len--;
+        snprintf(out, outlen, "%.*s", (int)len, v);
+        return true;
+    }
+    if (outlen)
+        out[0] = '\0';
+    return false;
+}
+
+int jsapi_msg_get(natsConnection *nc, const char *stream, uint64_t seq, const char *next_by_subj,
+                  int64_t timeout_ms, JsStoredMsg *out, char *err, size_t errlen)
+{
+    char subject[320];
+    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
+    json_t *req = next_by_subj ? json_pack("{s:I,s:s}", "seq", (json_int_t)seq, "next_by_subj",
+                                           next_by_subj)
+                               : json_pack("{s:I}", "seq", (json_int_t)seq);
+    char *body = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    bool no_responders;
+    json_t *reply = jsapi_request_within(nc, subject, body, timeout_ms, &no_responders, err, errlen);
+    free(body);
+    if (!reply)
+        return -1;
+    int rc = 0;
+    json_t *error = json_object_get(reply, "error");
+    json_t *msg = json_object_get(reply, "message");
+    if (error) {
+        /* 10037: no message at or after seq (on that subject). */
+        if (json_integer_value(json_object_get(error, "err_code")) == 10037) {
+            rc = 1;
+        } else {
+            snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: %s", seq,
+                     stream, json_string_value(json_object_get(error, "description")) ?: "error");
+            rc = -1;
+        }
+    } else if (!json_is_object(msg)) {
+        snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: unexpected reply",
+                 seq, stream);
+        rc = -1;
+    } else {
+        /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". Read
+         * here because libnats 3.4.1 misreads empty header values. */
+        out->seq = (uint64_t)json_integer_value(json_object_get(msg, "seq"));
+        const char *t = json_string_value(json_object_get(msg, "time"));
+        if (!t || !time_parse_rfc3339(t, strlen(t), &out->time_unix_us))
+            out->time_unix_us = 0;
+        buf_reset(&out->hdrs);
+        const char *b64 = json_string_value(json_object_get(msg, "hdrs"));
+        if (b64)
+            base64_decode(b64, &out->hdrs);
+        buf_putc(&out->hdrs, '\0');
+        out->hdrs.len--;
+    }
+    json_decref(reply);
+    return rc;
+}
+
 /* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
 static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
                        size_t outlen, char *err, size_t errlen)
@@ -341,31 +416,13 @@ static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, cha
     out[0] = '\0';
     if (seq == 0)
         return 0;
-    char subject[320], body[64];
-    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
-    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
-    bool no_responders;
-    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
-    if (!reply)
-        return -1;
-    /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". Parsed
-     * here because libnats 3.4.1 misreads empty header values. */
-    const char *b64 = json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
-    if (b64) {
-        Buf raw;
-        buf_init(&raw);
-        base64_decode(b64, &raw);
-        const char *key = raw.data ? strstr(raw.data, "\r\n" OUTBOX_HDR_MSG_ID ":") : NULL;
-        if (key) {
-            const char *v = key + 2 + strlen(OUTBOX_HDR_MSG_ID) + 1;
-            while (*v == ' ')
-                v++;
-            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
-        }
-        buf_deinit(&raw);
-    }
-    json_decref(reply);
-    return 0;
+    JsStoredMsg m = {0};
+    buf_init(&m.hdrs);
+    int rc = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
+    if (rc == 0)
+        jsapi_header_value(m.hdrs.data, OUTBOX_HDR_MSG_ID, out, outlen);
+    buf_deinit(&m.hdrs);
+    return rc < 0 ? -1 : 0;
 }
 
 int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, char *err,

@@ -37,6 +37,7 @@
 #include <string.h>
 
 #include "outboxd/bookmark.h"
+#include "outboxd/consumers.h"
 #include "outboxd/http.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
@@ -989,6 +990,7 @@ static int start_nats(Relay *r)
 int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 {
     Relay r = {.cfg = cfg, .stop = stop};
+    ConsumerWatch *consumers = NULL;
     int code = EXIT_OUTBOXD_FAILURE;
     outbox_event_init(&r.ev);
     outbox_event_init(&r.dlq);
@@ -1017,6 +1019,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
      * that holds WAL from then on. */
     if ((code = start_nats(&r)) != 0)
         goto done;
+    consumers_start(&consumers, cfg, r.stream.name);
     code = EXIT_OUTBOXD_FAILURE;
     int rc = connect_pg(&r);
     if (rc != 0) {
@@ -1089,6 +1092,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     }
 done:
     http_stop(r.http);
+    consumers_stop(consumers);
     publisher_free(r.pub);
     pgstream_free(r.pg);
     pgstream_free(r.monitor);

@@ -255,6 +255,7 @@ def test_nats_nkey_seed_file(root, request, pg):
 RELAY_PERMISSIONS = """
 publish: { allow: [ "outbox.>", "$KV.outboxd.>",
   "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.OUTBOX", "$JS.API.STREAM.MSG.GET.OUTBOX",
+  "$JS.API.CONSUMER.LIST.OUTBOX", "$JS.API.CONSUMER.INFO.OUTBOX.>",
   "$JS.API.STREAM.INFO.KV_outboxd", "$JS.API.STREAM.CREATE.KV_outboxd",
   "$JS.API.DIRECT.GET.KV_outboxd.>", "$JS.API.STREAM.MSG.GET.KV_outboxd" ] }
 subscribe: { allow: [ "_INBOX.>" ] }
