@@ -180,3 +180,85 @@ def test_the_consumers_setting_limits_the_list_or_turns_it_off_and_status_shows_
                        stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr
     assert 'consumer:   "billing": 4 pending (1 unacknowledged)' in r.stdout, r.stdout
+
+
+# The README's recipe for the consumer side, word for word: a processed-events table written in
+# the same transaction as the effect, keyed by Outbox-Event-Id when present (copies made by
+# `outboxd replay --new-ids`), else Nats-Msg-Id.
+RECIPE_TABLE = """CREATE TABLE processed_events (
+    consumer     text        NOT NULL,
+    event_id     text        NOT NULL,
+    processed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, event_id)
+)"""
+RECIPE_CLAIM = """INSERT INTO processed_events (consumer, event_id) VALUES (%s, %s)
+ON CONFLICT DO NOTHING"""
+
+
+def recipe_handle(conn, consumer, msg, effect):
+    """Applies effect(cursor, msg) at most once per event; returns whether it ran."""
+    h = msg["headers"]
+    event_id = h.get("Outbox-Event-Id") or h["Nats-Msg-Id"]
+    with conn:                                   # one transaction: claim and effect together
+        with conn.cursor() as cur:
+            cur.execute(RECIPE_CLAIM, (consumer, event_id))
+            if cur.rowcount == 0:
+                return False                     # processed before: only acknowledge again
+            effect(cur, msg)
+            return True
+
+
+@pytest.mark.timeout(180)
+def test_the_readme_consumer_recipe_applies_each_event_once(ctx, pg, js):
+    ctx.setup()
+    pg.sql("DROP TABLE IF EXISTS processed_events, search_docs")
+    pg.sql(RECIPE_TABLE)
+    pg.sql("CREATE TABLE search_docs (event_id text, aggregate_id text, indexed_at timestamptz DEFAULT now())")
+    add_consumer(js, "search")
+    relay = ctx.start_relay("--consumer-interval=1s")
+    w = ctx.writer(seed=176)
+    events = [w.make_event(aggregate_id=f"recipe-{i}") for i in range(3)]
+    w.insert_txn(events)
+    js.wait_count(ctx.stream, 3, 30)
+    conn = pg.connect(autocommit=False)
+
+    def index(cur, msg):
+        cur.execute("INSERT INTO search_docs (event_id, aggregate_id) VALUES (%s, %s)",
+                    (msg["headers"].get("Outbox-Event-Id") or msg["headers"]["Nats-Msg-Id"],
+                     msg["headers"]["Outbox-Aggregate-Id"]))
+
+    def consume(n):
+        ran = []
+        while len(ran) < n:
+            got = fetch(js, "search", batch=n - len(ran))
+            for m in got:
+                ran.append(recipe_handle(conn, "search", m, index))
+                js.run("ack", f"--reply={m['reply']}")   # after the commit, never before
+        return ran
+
+    try:
+        # First delivery, but the acknowledgement is lost (the worker crashed after COMMIT):
+        # JetStream delivers the event again and the recipe skips it.
+        first = fetch(js, "search", batch=1)[0]
+        assert recipe_handle(conn, "search", first, index) is True
+        js.run("ack", f"--reply={first['reply']}", "--nak")
+        assert sorted(consume(3)) == [False, True, True]
+        # A replayed copy with a new Nats-Msg-Id still carries the event's id: skipped too.
+        r = subprocess.run([str(relay_bin()), "replay", "--aggregate-id=recipe-1", "--new-ids",
+                            f"--pg-url={ctx.pg.dsn}", f"--nats-url={ctx.nats.url}", f"--slot={ctx.slot}",
+                            f"--publication={ctx.publication}", f"--table={ctx.table}"],
+                           capture_output=True, text=True, timeout=60, env=clean_env(),
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        js.wait_count(ctx.stream, 4, 30)
+        copy = js.dump(ctx.stream)[3]["headers"]
+        assert copy["Nats-Msg-Id"] != events[1]["event_id"] and copy["Outbox-Event-Id"] == events[1]["event_id"]
+        assert consume(1) == [False]
+        rows = pg.sql("SELECT event_id, count(*) FROM search_docs GROUP BY event_id ORDER BY 1")
+        assert rows == sorted((e["event_id"], 1) for e in events)
+        assert pg.scalar("SELECT count(*) FROM processed_events") == 3
+        # And the consumer shows as caught up.
+        wait_metric(relay, key(PENDING, "search"), 0)
+    finally:
+        conn.close()
+        pg.sql("DROP TABLE IF EXISTS processed_events, search_docs")

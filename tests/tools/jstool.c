@@ -45,8 +45,9 @@
  *       With --ack each is acknowledged (and the ack confirmed) before it is printed; without,
  *       "jstool ack --reply R" acknowledges it later.
  *
- *   jstool ack --reply R
- *       Acknowledges the message whose reply subject is R, and waits for JetStream's answer.
+ *   jstool ack --reply R [--nak]
+ *       Acknowledges the message whose reply subject is R, and waits for JetStream's answer;
+ *       with --nak refuses it instead, so that JetStream delivers it again at once.
  *
  * Exit status 0 on success, 1 with a one-line message on stderr otherwise.
  */
@@ -86,6 +87,7 @@ typedef struct Args {
     const char *deliver;
     int64_t batch;
     bool ack;
+    bool nak;
     const char *reply;
 } Args;
 
@@ -121,7 +123,7 @@ static void usage(void)
           "  jstool add-consumer --stream N --consumer C [--filter SUBJ] [--deliver all|new]\n"
           "  jstool delete-consumer --stream N --consumer C\n"
           "  jstool fetch --stream N --consumer C [--batch N] [--ack]\n"
-          "  jstool ack --reply R\n"
+          "  jstool ack --reply R [--nak]\n"
           "every subcommand takes --url URL (default " DEFAULT_URL ")\n",
           stdout);
 }
@@ -168,8 +170,8 @@ static void parse_args(Args *a, int argc, char **argv)
             usage();
             exit(0);
         }
-        if (strcmp(arg, "--ack") == 0) {
-            a->ack = true;
+        if (strcmp(arg, "--ack") == 0 || strcmp(arg, "--nak") == 0) {
+            *(arg[2] == 'a' ? &a->ack : &a->nak) = true;
             continue;
         }
         if (strncmp(arg, "--", 2) != 0)
@@ -850,10 +852,10 @@ static int cmd_delete_consumer(Client *c, const Args *a)
 }
 
 /* Acknowledges through the reply subject, waiting for the server's answer to the ack. */
-static int ack_reply(Client *c, const char *reply_subject)
+static int ack_reply(Client *c, const char *reply_subject, const char *verb)
 {
     natsMsg *answer = NULL;
-    natsStatus s = natsConnection_RequestString(&answer, c->nc, reply_subject, "+ACK", API_WAIT_MS);
+    natsStatus s = natsConnection_RequestString(&answer, c->nc, reply_subject, verb, API_WAIT_MS);
     natsMsg_Destroy(answer);
     if (s != NATS_OK) {
         report("could not acknowledge", s, 0);
@@ -864,7 +866,7 @@ static int ack_reply(Client *c, const char *reply_subject)
 
 static int cmd_ack(Client *c, const Args *a)
 {
-    return ack_reply(c, a->reply);
+    return ack_reply(c, a->reply, a->nak ? "-NAK" : "+ACK");
 }
 
 /* RFC 4648 base64 with padding, in a new string. */
@@ -938,7 +940,7 @@ static int cmd_fetch(Client *c, const Args *a)
         free(b64);
         json_object_set_new(o, "reply", json_string(reply));
         if (a->ack)
-            rc |= ack_reply(c, reply);
+            rc |= ack_reply(c, reply, "+ACK");
         json_print(o);
         json_decref(o);
         natsMsg_Destroy(m);
