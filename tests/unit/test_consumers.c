@@ -196,6 +196,7 @@ static void test_setting(void)
 
 int main(void)
 {
+    clearenv(); /* config_parse() refuses unknown OUTBOXD_* variables, e.g. the test runner's */
     test_parse_info();
     test_search_start();
     test_age_and_selection();
