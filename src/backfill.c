@@ -489,8 +489,8 @@ static int read_held(Relay *r)
     }
     StreamInfo info;
     int rc = -1;
-    Buf hdrs;
-    buf_init(&hdrs);
+    JsStoredMsg msg = {0};
+    buf_init(&msg.hdrs);
     size_t cap = 0;
     if (jsapi_stream_info(nc, r->stream.name, &info, r->err, sizeof(r->err)) < 0)
         goto done;
@@ -509,18 +509,18 @@ static int read_held(Relay *r)
         }
         if ((looked & 255) == 0)
             beat();
-        bool found;
-        if (jsapi_msg_headers(nc, r->stream.name, seq, &hdrs, &found, r->err,
-                              sizeof(r->err)) < 0)
+        int got = jsapi_msg_get(nc, r->stream.name, seq, NULL, 5000, &msg, r->err,
+                                sizeof(r->err));
+        if (got < 0)
             goto done;
-        if (!found)
+        if (got > 0) /* no message there: deleted */
             continue;
         char lsn_text[40], id[OUTBOX_MAX_EVENT_ID + 8];
         uint64_t lsn;
-        if (!jsapi_header_value(&hdrs, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)) ||
+        if (!jsapi_header_value(msg.hdrs.data, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)) ||
             !lsn_parse(lsn_text, &lsn) || lsn != c->position)
             break; /* older than the backfill */
-        jsapi_header_value(&hdrs, OUTBOX_HDR_MSG_ID, id, sizeof(id));
+        jsapi_header_value(msg.hdrs.data, OUTBOX_HDR_MSG_ID, id, sizeof(id));
         if (c->after[0] && (strcmp(id, c->after) == 0 || strcmp(id, dlq_after) == 0))
             stopped = true; /* the last key recorded: everything before it is behind us */
         else if (id[0]) {
@@ -536,7 +536,7 @@ static int read_held(Relay *r)
 done:
     if (rc < 0)
         log_error("backfill: %s", r->err);
-    buf_deinit(&hdrs);
+    buf_deinit(&msg.hdrs);
     natsConnection_Destroy(nc);
     return rc;
 }

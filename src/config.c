@@ -66,7 +66,7 @@ typedef struct Setting {
 } Setting;
 
 static StringCheck check_nonempty, check_slot, check_name63, check_subject, check_plain_subject,
-    check_kv_bucket, check_table, check_column, check_headers;
+    check_kv_bucket, check_table, check_column, check_headers, check_consumers;
 
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"text", "json", NULL};
@@ -281,6 +281,13 @@ static const Setting settings[] = {
     {.key = "http_addr", .type = SET_STRING, .offset = FIELD(http_addr), .def = ":9847",
      .check = check_nonempty, .placeholder = "ADDR",
      .help = "where to serve /metrics, /healthz and /readyz (host:port, :port, or off)"},
+    {.key = "consumers", .type = SET_STRING, .offset = FIELD(consumers), .def = "all",
+     .check = check_consumers, .placeholder = "NAMES",
+     .help = "durable consumers of the stream whose lag /metrics reports: all, off, or a "
+             "comma-separated list of names"},
+    {.key = "consumer_interval", .type = SET_DURATION, .offset = FIELD(consumer_interval_ms),
+     .def = "5s", .min = SEC, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "how often to read the consumers' positions from JetStream"},
     {.key = "log_level", .type = SET_CHOICE, .offset = FIELD(log_level), .def = "info",
      .choices = log_levels, .placeholder = "LEVEL", .help = "least severe level to log"},
     {.key = "log_format", .type = SET_CHOICE, .offset = FIELD(log_format), .def = "text",
@@ -421,6 +428,30 @@ static bool check_kv_bucket(const char *value, char *why, size_t whylen)
     if (!ok)
         snprintf(why, whylen, "expected 1 to 64 letters, digits, '-' or '_'");
     return ok;
+}
+
+/* "all", "off", or consumer names as JetStream allows them (no spaces, '.', '*', '>' or path
+ * separators), comma-separated. */
+static bool check_consumers(const char *value, char *why, size_t whylen)
+{
+    if (strcmp(value, "all") == 0 || strcmp(value, "off") == 0)
+        return true;
+    for (const char *p = value;;) {
+        size_t n = strcspn(p, ",");
+        bool ok = n > 0 && n <= 255 && !(n == 3 && (strncmp(p, "all", 3) == 0 ||
+                                                     strncmp(p, "off", 3) == 0));
+        for (size_t i = 0; ok && i < n; i++)
+            ok = (unsigned char)p[i] > 0x20 && p[i] != 0x7f && !strchr(".*>/\\", p[i]);
+        if (!ok) {
+            snprintf(why, whylen, "expected all, off, or consumer names separated by commas "
+                                  "(no spaces, '.', '*', '>', '/' or '\\')");
+            return false;
+        }
+        p += n;
+        if (*p == '\0')
+            return true;
+        p++;
+    }
 }
 
 /* ---- number parsing ---- */

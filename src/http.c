@@ -9,8 +9,9 @@
  * The server answers GET and HEAD on three paths and nothing else: other methods get 405, a
  * request with a body 413, other paths 404. Each connection's memory is bounded
  * (CONNECTION_MEMORY_LIMIT), so an oversized request is refused by MHD itself (431/414); the
- * number of connections and their idle time are bounded too. The handler only reads atomics,
- * so a scrape never blocks the relay.
+ * number of connections and their idle time are bounded too. The handler only reads atomics
+ * and the consumer-lag snapshot (under its mutex, never waiting on NATS), so a scrape never
+ * blocks the relay.
  *
  * MHD's thread is started with every signal blocked, so process signals (SIGTERM, SIGINT)
  * reach the relay's thread or signalfd, never this one.
@@ -31,6 +32,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "outboxd/consumers.h"
 #include "outboxd/log.h"
 
 #define HTTP_CONNECTION_LIMIT 16u
@@ -128,7 +130,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (strcmp(url, "/metrics") == 0) {
         Buf b;
         buf_init(&b);
-        metrics_render(s->m, now_unix_us(), &b);
+        int64_t now = now_unix_us();
+        metrics_render(s->m, now, &b);
+        consumers_render_metrics(&b, now);
         enum MHD_Result ok = reply(conn, MHD_HTTP_OK, CT_METRICS, b.data, b.len);
         buf_deinit(&b);
         return ok;

@@ -246,9 +246,15 @@ natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
 json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body, bool *no_responders,
                       char *err, size_t errlen)
 {
+    return jsapi_request_within(nc, subject, body, 5000, no_responders, err, errlen);
+}
+
+json_t *jsapi_request_within(natsConnection *nc, const char *subject, const char *body,
+                             int64_t timeout_ms, bool *no_responders, char *err, size_t errlen)
+{
     natsMsg *reply = NULL;
     *no_responders = false;
-    natsStatus s = natsConnection_RequestString(&reply, nc, subject, body, 5000);
+    natsStatus s = natsConnection_RequestString(&reply, nc, subject, body, timeout_ms);
     if (s == NATS_NO_RESPONDERS) {
         *no_responders = true;
         snprintf(err, errlen, "no responders for %s", subject);
@@ -336,60 +342,88 @@ static void base64_decode(const char *in, Buf *out)
     }
 }
 
-/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
-/* The value of header name in a raw header block ("NATS/1.0\r\nKey: value\r\n..."), parsed
- * here because libnats 3.4.1 misreads empty header values; false when absent. */
-static bool raw_header(const char *raw, const char *name, char *out, size_t outlen)
+bool jsapi_header_value(const char *block, const char *name, char *out, size_t outlen)
 {
     size_t n = strlen(name);
-    for (const char *line = raw ? strstr(raw, "\r\n") : NULL; line; line = strstr(line, "\r\n")) {
-        line += 2;
-        if (strncasecmp(line, name, n) == 0 && line[n] == ':') {
-            const char *v = line + n + 1;
-            while (*v == ' ')
-                v++;
-            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
-            return true;
-        }
+    for (const char *p = block ? strstr(block, "\r\n") : NULL; p; p = strstr(p + 2, "\r\n")) {
+        if (strncmp(p + 2, name, n) != 0 || p[2 + n] != ':')
+            continue;
+        const char *v = p + 2 + n + 1;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        size_t len = strcspn(v, "\r\n");
+        while (len > 0 && (v[len - 1] == ' ' || v[len - 1] == '\t'))
+            len--;
+        snprintf(out, outlen, "%.*s", (int)len, v);
+        return true;
     }
+    if (outlen)
+        out[0] = '\0';
     return false;
 }
 
-/* Reads the stream's message at seq: its raw header block into raw (empty when it has none).
- * Returns 1, 0 when there is no message at seq (deleted), -1 on error. */
-static int read_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *raw,
-                            char *err, size_t errlen)
+int jsapi_msg_get(natsConnection *nc, const char *stream, uint64_t seq, const char *next_by_subj,
+                  int64_t timeout_ms, JsStoredMsg *out, char *err, size_t errlen)
 {
-    buf_reset(raw);
-    char subject[320], body[64];
+    char subject[320];
     snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
-    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
+    json_t *req = next_by_subj ? json_pack("{s:I,s:s}", "seq", (json_int_t)seq, "next_by_subj",
+                                           next_by_subj)
+                               : json_pack("{s:I}", "seq", (json_int_t)seq);
+    char *body = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
     bool no_responders;
-    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
+    json_t *reply = jsapi_request_within(nc, subject, body, timeout_ms, &no_responders, err, errlen);
+    free(body);
     if (!reply)
         return -1;
+    int rc = 0;
+    json_t *error = json_object_get(reply, "error");
     json_t *msg = json_object_get(reply, "message");
-    const char *b64 = json_string_value(json_object_get(msg, "hdrs"));
-    if (b64)
-        base64_decode(b64, raw);
-    buf_putc(raw, '\0');
-    int rc = msg ? 1 : 0;
+    if (error) {
+        /* 10037: no message at or after seq (on that subject). */
+        if (json_integer_value(json_object_get(error, "err_code")) == 10037) {
+            rc = 1;
+        } else {
+            snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: %s", seq,
+                     stream, json_string_value(json_object_get(error, "description")) ?: "error");
+            rc = -1;
+        }
+    } else if (!json_is_object(msg)) {
+        snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: unexpected reply",
+                 seq, stream);
+        rc = -1;
+    } else {
+        /* "hdrs" is the base64 of the raw header block: "NATS/1.0\r\nKey: value\r\n...". Read
+         * here because libnats 3.4.1 misreads empty header values. */
+        out->seq = (uint64_t)json_integer_value(json_object_get(msg, "seq"));
+        const char *t = json_string_value(json_object_get(msg, "time"));
+        if (!t || !time_parse_rfc3339(t, strlen(t), &out->time_unix_us))
+            out->time_unix_us = 0;
+        buf_reset(&out->hdrs);
+        const char *b64 = json_string_value(json_object_get(msg, "hdrs"));
+        if (b64)
+            base64_decode(b64, &out->hdrs);
+        buf_putc(&out->hdrs, '\0');
+        out->hdrs.len--;
+    }
     json_decref(reply);
     return rc;
 }
 
+/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
 static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
                        size_t outlen, char *err, size_t errlen)
 {
     out[0] = '\0';
     if (seq == 0)
         return 0;
-    Buf raw;
-    buf_init(&raw);
-    int rc = read_msg_headers(nc, stream, seq, &raw, err, errlen);
-    if (rc > 0)
-        raw_header(raw.data, OUTBOX_HDR_MSG_ID, out, outlen);
-    buf_deinit(&raw);
+    JsStoredMsg m = {0};
+    buf_init(&m.hdrs);
+    int rc = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
+    if (rc == 0)
+        jsapi_header_value(m.hdrs.data, OUTBOX_HDR_MSG_ID, out, outlen);
+    buf_deinit(&m.hdrs);
     return rc < 0 ? -1 : 0;
 }
 
@@ -397,25 +431,26 @@ int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_se
                         unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
                         size_t errlen)
 {
-    Buf raw;
-    buf_init(&raw);
+    JsStoredMsg m = {0};
+    buf_init(&m.hdrs);
     int found = 0;
     for (uint64_t seq = last_seq; seq > 0 && last_seq - seq < max_back && !found; seq--) {
-        int rc = read_msg_headers(nc, stream, seq, &raw, err, errlen);
+        int rc = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
         if (rc < 0) {
             found = -1;
             break;
         }
         char value[OUTBOX_POSITION_MAX + 8], ignored[8];
-        /* A replayed event is a copy appended later: its place says nothing. */
-        if (rc > 0 && raw_header(raw.data, OUTBOX_HDR_POSITION, value, sizeof(value)) &&
-            !raw_header(raw.data, "Outbox-Replay", ignored, sizeof(ignored)) &&
+        /* A replayed event is a copy appended later: its place says nothing. A deleted message
+         * (rc 1) says nothing either. */
+        if (rc == 0 && jsapi_header_value(m.hdrs.data, OUTBOX_HDR_POSITION, value, sizeof(value)) &&
+            !jsapi_header_value(m.hdrs.data, "Outbox-Replay", ignored, sizeof(ignored)) &&
             outbox_position_parse(value, pos) && pos->lsn != 0) {
             *at = seq;
             found = 1;
         }
     }
-    buf_deinit(&raw);
+    buf_deinit(&m.hdrs);
     return found;
 }
 
@@ -505,53 +540,4 @@ int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkp
     kvEntry_Destroy(e);
     kvStore_Destroy(kv);
     return rc;
-}
-
-int jsapi_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *hdrs,
-                      bool *found, char *err, size_t errlen)
-{
-    buf_reset(hdrs);
-    *found = false;
-    char subject[320], body[64];
-    snprintf(subject, sizeof(subject), "$JS.API.STREAM.MSG.GET.%s", stream);
-    snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", seq);
-    bool no_responders;
-    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
-    if (!reply)
-        return -1;
-    json_t *e = json_object_get(reply, "error");
-    int rc = 0;
-    if (e) {
-        /* 10037: no message found (deleted, purged, or past the end) */
-        if (json_integer_value(json_object_get(e, "err_code")) != 10037) {
-            snprintf(err, errlen, "could not read message %" PRIu64 " of stream %s: %s", seq,
-                     stream, json_string_value(json_object_get(e, "description")) ?: "?");
-            rc = -1;
-        }
-    } else {
-        const char *b64 =
-            json_string_value(json_object_get(json_object_get(reply, "message"), "hdrs"));
-        if (b64)
-            base64_decode(b64, hdrs);
-        *found = true;
-    }
-    json_decref(reply);
-    return rc;
-}
-
-bool jsapi_header_value(const Buf *hdrs, const char *name, char *out, size_t outlen)
-{
-    out[0] = '\0';
-    size_t n = strlen(name);
-    for (const char *p = hdrs->data; p && (p = strstr(p, "\r\n"));) {
-        p += 2;
-        if (strncasecmp(p, name, n) == 0 && p[n] == ':') {
-            const char *v = p + n + 1;
-            while (*v == ' ')
-                v++;
-            snprintf(out, outlen, "%.*s", (int)strcspn(v, "\r\n"), v);
-            return true;
-        }
-    }
-    return false;
 }

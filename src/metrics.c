@@ -90,7 +90,7 @@ const char *metrics_dead_letter_name(DeadLetterReason reason)
 
 /* Rendering */
 
-static void family(Buf *out, const char *name, const char *type, const char *help)
+void metrics_family(Buf *out, const char *name, const char *type, const char *help)
 {
     buf_printf(out, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
@@ -111,14 +111,13 @@ static void put_seconds(Buf *out, bool negative, uint64_t us)
     buf_append(out, digits, n);
 }
 
-static void put_seconds_signed(Buf *out, int64_t us)
+void metrics_put_seconds(Buf *out, int64_t us)
 {
     /* 0 - (uint64_t)us is the magnitude even for INT64_MIN. */
     put_seconds(out, us < 0, us < 0 ? 0 - (uint64_t)us : (uint64_t)us);
 }
 
-/* Appends s as a label value: backslash, double quote and newline escaped. */
-static void put_label_value(Buf *out, const char *s)
+void metrics_put_label_value(Buf *out, const char *s)
 {
     for (; *s; s++) {
         if (*s == '\\' || *s == '"')
@@ -147,29 +146,29 @@ static int load_flag(const _Atomic int *p)
 
 static void counter(Buf *out, const char *name, const char *help, uint64_t v)
 {
-    family(out, name, "counter", help);
+    metrics_family(out, name, "counter", help);
     buf_printf(out, "%s %" PRIu64 "\n", name, v);
 }
 
 static void gauge_int(Buf *out, const char *name, const char *help, int64_t v)
 {
-    family(out, name, "gauge", help);
+    metrics_family(out, name, "gauge", help);
     buf_printf(out, "%s %" PRId64 "\n", name, v);
 }
 
 static void gauge_seconds(Buf *out, const char *name, const char *help, int64_t us)
 {
-    family(out, name, "gauge", help);
+    metrics_family(out, name, "gauge", help);
     buf_printf(out, "%s ", name);
-    put_seconds_signed(out, us);
+    metrics_put_seconds(out, us);
     buf_putc(out, '\n');
 }
 
 void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
 {
-    family(out, "outboxd_build_info", "gauge", "the running outboxd version; always 1");
+    metrics_family(out, "outboxd_build_info", "gauge", "the running outboxd version; always 1");
     buf_puts(out, "outboxd_build_info{version=\"");
-    put_label_value(out, OUTBOXD_VERSION);
+    metrics_put_label_value(out, OUTBOXD_VERSION);
     buf_puts(out, "\"} 1\n");
 
     counter(out, "outboxd_events_published_total",
@@ -187,7 +186,7 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
             "them already (--strict-order)",
             load_u64(&m->events_skipped_stored));
 
-    family(out, "outboxd_publish_errors_total", "counter", "failed publishes, by reason");
+    metrics_family(out, "outboxd_publish_errors_total", "counter", "failed publishes, by reason");
     for (int r = 0; r < PUBERR_COUNT; r++)
         buf_printf(out, "outboxd_publish_errors_total{reason=\"%s\"} %" PRIu64 "\n",
                    publish_error_names[r], load_u64(&m->publish_errors[r]));
@@ -199,7 +198,7 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
             "because they escape rollback",
             load_u64(&m->messages_refused));
 
-    family(out, "outboxd_dead_letter_total", "counter",
+    metrics_family(out, "outboxd_dead_letter_total", "counter",
            "events sent to the dead-letter subject, by reason");
     for (int r = 0; r < DLR_COUNT; r++)
         buf_printf(out, "outboxd_dead_letter_total{reason=\"%s\"} %" PRIu64 "\n",
@@ -217,16 +216,16 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
 
     uint64_t confirmed = load_u64(&m->confirmed_lsn);
     uint64_t server = load_u64(&m->server_wal_lsn);
-    family(out, "outboxd_replication_lag_bytes", "gauge",
+    metrics_family(out, "outboxd_replication_lag_bytes", "gauge",
            "bytes of WAL between the server's current position and the confirmed position");
     buf_printf(out, "outboxd_replication_lag_bytes %" PRIu64 "\n",
                server > confirmed ? server - confirmed : 0);
 
-    family(out, "outboxd_confirmed_lsn", "gauge",
+    metrics_family(out, "outboxd_confirmed_lsn", "gauge",
            "flush position last confirmed to PostgreSQL, as a number");
     buf_printf(out, "outboxd_confirmed_lsn %" PRIu64 "\n", confirmed);
 
-    family(out, "outboxd_commit_to_ack_seconds", "histogram",
+    metrics_family(out, "outboxd_commit_to_ack_seconds", "histogram",
            "time from a transaction's commit to JetStream's acknowledgement of its events");
     uint64_t cumulative = 0;
     for (int i = 0; i <= METRICS_LATENCY_BUCKETS; i++) {

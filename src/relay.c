@@ -36,6 +36,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "outboxd/consumers.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
@@ -634,6 +635,7 @@ static int start_nats(Relay *r)
 int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 {
     Relay r = {.cfg = cfg, .stop = stop};
+    ConsumerWatch *consumers = NULL;
     int code = EXIT_OUTBOXD_FAILURE;
     outbox_event_init(&r.ev);
     outbox_event_init(&r.dlq);
@@ -662,6 +664,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
      * that holds WAL from then on. */
     if ((code = start_nats(&r)) != 0)
         goto done;
+    consumers_start(&consumers, cfg, r.stream.name);
     code = EXIT_OUTBOXD_FAILURE;
     int rc = session_connect(&r);
     if (rc != 0) {
@@ -750,6 +753,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     }
 done:
     http_stop(r.http);
+    consumers_stop(consumers);
     publisher_free(r.pub);
     pgstream_free(r.pg);
     pgstream_free(r.monitor);

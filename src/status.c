@@ -3,9 +3,10 @@
  *
  * Reads what an operator needs to judge a relay without asking the relay itself, so it works
  * whether or not one runs: the slot (held by which PID, confirmed position, lag, WAL retained)
- * from PostgreSQL, the checkpoint and the stream from JetStream. A part that cannot be reached
- * is reported as such; only the slot decides the exit code (a missing or lost slot, or a lag
- * over --max-lag, is a problem).
+ * from PostgreSQL, the checkpoint and the stream from JetStream, and how far behind each durable
+ * consumer of the stream is (consumers.c, the same numbers /metrics serves). A part that cannot
+ * be reached is reported as such; only the slot decides the exit code (a missing or lost slot,
+ * or a lag over --max-lag, is a problem).
  */
 #include "outboxd/status.h"
 
@@ -17,6 +18,7 @@
 #include <jansson.h>
 #include <nats/nats.h>
 
+#include "outboxd/consumers.h"
 #include "outboxd/jetstream.h"
 #include "outboxd/pgstream.h"
 #include "outboxd/relay.h"
@@ -34,6 +36,10 @@ typedef struct Report {
     uint64_t checkpoint;
     Checkpoint cp;
     char checkpoint_key[128];
+    bool have_consumers;
+    ConsumerLag *consumers;
+    size_t nconsumers;
+    int64_t read_at_us; /* when the consumers were read, for their ages */
 } Report;
 
 static void read_postgres(const Config *cfg, Report *rep)
@@ -71,6 +77,15 @@ static void read_nats(const Config *cfg, Report *rep)
         rep->have_stream =
             jsapi_stream_info(nc, rep->stream.name, &rep->stream, err, sizeof(err)) == 0;
     buf_deinit(&filter);
+    if (rep->have_stream && strcmp(cfg->consumers, "off") != 0) {
+        char cerr[512];
+        rep->have_consumers = consumers_collect(nc, rep->stream.name, cfg->consumers, 5000, NULL,
+                                                &rep->consumers, &rep->nconsumers, cerr,
+                                                sizeof(cerr)) == 0;
+        rep->read_at_us = now_unix_us();
+        if (!rep->have_consumers && !err[0])
+            snprintf(err, sizeof(err), "%s", cerr);
+    }
     if (rep->system_id[0] && natsConnection_JetStream(&js, nc, NULL) == NATS_OK) {
         snprintf(rep->checkpoint_key, sizeof(rep->checkpoint_key), "%s.%s", rep->system_id,
                  cfg->slot);
@@ -150,6 +165,24 @@ static void print_text(const Config *cfg, const Report *rep, const char *verdict
                ", duplicate window %" PRId64 " s, %d replicas\n",
                rep->stream.name, rep->stream.messages, rep->stream.last_seq,
                rep->stream.duplicate_window_ms / 1000, rep->stream.replicas);
+    for (size_t i = 0; i < rep->nconsumers; i++) {
+        const ConsumerLag *c = &rep->consumers[i];
+        int64_t age = consumers_age_us(c, rep->read_at_us);
+        printf("consumer:   \"%s\": ", c->name);
+        if (c->num_pending + c->num_ack_pending == 0) {
+            printf("caught up\n");
+            continue;
+        }
+        printf("%" PRIu64 " pending (%" PRIu64 " unacknowledged)",
+               c->num_pending + c->num_ack_pending, c->num_ack_pending);
+        if (age >= 0)
+            printf(", oldest unprocessed committed %.1f s ago", (double)age / 1e6);
+        if (c->num_redelivered)
+            printf(", %" PRIu64 " redelivered", c->num_redelivered);
+        printf("\n");
+    }
+    if (rep->have_consumers && rep->nconsumers == 0)
+        printf("consumers:  none (durable consumers of \"%s\" show here)\n", rep->stream.name);
     if (rep->nats_error[0])
         printf("nats:       %s\n", rep->nats_error);
     printf("status:     %s\n", verdict);
@@ -203,6 +236,26 @@ static void print_json(const Config *cfg, const Report *rep, const char *verdict
         json_object_set_new(st, "replicas", json_integer(rep->stream.replicas));
     }
     json_object_set_new(o, "stream", st);
+    json_t *cs = rep->have_consumers ? json_array() : json_null();
+    for (size_t i = 0; i < rep->nconsumers; i++) {
+        const ConsumerLag *c = &rep->consumers[i];
+        int64_t age = consumers_age_us(c, rep->read_at_us);
+        json_t *j = json_object();
+        json_object_set_new(j, "name", json_string(c->name));
+        json_object_set_new(j, "stream", json_string(c->stream));
+        json_object_set_new(j, "filter", json_string(c->filter));
+        json_object_set_new(j, "pending_events",
+                            json_integer((json_int_t)(c->num_pending + c->num_ack_pending)));
+        json_object_set_new(j, "ack_pending_events", json_integer((json_int_t)c->num_ack_pending));
+        json_object_set_new(j, "redelivered_events", json_integer((json_int_t)c->num_redelivered));
+        json_object_set_new(j, "waiting_pulls", json_integer((json_int_t)c->num_waiting));
+        json_object_set_new(j, "oldest_unprocessed_age_seconds",
+                            age >= 0 ? json_real((double)age / 1e6) : json_null());
+        json_object_set_new(j, "oldest_unprocessed_seq",
+                            c->oldest_seq ? json_integer((json_int_t)c->oldest_seq) : json_null());
+        json_array_append_new(cs, j);
+    }
+    json_object_set_new(o, "consumers", cs);
     json_object_set_new(o, "nats_error",
                         rep->nats_error[0] ? json_string(rep->nats_error) : json_null());
     json_object_set_new(o, "healthy", json_boolean(healthy));
@@ -245,5 +298,6 @@ int status_run(const Config *cfg, bool as_json, int64_t max_lag)
         print_json(cfg, &rep, verdict, code == 0);
     else
         print_text(cfg, &rep, verdict);
+    free(rep.consumers);
     return code;
 }

@@ -105,6 +105,8 @@ typedef struct Config {
     char *nats_tls_server_name;
     /* observability */
     char *http_addr;            /* "host:port", ":port" or "off" */
+    char *consumers;            /* whose lag to report: "all", "off" or "a,b,c" */
+    int64_t consumer_interval_ms; /* how often to read their positions */
     /* logging */
     char *log_level;  /* debug, info, warn, error */
     char *log_format; /* text or json */

@@ -80,6 +80,29 @@ void jsapi_redact_urls(const char *urls, char *out, size_t outlen);
 json_t *jsapi_request(natsConnection *nc, const char *subject, const char *body,
                       bool *no_responders, char *err, size_t errlen);
 
+/* The same with a bound of timeout_ms milliseconds (jsapi_request waits 5 s). */
+json_t *jsapi_request_within(natsConnection *nc, const char *subject, const char *body,
+                             int64_t timeout_ms, bool *no_responders, char *err, size_t errlen);
+
+/* A message as $JS.API.STREAM.MSG.GET returns it. */
+typedef struct JsStoredMsg {
+    uint64_t seq;
+    int64_t time_unix_us; /* when JetStream stored it; 0 when unreadable */
+    Buf hdrs;             /* the raw header block "NATS/1.0\r\nKey: value\r\n...", "" if none */
+} JsStoredMsg;
+
+/*
+ * Reads the stream's message at seq or, with next_by_subj, the first message at or after seq
+ * whose subject matches that filter (nats-server 2.9+). out->hdrs must be initialised; it is
+ * overwritten. Returns 0, 1 when there is no such message, or -1 with the reason in err.
+ */
+int jsapi_msg_get(natsConnection *nc, const char *stream, uint64_t seq, const char *next_by_subj,
+                  int64_t timeout_ms, JsStoredMsg *out, char *err, size_t errlen);
+
+/* Copies the value of header name (matched exactly) out of a raw header block, trimmed;
+ * false (and "") when the block has no such header. */
+bool jsapi_header_value(const char *block, const char *name, char *out, size_t outlen);
+
 /* The stream capturing subjects matching filters (space-separated), into name; *found false
  * when one of them has none; -1 with a reason when they go to different streams. */
 int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
@@ -88,15 +111,6 @@ int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t
 /* The stream's configuration, state and last message id. */
 int jsapi_stream_info(natsConnection *nc, const char *name, StreamInfo *info, char *err,
                       size_t errlen);
-
-/* The raw header block ("NATS/1.0\r\nKey: value\r\n...") of the stream's message at seq, into
- * hdrs (emptied first); *found false when there is no message at seq (deleted, or beyond the
- * stream's ends). */
-int jsapi_msg_headers(natsConnection *nc, const char *stream, uint64_t seq, Buf *hdrs,
-                      bool *found, char *err, size_t errlen);
-
-/* The value of header name in a raw header block, into out ("" and false when absent). */
-bool jsapi_header_value(const Buf *hdrs, const char *name, char *out, size_t outlen);
 
 /* The checkpoint under key in bucket, without creating anything; a zeroed *cp when absent. */
 int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkpoint *cp,

@@ -99,6 +99,13 @@ const char *metrics_dead_letter_name(DeadLetterReason reason);
  */
 void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out);
 
+/* Pieces of the exposition for the other renderers (consumers.c): a family's HELP and TYPE
+ * lines; a label value with backslash, double quote and newline escaped; microseconds as
+ * decimal seconds ("2.5", "-0.000001"). */
+void metrics_family(Buf *out, const char *name, const char *type, const char *help);
+void metrics_put_label_value(Buf *out, const char *s);
+void metrics_put_seconds(Buf *out, int64_t us);
+
 /* /readyz: the slot is held (streaming), NATS is connected, this relay is not on standby and
  * its slot is not lost. */
 bool metrics_ready(const Metrics *m);

@@ -80,4 +80,9 @@ char *lsn_format(uint64_t lsn, char out[static 18]);
  * "2026-11-22T17:26:18.123456Z", into out (at least 32 bytes). */
 void pg_time_format_rfc3339(int64_t pg_us, char out[static 32]);
 
+/* Parses an RFC 3339 time of n bytes ("2026-11-22T17:26:18.123456Z", nats-server's nanosecond
+ * "...18.123456789Z", or an offset "+02:00") into Unix microseconds; digits past the sixth
+ * fraction digit are dropped. False on anything else. */
+bool time_parse_rfc3339(const char *s, size_t n, int64_t *unix_us);
+
 #endif

@@ -470,11 +470,12 @@ def run(binary):
 
 def metric_checks():
     """The dashboard parses, and every outboxd_* metric it or the alert rules name is one that
-    src/metrics.c serves (histogram series by their family name)."""
+    src/metrics.c or src/consumers.c serves (histogram series by their family name)."""
     import json
     import re
 
-    served = set(re.findall(r"\b(outboxd_[a-z_]+)", (REPO / "src" / "metrics.c").read_text()))
+    served = {name for f in ("metrics.c", "consumers.c")
+              for name in re.findall(r"\b(outboxd_[a-z_]+)", (REPO / "src" / f).read_text())}
 
     def family(name):
         for suffix in ("_bucket", "_sum", "_count"):

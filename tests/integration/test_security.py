@@ -255,6 +255,7 @@ def test_nats_nkey_seed_file(root, request, pg):
 RELAY_PERMISSIONS = """
 publish: { allow: [ "outbox.>", "$KV.outboxd.>",
   "$JS.API.INFO", "$JS.API.STREAM.NAMES", "$JS.API.STREAM.INFO.OUTBOX", "$JS.API.STREAM.MSG.GET.OUTBOX",
+  "$JS.API.CONSUMER.LIST.OUTBOX", "$JS.API.CONSUMER.INFO.OUTBOX.>",
   "$JS.API.STREAM.INFO.KV_outboxd", "$JS.API.STREAM.CREATE.KV_outboxd",
   "$JS.API.DIRECT.GET.KV_outboxd.>", "$JS.API.STREAM.MSG.GET.KV_outboxd" ] }
 subscribe: { allow: [ "_INBOX.>" ] }
@@ -284,6 +285,10 @@ def test_relay_runs_with_only_the_documented_nats_permissions(root, request, pg)
                                     nats_url=f"nats://relay:relay@127.0.0.1:{server.port}")
             ctx.writer(seed=84).write([5])
             ctx.js.wait_count(ctx.stream, 5, 30)
+            # Consumer lag is read under the same permissions.
+            wait_until(lambda: relay.metrics()["outboxd_consumer_refresh_timestamp_seconds"] > 0, 30,
+                       "the consumers to be read")
+            assert relay.metrics()["outboxd_consumer_refresh_errors_total"] == 0
             relay.send_signal(15)
             assert relay.wait(10) == 0
             log = relay.logs()

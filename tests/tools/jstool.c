@@ -35,6 +35,22 @@
  *   jstool request --subject S --data TEXT
  *       A core NATS request (e.g. to the JetStream API: $JS.API.STREAM.UPDATE.<name> with a
  *       stream configuration); prints the reply's body.
+ *   jstool add-consumer --stream N --consumer C [--filter SUBJ] [--deliver all|new]
+ *       Creates the durable pull consumer C (explicit acks, ack wait 10 minutes so nothing is
+ *       redelivered during a test). Prints its info as JetStream returns it.
+ *
+ *   jstool delete-consumer --stream N --consumer C
+ *
+ *   jstool fetch --stream N --consumer C [--batch N] [--ack]
+ *       Pulls up to N (default 1) messages without waiting for more than there are, and prints
+ *       each as one JSON object: {"seq":N,"subject":"...","headers":{...},"data_b64":"...",
+ *       "reply":"$JS.ACK..."}. Header values come from libnats (empty values may be misread).
+ *       With --ack each is acknowledged (and the ack confirmed) before it is printed; without,
+ *       "jstool ack --reply R" acknowledges it later.
+ *
+ *   jstool ack --reply R [--nak]
+ *       Acknowledges the message whose reply subject is R, and waits for JetStream's answer;
+ *       with --nak refuses it instead, so that JetStream delivers it again at once.
  *
  * Exit status 0 on success, 1 with a one-line message on stderr otherwise.
  */
@@ -69,6 +85,13 @@ typedef struct Args {
     const char *subject;
     const char *msg_id;
     const char *data;
+    const char *consumer;
+    const char *filter;
+    const char *deliver;
+    int64_t batch;
+    bool ack;
+    bool nak;
+    const char *reply;
 } Args;
 
 typedef struct Client {
@@ -100,6 +123,10 @@ static void usage(void)
           "  jstool info --stream N\n"
           "  jstool publish --subject S [--msg-id ID] --data TEXT\n"
           "  jstool delete-stream --name N\n"
+          "  jstool add-consumer --stream N --consumer C [--filter SUBJ] [--deliver all|new]\n"
+          "  jstool delete-consumer --stream N --consumer C\n"
+          "  jstool fetch --stream N --consumer C [--batch N] [--ack]\n"
+          "  jstool ack --reply R [--nak]\n"
           "every subcommand takes --url URL (default " DEFAULT_URL ")\n",
           stdout);
 }
@@ -125,6 +152,8 @@ static void parse_args(Args *a, int argc, char **argv)
     a->dupe_window_s = 120;
     a->replicas = 1;
     a->storage = "file";
+    a->batch = 1;
+    a->deliver = "all";
 
     if (argc < 2)
         fail_usage("missing subcommand");
@@ -143,6 +172,10 @@ static void parse_args(Args *a, int argc, char **argv)
         if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             usage();
             exit(0);
+        }
+        if (strcmp(arg, "--ack") == 0 || strcmp(arg, "--nak") == 0) {
+            *(arg[2] == 'a' ? &a->ack : &a->nak) = true;
+            continue;
         }
         if (strncmp(arg, "--", 2) != 0)
             fail_usage("unexpected argument \"%s\"", arg);
@@ -187,6 +220,18 @@ static void parse_args(Args *a, int argc, char **argv)
             a->msg_id = val;
         else if (strcmp(key, "--data") == 0)
             a->data = val;
+        else if (strcmp(key, "--consumer") == 0)
+            a->consumer = val;
+        else if (strcmp(key, "--filter") == 0)
+            a->filter = val;
+        else if (strcmp(key, "--deliver") == 0) {
+            if (strcmp(val, "all") != 0 && strcmp(val, "new") != 0)
+                fail_usage("--deliver must be all or new, not \"%s\"", val);
+            a->deliver = val;
+        } else if (strcmp(key, "--batch") == 0)
+            a->batch = parse_int(key, val, 1);
+        else if (strcmp(key, "--reply") == 0)
+            a->reply = val;
         else
             fail_usage("unknown option \"%s\"", key);
     }
@@ -765,6 +810,168 @@ static int cmd_request(Client *c, const Args *a)
     return 0;
 }
 
+/* ---- consumers ------------------------------------------------------------------------------ */
+
+/* A JetStream API request with a JSON body; prints the reply and fails on an "error" in it. */
+static int api_print(Client *c, const char *subject, const char *body, const char *what)
+{
+    natsMsg *reply = NULL;
+    natsStatus s = natsConnection_RequestString(&reply, c->nc, subject, body, API_WAIT_MS);
+    if (s != NATS_OK) {
+        report(what, s, 0);
+        return 1;
+    }
+    json_error_t jerr;
+    json_t *o = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, &jerr);
+    natsMsg_Destroy(reply);
+    if (o == NULL) {
+        fprintf(stderr, "jstool: %s: unreadable reply: %s\n", what, jerr.text);
+        return 1;
+    }
+    json_t *err = json_object_get(o, "error");
+    int rc = 0;
+    if (err != NULL) {
+        fprintf(stderr, "jstool: %s: %s [JetStream error %d]\n", what,
+                json_string_value(json_object_get(err, "description")),
+                (int)json_integer_value(json_object_get(err, "err_code")));
+        rc = 1;
+    } else {
+        json_print(o);
+    }
+    json_decref(o);
+    return rc;
+}
+
+static int cmd_add_consumer(Client *c, const Args *a)
+{
+    char subject[600], what[600];
+    json_t *config = json_pack("{s:s,s:s,s:s,s:I}", "durable_name", a->consumer, "deliver_policy",
+                               a->deliver, "ack_policy", "explicit", "ack_wait",
+                               (json_int_t)600 * 1000000000);
+    if (a->filter != NULL)
+        json_object_set_new(config, "filter_subject", json_string(a->filter));
+    json_t *req = json_pack("{s:s,s:o}", "stream_name", a->name, "config", config);
+    char *body = json_dumps(req, JSON_COMPACT);
+    json_decref(req);
+    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.DURABLE.CREATE.%s.%s", a->name,
+             a->consumer);
+    snprintf(what, sizeof(what), "could not create consumer \"%s\"", a->consumer);
+    int rc = api_print(c, subject, body, what);
+    free(body);
+    return rc;
+}
+
+static int cmd_delete_consumer(Client *c, const Args *a)
+{
+    char subject[600], what[600];
+    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.DELETE.%s.%s", a->name, a->consumer);
+    snprintf(what, sizeof(what), "could not delete consumer \"%s\"", a->consumer);
+    return api_print(c, subject, "", what);
+}
+
+/* Acknowledges through the reply subject, waiting for the server's answer to the ack. */
+static int ack_reply(Client *c, const char *reply_subject, const char *verb)
+{
+    natsMsg *answer = NULL;
+    natsStatus s = natsConnection_RequestString(&answer, c->nc, reply_subject, verb, API_WAIT_MS);
+    natsMsg_Destroy(answer);
+    if (s != NATS_OK) {
+        report("could not acknowledge", s, 0);
+        return 1;
+    }
+    return 0;
+}
+
+static int cmd_ack(Client *c, const Args *a)
+{
+    return ack_reply(c, a->reply, a->nak ? "-NAK" : "+ACK");
+}
+
+/* RFC 4648 base64 with padding, in a new string. */
+static char *base64(const char *data, size_t n)
+{
+    static const char abc[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const unsigned char *p = (const unsigned char *)data;
+    char *out = malloc(n / 3 * 4 + 5), *o = out;
+    if (out == NULL)
+        abort();
+    for (size_t i = 0; i < n; i += 3) {
+        unsigned v = (unsigned)p[i] << 16 | (i + 1 < n ? (unsigned)p[i + 1] << 8 : 0) |
+                     (i + 2 < n ? p[i + 2] : 0);
+        *o++ = abc[v >> 18 & 63];
+        *o++ = abc[v >> 12 & 63];
+        *o++ = i + 1 < n ? abc[v >> 6 & 63] : '=';
+        *o++ = i + 2 < n ? abc[v & 63] : '=';
+    }
+    *o = '\0';
+    return out;
+}
+
+static int cmd_fetch(Client *c, const Args *a)
+{
+    char subject[600], body[128];
+    natsInbox *inbox = NULL;
+    natsSubscription *sub = NULL;
+    natsStatus s = natsInbox_Create(&inbox);
+    if (s == NATS_OK)
+        s = natsConnection_SubscribeSync(&sub, c->nc, inbox);
+    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.MSG.NEXT.%s.%s", a->name, a->consumer);
+    /* no_wait: answer at once with what there is, then a 404 status message. */
+    snprintf(body, sizeof(body), "{\"batch\":%lld,\"no_wait\":true}", (long long)a->batch);
+    if (s == NATS_OK)
+        s = natsConnection_PublishRequestString(c->nc, subject, inbox, body);
+    int rc = 0;
+    for (int64_t got = 0; s == NATS_OK && got < a->batch;) {
+        natsMsg *m = NULL;
+        s = natsSubscription_NextMsg(&m, sub, API_WAIT_MS);
+        if (s != NATS_OK)
+            break;
+        const char *reply = natsMsg_GetReply(m);
+        if (reply == NULL || strncmp(reply, "$JS.ACK.", 8) != 0) {
+            natsMsg_Destroy(m); /* a status message: no (more) messages */
+            break;
+        }
+        got++;
+        json_t *o = json_object();
+        /* $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending> */
+        unsigned long long seq = 0;
+        const char *p = reply;
+        for (int dots = 0; *p && dots < 5; p++)
+            dots += *p == '.';
+        seq = strtoull(p, NULL, 10);
+        json_object_set_new(o, "seq", json_integer((json_int_t)seq));
+        json_object_set_new(o, "subject", json_string(natsMsg_GetSubject(m)));
+        json_t *hdrs = json_object();
+        const char **keys = NULL;
+        int nkeys = 0;
+        if (natsMsgHeader_Keys(m, &keys, &nkeys) == NATS_OK) {
+            for (int i = 0; i < nkeys; i++) {
+                const char *v = NULL;
+                if (natsMsgHeader_Get(m, keys[i], &v) == NATS_OK)
+                    json_object_set_new(hdrs, keys[i], json_bytes(v, strlen(v)));
+            }
+            free((void *)keys);
+        }
+        json_object_set_new(o, "headers", hdrs);
+        char *b64 = base64(natsMsg_GetData(m), (size_t)natsMsg_GetDataLength(m));
+        json_object_set_new(o, "data_b64", json_string(b64));
+        free(b64);
+        json_object_set_new(o, "reply", json_string(reply));
+        if (a->ack)
+            rc |= ack_reply(c, reply, "+ACK");
+        json_print(o);
+        json_decref(o);
+        natsMsg_Destroy(m);
+    }
+    if (s != NATS_OK && s != NATS_TIMEOUT) {
+        report("could not fetch", s, 0);
+        rc = 1;
+    }
+    natsSubscription_Destroy(sub);
+    natsInbox_Destroy(inbox);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     Args a;
@@ -789,6 +996,16 @@ int main(int argc, char **argv)
         if (a.data == NULL)
             need(NULL, "--data", a.cmd);
         fn = cmd_publish;
+    } else if (strcmp(a.cmd, "add-consumer") == 0 || strcmp(a.cmd, "delete-consumer") == 0 ||
+               strcmp(a.cmd, "fetch") == 0) {
+        need(a.name, "--stream", a.cmd);
+        need(a.consumer, "--consumer", a.cmd);
+        fn = strcmp(a.cmd, "fetch") == 0          ? cmd_fetch
+             : strcmp(a.cmd, "add-consumer") == 0 ? cmd_add_consumer
+                                                  : cmd_delete_consumer;
+    } else if (strcmp(a.cmd, "ack") == 0) {
+        need(a.reply, "--reply", a.cmd);
+        fn = cmd_ack;
     } else if (strcmp(a.cmd, "delete-stream") == 0) {
         need(a.name, "--name", a.cmd);
         fn = cmd_delete_stream;
