@@ -37,20 +37,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "tests"))
 
+import checkreport  # noqa: E402
 import yaml  # noqa: E402  (Debian's python3-yaml)
-
-failed = 0
-
-
-def report(status, name, detail=""):
-    global failed
-    if status == "FAIL":
-        failed += 1
-    line = f"{status} {name}"
-    if detail:
-        line += ": " + " ".join(str(detail).split())[:600]
-    print(line, flush=True)
+from checkreport import report  # noqa: E402
 
 
 def clean_env(extra):
@@ -409,5 +400,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(1 if failed else 0)
+    checkreport.run(main)
