@@ -116,7 +116,10 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
-    bindir, version = harness.pg_server()
+    try:
+        bindir, version = harness.pg_server()
+    except RuntimeError as e:  # the PostgreSQL fixtures fail with it again, test by test
+        return f"PostgreSQL: {e}"
     return f"PostgreSQL {harness.pg_version()} (OUTBOXD_TEST_PG): {version}, {bindir}"
 
 
