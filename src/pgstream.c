@@ -74,7 +74,8 @@ static int connect_mode(PgStream **out, const char *conninfo, bool replication, 
     PGconn *conn = PQconnectdbParams(keys, vals, 1);
     if (PQstatus(conn) != CONNECTION_OK) {
         const char *msg = PQerrorMessage(conn);
-        if (strstr(msg, "must be superuser or replication role")) {
+        if (strstr(msg, "must be superuser or replication role") || /* 15 */
+            strstr(msg, "permission denied to start WAL sender")) { /* 16 and later */
             const char *user = PQuser(conn);
             snprintf(err, errlen,
                      "role \"%s\" lacks the REPLICATION attribute: run ALTER ROLE %s REPLICATION "

@@ -15,11 +15,15 @@ Environment:
   OUTBOXD_BIN        the relay binary (default <build>/outboxd)
   OUTBOXD_JSTOOL     the jstool binary (default <build>/tests/jstool)
   OUTBOXD_KEEP_TMP   1 keeps the temporary directory for a post-mortem
+  OUTBOXD_TEST_PG    the PostgreSQL major version to run: 15 (default; Debian's postgresql-15), 16,
+                     17 or 18 (the pinned builds scripts/install-pg-servers puts under
+                     OUTBOXD_TEST_PG_ROOT, default /opt/outboxd-test-pg/<major>)
 """
 
 import atexit
 import base64
 import datetime as dt
+import functools
 import json
 import os
 import pwd
@@ -55,18 +59,48 @@ def jstool_bin():
     return Path(os.environ.get("OUTBOXD_JSTOOL") or build_dir() / "tests" / "jstool")
 
 
-def pg_bindir():
+PG_VERSIONS = ("15", "16", "17", "18")
+PG_DEFAULT_VERSION = "15"
+
+
+def pg_version():
+    """The PostgreSQL major version under test, from OUTBOXD_TEST_PG (default 15)."""
+    v = os.environ.get("OUTBOXD_TEST_PG", "").strip() or PG_DEFAULT_VERSION
+    if v not in PG_VERSIONS:
+        raise RuntimeError(f"OUTBOXD_TEST_PG={v!r}: the tests know PostgreSQL {', '.join(PG_VERSIONS)}")
+    return v
+
+
+def _bindir_candidates(version):
+    # The pinned build first (scripts/install-pg-servers; there is none for 15), then Debian's layout.
+    root = Path(os.environ.get("OUTBOXD_TEST_PG_ROOT") or "/opt/outboxd-test-pg")
+    yield root / version / "bin"
     try:
         out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
-        d = Path(out.stdout.strip())
-        if (d / "initdb").exists():
-            return d
+        yield Path(out.stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         pass
-    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (d / "initdb").exists():
-            return d
-    raise RuntimeError("PostgreSQL server binaries not found (pg_config --bindir); run scripts/install-deps")
+    yield Path("/usr/lib/postgresql") / version / "bin"
+
+
+@functools.lru_cache(maxsize=None)
+def pg_server(version=None):
+    """(bindir, `postgres --version` text) of the server build for the major version under test.
+    Only a build whose postgres reports that major version is taken."""
+    version = version or pg_version()
+    for d in _bindir_candidates(version):
+        if not (d / "initdb").exists() or not (d / "postgres").exists():
+            continue
+        r = subprocess.run([str(d / "postgres"), "--version"], capture_output=True, text=True)
+        m = re.search(r"PostgreSQL\)? (\d+)", r.stdout)
+        if r.returncode == 0 and m and m.group(1) == version:
+            return d, r.stdout.strip()
+    hint = "install postgresql-15" if version == "15" else "run scripts/install-pg-servers"
+    raise RuntimeError(f"PostgreSQL {version} server binaries not found ({hint}, or scripts/install-deps)")
+
+
+def pg_bindir():
+    return pg_server()[0]
 
 
 def nats_server_bin():
@@ -225,7 +259,8 @@ class TempRoot:
 
 
 class PgServer:
-    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, run as `postgres` when we are root.
+    """A throwaway PostgreSQL cluster on 127.0.0.1:<free port>, run as `postgres` when we are root,
+    of the major version OUTBOXD_TEST_PG names (pg_version()); every version gets the same settings.
 
     pg_hba: local trust; authuser needs a scram password over TCP; everyone else trusted over TCP.
     """
@@ -252,7 +287,7 @@ class PgServer:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
                 raise RuntimeError("running as root needs a 'postgres' user to run the server "
-                                   "(install postgresql-15)") from None
+                                   "(Debian's postgresql-15 creates it)") from None
             self._uid, self._gid = pw.pw_uid, pw.pw_gid
 
     # -- process handling
