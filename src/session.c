@@ -60,9 +60,12 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
     }
     if (info.exists)
         return 0;
+    /* This run may have confirmed more than the stored checkpoint says (load_checkpoint keeps
+     * the later commit time): name the latest, so the runbook's replay starts no earlier. */
+    uint64_t lsn = stored->lsn > r->confirmed ? stored->lsn : r->confirmed;
     char when[32] = "(unknown)";
-    if (stored->commit_time)
-        pg_time_format_rfc3339(stored->commit_time, when);
+    if (r->cp.commit_time)
+        pg_time_format_rfc3339(r->cp.commit_time, when);
     log_error("replication slot \"%s\" does not exist, but the checkpoint says outboxd streamed "
               "from it up to " LSN_FMT " (timeline %u, last transaction committed at %s): after a "
               "failover to a standby without the slot, a new slot would skip every event "
@@ -72,7 +75,7 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
               "or (2) to accept the gap, run outboxd slot create and start outboxd. On "
               "PostgreSQL 17 and later, failover slots (--failover-slot, sync_replication_slots "
               "on the standby) keep the slot through a failover: see outboxd doctor",
-              r->cfg->slot, LSN_ARGS(stored->lsn), stored->timeline, when, when);
+              r->cfg->slot, LSN_ARGS(lsn), stored->timeline, when, when);
     return SESSION_FATAL;
 }
 
