@@ -199,6 +199,10 @@ static const Setting settings[] = {
      .help = "prefix of the logical decoding messages that are events"},
     {.key = "create", .type = SET_BOOL, .offset = FIELD(create), .def = "true",
      .placeholder = "BOOL", .help = "create the publication, then the slot, when missing"},
+    {.key = "failover_slot", .type = SET_BOOL, .offset = FIELD(failover_slot), .def = "true",
+     .placeholder = "BOOL",
+     .help = "on PostgreSQL 17 and later, create the slot (and keep it, through rewind) as a "
+             "failover slot, which standbys with sync_replication_slots keep in step"},
     {.key = "max_inflight", .type = SET_INT, .offset = FIELD(max_inflight), .def = "4096",
      .min = 1, .max = 1048576, .placeholder = "N",
      .help = "events published and not yet acknowledged, at most"},

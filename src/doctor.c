@@ -38,7 +38,7 @@ typedef struct Check {
     char *fix; /* NULL for PASS */
 } Check;
 
-#define MAX_CHECKS 16
+#define MAX_CHECKS 24
 
 typedef struct Doctor {
     const Config *cfg;
@@ -421,6 +421,86 @@ static void check_slot(Doctor *d)
     pgrows_free(r);
 }
 
+/* What a failover needs: on 17+, a failover slot synchronised to a standby, and the primary
+ * holding logical walsenders back until the standby has flushed (synchronized_standby_slots);
+ * before 17 there are no failover slots and a failover loses the slot (outboxd then stops
+ * with the runbook rather than skip events). */
+static void check_failover(Doctor *d)
+{
+    PgRows *r = query_row(d, "failover",
+                          "SELECT current_setting('server_version_num')::int, pg_is_in_recovery()");
+    if (!r)
+        return;
+    int version = ival(r, 0);
+    bool standby = pgrows_true(r, 0, 1);
+    pgrows_free(r);
+    if (version < 170000) {
+        report(d, "failover", PASS,
+               "PostgreSQL %d has no failover slots: after a failover to a standby the slot is "
+               "missing, and outboxd stops with the choices instead of skipping events (README, "
+               "Failover)",
+               version / 10000);
+        return;
+    }
+    if (standby) {
+        r = query_row(d, "failover",
+                      "SELECT current_setting('sync_replication_slots'), "
+                      "current_setting('hot_standby_feedback'), "
+                      "current_setting('primary_slot_name')");
+        if (!r)
+            return;
+        bool ok = strcmp(val(r, 0), "on") == 0 && strcmp(val(r, 1), "on") == 0 && *val(r, 2);
+        Check *c = report(d, "failover", ok ? PASS : WARN,
+                          "standby: sync_replication_slots %s, hot_standby_feedback %s, "
+                          "primary_slot_name \"%s\"",
+                          val(r, 0), val(r, 1), val(r, 2));
+        if (!ok)
+            fix(c, "set sync_replication_slots = on, hot_standby_feedback = on, a "
+                   "primary_slot_name and dbname in primary_conninfo on this standby, so that it "
+                   "keeps outboxd's failover slot");
+        pgrows_free(r);
+        return;
+    }
+    char *sql = strf("SELECT coalesce((SELECT failover FROM pg_catalog.pg_replication_slots "
+                     "WHERE slot_name = %s), false), "
+                     "current_setting('synchronized_standby_slots'), "
+                     "(SELECT count(*) FROM pg_catalog.pg_replication_slots "
+                     "WHERE slot_type = 'physical' AND active)",
+                     d->l_slot);
+    r = query_row(d, "failover", sql);
+    free(sql);
+    if (!r)
+        return;
+    bool failover = pgrows_true(r, 0, 0);
+    const char *sync_slots = val(r, 1);
+    int standbys = ival(r, 2);
+    if (!failover && d->cfg->failover_slot) {
+        fix(report(d, "failover", WARN,
+                   "slot \"%s\" is not a failover slot: a failover to a standby loses it",
+                   d->cfg->slot),
+            "on a replication connection run ALTER_REPLICATION_SLOT \"%s\" (FAILOVER true), or "
+            "drop the slot before outboxd's first start so it creates a failover slot",
+            d->cfg->slot);
+    } else if (!*sync_slots) {
+        fix(report(d, "failover", WARN,
+                   "synchronized_standby_slots is empty: a standby may lag behind what outboxd "
+                   "published, and after a failover to it those events are in the stream but "
+                   "not in the new primary"),
+            "ALTER SYSTEM SET synchronized_standby_slots = '<the standby's physical slot>'; "
+            "SELECT pg_reload_conf(); on the standby set sync_replication_slots = on and "
+            "hot_standby_feedback = on");
+    } else {
+        Check *c = report(d, "failover", standbys > 0 ? PASS : WARN,
+                          "failover slot, synchronized_standby_slots = '%s', %d standby%s "
+                          "streaming from a physical slot",
+                          sync_slots, standbys, standbys == 1 ? "" : "s");
+        if (standbys == 0)
+            fix(c, "start the standby named in synchronized_standby_slots: until it confirms, "
+                   "the primary holds outboxd's events back");
+    }
+    pgrows_free(r);
+}
+
 /* Points the table checks at outbox table i. */
 static void select_table(Doctor *d, size_t i)
 {
@@ -453,6 +533,7 @@ static void check_postgres(Doctor *d)
     check_wal_senders(d);
     check_wal_keep(d);
     check_slot(d);
+    check_failover(d);
 }
 
 /* ---- NATS ------------------------------------------------------------------------------------ */

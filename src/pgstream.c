@@ -551,7 +551,8 @@ static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const ch
         return -1;
     Buf sql;
     buf_init(&sql);
-    buf_printf(&sql, "%s (SNAPSHOT 'use')", create);
+    buf_printf(&sql, "%s (SNAPSHOT 'use'%s)", create,
+               setup->failover && PQserverVersion(s->conn) >= 170000 ? ", FAILOVER" : "");
     PGresult *res = exec_waiting(s, sql.data, bf->tick, bf->arg);
     buf_deinit(&sql);
     int rc = -1;
@@ -692,14 +693,17 @@ static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *er
     if (!put_ident(s, &sql, setup->slot, err, errlen))
         goto done;
     buf_puts(&sql, " LOGICAL pgoutput");
-    log_info("creating replication slot \"%s\" (this waits for running transactions to end)",
-             setup->slot);
+    log_info("creating replication slot \"%s\"%s (this waits for running transactions to end)",
+             setup->slot,
+             setup->failover && PQserverVersion(s->conn) >= 170000 ? " as a failover slot" : "");
     char sqlstate[6] = "";
     int made;
     if (setup->backfill) {
         made = create_slot_with_backfill(s, setup, sql.data, sqlstate, err, errlen);
     } else {
-        buf_puts(&sql, " (SNAPSHOT 'nothing')");
+        buf_puts(&sql, setup->failover && PQserverVersion(s->conn) >= 170000
+                           ? " (SNAPSHOT 'nothing', FAILOVER)"
+                           : " (SNAPSHOT 'nothing')");
         made = command(s, sql.data, "could not create replication slot", sqlstate, err, errlen);
     }
     if (made < 0) {
@@ -1025,4 +1029,45 @@ void pgrows_free(PgRows *r)
 int pgstream_server_version(const PgStream *s)
 {
     return PQserverVersion(s->conn);
+}
+
+int pgstream_set_failover(PgStream *s, const char *slot, char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    buf_puts(&sql, "ALTER_REPLICATION_SLOT ");
+    int rc = -1;
+    if (put_ident(s, &sql, slot, err, errlen)) {
+        buf_puts(&sql, " (FAILOVER true)");
+        rc = command(s, sql.data, "could not make the slot a failover slot", NULL, err, errlen);
+    }
+    buf_deinit(&sql);
+    return rc < 0 ? -1 : 0;
+}
+
+int pgstream_timeline_fork(PgStream *s, uint32_t cur_tli, uint32_t old_tli, uint64_t *fork,
+                           char *err, size_t errlen)
+{
+    if (old_tli >= cur_tli)
+        return 1;
+    char sql[64];
+    snprintf(sql, sizeof(sql), "TIMELINE_HISTORY %u", cur_tli);
+    PGresult *res = query(s, sql, err, errlen);
+    if (!res)
+        return -1;
+    /* The file: one line per earlier timeline, "<tli>\t<switch point>\t<reason>". */
+    int rc = 1;
+    const char *p = PQnfields(res) >= 2 ? PQgetvalue(res, 0, 1) : "";
+    while (*p) {
+        unsigned long tli;
+        char lsn[24];
+        if (sscanf(p, "%lu %23s", &tli, lsn) == 2 && tli == old_tli && lsn_parse(lsn, fork)) {
+            rc = 0;
+            break;
+        }
+        p += strcspn(p, "\n");
+        p += *p == '\n';
+    }
+    PQclear(res);
+    return rc;
 }

@@ -681,6 +681,10 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
             end = STREAM_SLOT_LOST;
             break;
         }
+        if (rc == SESSION_FATAL) {
+            end = STREAM_FATAL;
+            break;
+        }
         if (rc > 0)
             break;
         if (rc == 0) {

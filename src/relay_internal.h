@@ -76,6 +76,7 @@ typedef struct Relay {
     OutboxPosition last_sent; /* the newest event handed to the publisher */
     bool have_last_sent;
     bool backfilling; /* backfilled rows flow: they are not skipped by position */
+    uint32_t confirmed_timeline; /* the server's timeline when confirmed was reached */
     /* positions */
     uint64_t received;  /* newest WAL position received */
     uint64_t confirmed; /* newest position confirmable (and confirmed at the next update) */
@@ -136,6 +137,9 @@ void relay_nap(Relay *r, int64_t us);
 int session_connect(Relay *r);
 /* session_acquire_slot's answer when the slot is lost (wal_status lost). */
 #define SESSION_SLOT_LOST 2
+/* session_connect() / session_acquire_slot(): a state outboxd must not go past by itself
+ * (logged with what to do); the relay exits 1 rather than retry. */
+#define SESSION_FATAL 4
 /* Takes the slot, standing by while another session holds it, and starts streaming. Returns 0
  * when streaming, 1 on stop, -1 when the connection failed, SESSION_SLOT_LOST when the slot
  * can never stream again. */

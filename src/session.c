@@ -43,6 +43,39 @@ static int load_checkpoint(Relay *r, Checkpoint *stored)
     return 0;
 }
 
+/*
+ * The checkpoint says a relay streamed from this system's slot, but the slot is gone: after a
+ * failover to a standby that did not have it (PostgreSQL 15 and 16, or 17 without failover
+ * slots), a new slot would start at the new primary's current position and every event
+ * committed there in between would never be published. Not a decision to take alone.
+ */
+static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
+{
+    if (stored->lsn == 0 || stored->backfill.active || !r->cfg->create)
+        return 0;
+    PgSlotInfo info;
+    if (pgstream_slot_info(r->pg, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
+        log_error("%s", r->err);
+        return -1;
+    }
+    if (info.exists)
+        return 0;
+    char when[32] = "(unknown)";
+    if (stored->commit_time)
+        pg_time_format_rfc3339(stored->commit_time, when);
+    log_error("replication slot \"%s\" does not exist, but the checkpoint says outboxd streamed "
+              "from it up to " LSN_FMT " (timeline %u, last transaction committed at %s): after a "
+              "failover to a standby without the slot, a new slot would skip every event "
+              "committed on this server since then. Choose: (1) to publish them, run outboxd "
+              "slot create --yes, then outboxd replay --since %s (the rows still in the table; "
+              "JetStream drops what it holds inside its duplicate window), then start outboxd; "
+              "or (2) to accept the gap, run outboxd slot create --yes and start outboxd. On "
+              "PostgreSQL 17 and later, failover slots (--failover-slot, sync_replication_slots "
+              "on the standby) keep the slot through a failover: see outboxd doctor",
+              r->cfg->slot, LSN_ARGS(stored->lsn), stored->timeline, when, when);
+    return SESSION_FATAL;
+}
+
 int session_connect(Relay *r)
 {
     const Config *cfg = r->cfg;
@@ -75,12 +108,15 @@ int session_connect(Relay *r)
         rc = -1;
         goto fail;
     }
+    if ((rc = refuse_missing_slot(r, &stored)) != 0)
+        goto fail;
 
     PgSetup setup = {
         .slot = cfg->slot,
         .publication = cfg->publication,
         .mapper = r->mapper,
         .create = cfg->create,
+        .failover = cfg->failover_slot,
     };
     if ((rc = backfill_prepare(r, &setup)) != 0)
         goto fail;
@@ -114,16 +150,48 @@ fail:
     return rc ? rc : -1;
 }
 
+/*
+ * Timelines. A position (an LSN, an event's commit LSN) belongs to the timeline it was reached
+ * on. After a failover the server is on a new timeline that shares the old one's history only
+ * up to the fork point (TIMELINE_HISTORY): an old position before it means the same on the new
+ * timeline; one at or past it may name transactions the new primary never had (an async
+ * standby), and the new primary's own transactions after the fork have lower LSNs than it.
+ * So an old position is used only up to the fork. Returns 0 with *out = the position on the
+ * server's timeline (lsn or the fork point), 1 when tli is not in the server's history (a
+ * position outboxd cannot prove safe), -1 on error (err).
+ */
+static int on_this_timeline(Relay *r, uint32_t tli, uint64_t lsn, uint64_t *out)
+{
+    if (tli == 0 || tli == r->sys.timeline) {
+        *out = lsn;
+        return 0;
+    }
+    uint64_t fork;
+    int rc = pgstream_timeline_fork(r->pg, r->sys.timeline, tli, &fork, r->err, sizeof(r->err));
+    if (rc == 0)
+        *out = lsn < fork ? lsn : fork;
+    return rc;
+}
+
 /* With --strict-order the stream's last event of outboxd's says exactly which events the
  * stream holds: read it at every start (a standby taking over, a restart, a reconnect), so
  * nothing it holds is sent again however long ago it was stored. */
 static void find_stored(Relay *r)
 {
+    if (r->have_stored && r->stored.timeline != r->sys.timeline) {
+        /* This run's own knowledge, from before a failover. */
+        uint64_t at;
+        if (on_this_timeline(r, r->stored.timeline, r->stored.lsn, &at) != 0 ||
+            at < r->stored.lsn)
+            r->have_stored = false;
+        else
+            r->stored.timeline = r->sys.timeline;
+    }
     if (!r->cfg->strict_order)
         return;
     OutboxPosition pos;
-    uint64_t at;
-    int rc = publisher_stream_position(r->pub, &pos, &at, r->err, sizeof(r->err));
+    uint64_t seq;
+    int rc = publisher_stream_position(r->pub, &pos, &seq, r->err, sizeof(r->err));
     if (rc < 0) {
         log_warn("could not read the stream's last event: %s; events after the checkpoint are "
                  "sent again and JetStream drops those inside its duplicate window",
@@ -138,22 +206,41 @@ static void find_stored(Relay *r)
         return;
     }
     if (pos.timeline != r->sys.timeline) {
-        log_warn("the stream's last event (position %u " LSN_FMT " %u) is from timeline %u, the "
-                 "server is on timeline %u: not skipping by it; JetStream's duplicate window "
-                 "drops what it holds",
-                 pos.timeline, LSN_ARGS(pos.lsn), pos.index, pos.timeline, r->sys.timeline);
-        return;
+        uint64_t at;
+        int trc = on_this_timeline(r, pos.timeline, pos.lsn, &at);
+        if (trc != 0) {
+            log_warn("the stream's last event (position %u " LSN_FMT " %u) is from timeline %u, "
+                     "which %s: not skipping by it; JetStream's duplicate window drops what it "
+                     "holds",
+                     pos.timeline, LSN_ARGS(pos.lsn), pos.index, pos.timeline,
+                     trc > 0 ? "is not in this server's history" : "could not be looked up");
+            return;
+        }
+        if (at < pos.lsn) {
+            /* Events past the fork were published from the old primary: the new one may not
+             * have them, and its own transactions after the fork must all go out. */
+            log_warn("the stream holds events of timeline %u up to " LSN_FMT ", past the point "
+                     "where that timeline forked (" LSN_FMT ") into this server's timeline %u: "
+                     "transactions the old primary committed after the fork and published are "
+                     "not on this server (see \"Failover\" in the README); every transaction "
+                     "of this server after the fork is published",
+                     pos.timeline, LSN_ARGS(pos.lsn), LSN_ARGS(at), r->sys.timeline);
+            pos = (OutboxPosition){.lsn = at - 1, .index = UINT32_MAX};
+        }
+        pos.timeline = r->sys.timeline;
     }
     if (!r->have_stored || outbox_position_cmp(&pos, &r->stored) > 0)
-        log_info("stream \"%s\" holds every event up to position %u " LSN_FMT " %u (sequence %" PRIu64
-                 "): nothing up to it is published again",
-                 r->stream.name, pos.timeline, LSN_ARGS(pos.lsn), pos.index, at);
+        log_info("stream \"%s\" holds every event up to position %u " LSN_FMT " %u (sequence "
+                 "%" PRIu64 "): nothing up to it is published again",
+                 r->stream.name, pos.timeline, LSN_ARGS(pos.lsn), pos.index, seq);
     relay_stored_at_least(r, &pos);
 }
 
-/* Where to start: the later of the slot, the checkpoint and what this process confirmed, but
- * never past the server's WAL (a checkpoint from before a restore of an older backup). */
-static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
+/* Where to start: the later of the slot, the checkpoint and what this process confirmed, each
+ * on the server's timeline, never past the server's WAL (a checkpoint from before a restore of
+ * an older backup). Returns 0 with *start, or SESSION_FATAL (logged) when the checkpoint's
+ * timeline is not in the server's history. */
+static int start_position(Relay *r, uint64_t slot_confirmed, uint64_t *start_out)
 {
     find_stored(r);
     /* Read again at every start: while this relay stood by, the one that held the slot moved
@@ -164,6 +251,33 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
         stored.lsn = 0;
     }
     uint64_t checkpoint = stored.lsn;
+    if (checkpoint) {
+        int rc = on_this_timeline(r, stored.timeline, stored.lsn, &checkpoint);
+        if (rc > 0) {
+            log_error("checkpoint " LSN_FMT " is from timeline %u, which is not in the history of "
+                      "the server's timeline %u (a restore, or a standby of another lineage): "
+                      "outboxd cannot tell which of its transactions were published; check the "
+                      "server, then remove the checkpoint key %s from bucket \"%s\" to start "
+                      "from the slot's position",
+                      LSN_ARGS(stored.lsn), stored.timeline, r->sys.timeline, r->checkpoint_key,
+                      r->cfg->checkpoint_bucket);
+            return SESSION_FATAL;
+        }
+        if (rc < 0) {
+            log_warn("%s; not using the checkpoint", r->err);
+            checkpoint = 0;
+        } else if (checkpoint < stored.lsn) {
+            log_warn("timeline %u forked into the server's timeline %u at " LSN_FMT ", before the "
+                     "checkpoint " LSN_FMT ": starting at the fork at the latest, so no "
+                     "transaction of this server is skipped",
+                     stored.timeline, r->sys.timeline, LSN_ARGS(checkpoint),
+                     LSN_ARGS(stored.lsn));
+        }
+    }
+    uint64_t confirmed = 0;
+    if (r->confirmed &&
+        on_this_timeline(r, r->confirmed_timeline, r->confirmed, &confirmed) != 0)
+        confirmed = 0;
     uint64_t start = slot_confirmed;
     const char *from = "the slot";
     if (checkpoint > start && checkpoint <= r->sys.xlogpos) {
@@ -174,8 +288,8 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
                  "): was the database restored from an older backup? ignoring it",
                  LSN_ARGS(checkpoint), LSN_ARGS(r->sys.xlogpos));
     }
-    if (r->confirmed > start && r->confirmed <= r->sys.xlogpos) {
-        start = r->confirmed;
+    if (confirmed > start && confirmed <= r->sys.xlogpos) {
+        start = confirmed;
         from = "this run's confirmed position";
     }
     if (start > slot_confirmed)
@@ -184,7 +298,8 @@ static uint64_t start_position(Relay *r, uint64_t slot_confirmed)
                  pgstream_server_version(r->pg) < 170000
                      ? "; before PostgreSQL 17 a restart can lose a slot's latest position"
                      : "");
-    return start;
+    *start_out = start;
+    return 0;
 }
 
 /* Marks the relay not ready with a lost slot and logs what happened, how to recover and what
@@ -234,7 +349,9 @@ int session_acquire_slot(Relay *r)
         }
         int rc = 0;
         if (info.active_pid == 0) {
-            uint64_t start = start_position(r, info.confirmed);
+            uint64_t start;
+            if (start_position(r, info.confirmed, &start) != 0)
+                return SESSION_FATAL;
             if (backfill_unfinished(r))
                 return -1;
             rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
@@ -245,8 +362,10 @@ int session_acquire_slot(Relay *r)
                     log_info("took over replication slot \"%s\"", r->cfg->slot);
                 atomic_store(&metrics.standby, 0);
                 r->received = r->reported = start;
-                if (start > r->confirmed)
+                /* After a failover this run's confirmed position may lie past the fork. */
+                if (start > r->confirmed || r->confirmed_timeline != r->sys.timeline)
                     r->confirmed = start;
+                r->confirmed_timeline = r->sys.timeline;
                 r->checkpointed = r->confirmed;
                 r->in_txn = false;
                 r->next_status = now_mono_us();
@@ -327,7 +446,8 @@ int session_reconnect(Relay *r)
         int rc = session_connect(r);
         if (rc == 0)
             return 0;
-        if (rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system"))
+        if ((rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system")) ||
+            rc == SESSION_FATAL)
             return -1;
     }
     return 1;

@@ -565,6 +565,7 @@ static int slot_create(const Config *cfg, PgStream *pg)
         .publication = cfg->publication,
         .mapper = mapper,
         .create = true,
+        .failover = cfg->failover_slot,
     };
     bool created = false;
     rc = pgstream_setup(rep, &setup, &created, err, sizeof(err));
@@ -623,6 +624,29 @@ void slot_lost_fix(const char *slot, char *out, size_t outlen)
 }
 
 /* ---- slot drop ------------------------------------------------------------------------------ */
+
+/* The slot was dropped on purpose: its checkpoint goes too, so the next relay starts afresh (a
+ * new slot, a backfill) instead of refusing a slot that its checkpoint says should exist. */
+static void forget_checkpoint(const Config *cfg)
+{
+    SlotCheckpoint ck;
+    if (checkpoint_open(cfg, &ck) < 0) {
+        fail("the checkpoint of slot \"%s\" is left in bucket \"%s\": remove its key by hand "
+             "(<system id>.%s) before starting outboxd, or it refuses the missing slot",
+             cfg->slot, cfg->checkpoint_bucket, cfg->slot);
+        return;
+    }
+    if (ck.kv && ck.cp.lsn != 0) {
+        natsStatus st = kvStore_Delete(ck.kv, ck.key);
+        if (st == NATS_OK)
+            printf("removed checkpoint %s from bucket \"%s\": the next relay starts afresh\n",
+                   ck.key, cfg->checkpoint_bucket);
+        else
+            fail("could not remove checkpoint %s from bucket \"%s\": %s", ck.key,
+                 cfg->checkpoint_bucket, natsStatus_GetText(st));
+    }
+    checkpoint_close(&ck);
+}
 
 /* The bookmarks of slot in all, oldest first (all is sorted by name, and the names by time). */
 static int bookmarks_in(const Slots *all, const char *slot, const SlotRow **out, int max)
@@ -697,6 +721,7 @@ static int slot_drop(const Config *cfg, PgStream *pg, const SlotOptions *opts)
             goto done;
         printf("dropped replication slot \"%s\" (it was at %s)\n", s->name,
                s->has_confirmed ? lsn_format(s->confirmed, lsn) : "-");
+        forget_checkpoint(cfg);
     }
     int dropped = 0;
     for (int i = 0; the_bookmarks && i < nbm; i++) {
@@ -1048,6 +1073,19 @@ int rewind_run(const Config *cfg, const RewindOptions *opts)
              "SELECT pg_copy_logical_replication_slot('%s', '%s'), then drop \"%s\"",
              cfg->slot, tmp, tmp, cfg->slot, tmp);
         goto done;
+    }
+    /* A copy is never a failover slot: make it one again, or a failover loses it. */
+    if (cfg->failover_slot && pgstream_server_version(pg) >= 170000) {
+        PgStream *rep = NULL;
+        char ferr[512];
+        if (pgstream_connect(&rep, cfg->pg_url, ferr, sizeof(ferr)) != 0 ||
+            pgstream_set_failover(rep, cfg->slot, ferr, sizeof(ferr)) < 0)
+            fail("slot \"%s\" is rewound, but is not a failover slot: %s (run "
+                 "ALTER_REPLICATION_SLOT \"%s\" (FAILOVER true) on a replication connection)",
+                 cfg->slot, ferr, cfg->slot);
+        else
+            printf("slot \"%s\" is a failover slot\n", cfg->slot);
+        pgstream_free(rep);
     }
     /* (4) */
     if (drop_slot(pg, tmp) < 0)

@@ -71,6 +71,7 @@ typedef struct Config {
     bool messages;       /* relay transactional logical decoding messages too */
     char *message_prefix; /* ... those with this prefix */
     bool create;       /* create the publication, then the slot, when missing */
+    bool failover_slot; /* 17+: the slot is a failover slot (standbys keep it in step) */
     /* publishing */
     int64_t max_inflight;       /* events published but not yet acknowledged, at most */
     int64_t max_inflight_bytes; /* bytes of such events, at most */

@@ -66,6 +66,8 @@ typedef struct PgSetup {
     const char *publication;
     const OutboxMapper *mapper; /* the outbox tables and the columns each needs */
     bool create;           /* create the publication and the slot when missing */
+    bool failover;         /* on PostgreSQL 17+, create the slot as a failover slot, which
+                            * standbys with sync_replication_slots keep in step */
     PgBackfill *backfill;  /* NULL: the slot is created without a snapshot */
 } PgSetup;
 
@@ -118,6 +120,18 @@ int pgstream_slot_info(PgStream *s, const char *slot, PgSlotInfo *info, char *er
 
 /* The server's version as a number (170004 for 17.4). */
 int pgstream_server_version(const PgStream *s);
+
+/* ALTER_REPLICATION_SLOT slot (FAILOVER true) on a replication connection (17+): a slot copy
+ * does not keep the flag. Returns 0, or -1 with err. */
+int pgstream_set_failover(PgStream *s, const char *slot, char *err, size_t errlen);
+
+/*
+ * Where timeline old_tli ended in the history of the server's timeline cur_tli
+ * (TIMELINE_HISTORY): *fork is the first LSN that belongs to the next timeline. Returns 0, 1
+ * when old_tli is not in that history (another lineage), -1 with err on failure.
+ */
+int pgstream_timeline_fork(PgStream *s, uint32_t cur_tli, uint32_t old_tli, uint64_t *fork,
+                           char *err, size_t errlen);
 
 /*
  * Resumes a backfill that was interrupted: reads the outbox's rows from backfill->first_table

@@ -34,9 +34,6 @@ _names = itertools.count(1)
 # to 15 only: tests of NATS alone (credentials, outages, the three-node cluster), of settings
 # parsing, the 50k-event kill loop (the same path as the five-kill test here, ten times longer),
 # and scripts/demo (it starts Debian's 15 itself).
-# test_startup::test_role_without_replication_attribute is left out on purpose: on 16+ the server
-# words the refusal differently and the relay then shows the server's message instead of its own
-# "lacks the REPLICATION attribute" hint (README, "PostgreSQL versions").
 # Test names per module; a name that no longer exists is an error, so the subset cannot shrink
 # silently.
 PG_MATRIX = {
