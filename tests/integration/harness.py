@@ -621,6 +621,18 @@ class PgStandby(PgServer):
         return wait_until(ready, timeout, f"a synchronised slot {name} on the standby", interval=0.1,
                           detail=lambda: f"last seen: {last[0]}")
 
+    def start_slot_sync(self):
+        """Turns on slot synchronisation (PostgreSQL 17+) on a running standby made without it.
+
+        The sync worker backs off (0.2 s doubling to 30 s) while the primary's slot is not yet
+        safe to copy (its catalog xmin older than the standby's); turning it on once the slot
+        has moved past a running-transactions record makes the first attempt succeed."""
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("sync_replication_slots = on\n")
+        self.sql("SELECT pg_reload_conf()")
+        wait_until(lambda: self.scalar("SHOW sync_replication_slots") == "on", 10,
+                   "sync_replication_slots to take effect")
+
     def promote(self, timeout=60):
         """pg_promote(); returns once the server accepts writes (a new timeline)."""
         assert self.scalar("SELECT pg_promote(true, %s)", int(timeout)), "pg_promote() gave up"
