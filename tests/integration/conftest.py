@@ -113,6 +113,7 @@ PG_MATRIX = {
     ],
     "test_failover": [
         "test_primary_killed_under_load_the_relay_follows_the_promoted_standby_exactly_once",
+        "test_with_the_standby_down_the_relay_publishes_nothing_the_promoted_standby_lacks",
         "test_a_relay_back_after_an_async_failover_skips_nothing_the_new_primary_committed",
         "test_failover_to_a_standby_without_the_slot_stops_with_the_runbook_which_closes_the_gap",
     ],
@@ -128,6 +129,8 @@ _FAILOVER_SLOTS = ("failover slots (the standby's sync_replication_slots, the pr
 PG_MIN = {
     "test_failover": {
         "test_primary_killed_under_load_the_relay_follows_the_promoted_standby_exactly_once":
+            (17, _FAILOVER_SLOTS),
+        "test_with_the_standby_down_the_relay_publishes_nothing_the_promoted_standby_lacks":
             (17, _FAILOVER_SLOTS),
         "test_a_relay_back_after_an_async_failover_skips_nothing_the_new_primary_committed":
             (17, _FAILOVER_SLOTS),

@@ -249,6 +249,50 @@ def test_primary_killed_under_load_the_relay_follows_the_promoted_standby_exactl
     assert took < 60
 
 
+@pytest.mark.timeout(240)
+def test_with_the_standby_down_the_relay_publishes_nothing_the_promoted_standby_lacks(failover, js):
+    ctx, primary, standby = failover(synchronized_standby_slots=True)
+    ctx.setup()
+    relay = relay_for(ctx, primary, standby).start()
+    relay.wait_streaming(timeout=30)
+    w = writer_on(ctx, primary, seed=81)
+    first = w.write(random_sizes(500, 1, 20, w.rng))
+    js.wait_count(ctx.stream, len(first), 60)
+    synced, took = sync_the_slot(ctx, primary, standby)
+    report("slot synchronised to the standby", took)
+
+    # The standby goes down; the primary goes on committing (its standby is asynchronous), and
+    # synchronized_standby_slots holds the relay back. Then the primary is killed mid-burst.
+    standby.stop("fast")
+    held_at = js.count(ctx.stream)
+    w.start_background(random_sizes(200_000, 1, 20, w.rng), pause=0.002)
+    wait_until(lambda: len(w.event_ids) >= len(first) + 2_000, 60, "2000 events committed with the standby down")
+    published_meanwhile = js.count(ctx.stream) - held_at
+    primary.kill()
+    stop_writer_by_failure(w)
+    standby.start()
+    standby.promote()
+    t_promoted = time.monotonic()
+
+    w2 = writer_on(ctx, standby, seed=82)
+    w2.write(random_sizes(1_000, 1, 20, w2.rng))
+    first_arrival(js, ctx.stream, w2.event_ids[-1], 60, "the new primary's events")
+    report("promotion to the new primary's events stored", time.monotonic() - t_promoted)
+    new_ids = table_ids(standby, ctx.table)
+    old_kept, lost, made_it = committed_on_the_new_primary(w, new_ids)
+    msgs = js.dump(ctx.stream)
+    got = [m["headers"].get("Nats-Msg-Id") for m in msgs]
+    lacking = [e for e in got if e not in new_ids]
+    report("events committed on the old primary with the standby down, lost with it", lost, unit="")
+    report("events published while the standby was down", published_meanwhile, unit="")
+    report("stream messages / published events the new primary lacks", f"{len(got)} / {len(lacking)}", unit="")
+    assert lost >= 2_000, "the standby had the events: the case is not exercised"
+    assert not lacking, (f"the relay published {len(lacking)} events the standby never flushed "
+                         f"(e.g. {lacking[:3]})")
+    assert_exactly_once_in_order(msgs, old_kept + w2.event_ids)
+    assert relay.running and relay.runs == 1
+
+
 @pytest.mark.timeout(300)
 def test_a_relay_back_after_an_async_failover_skips_nothing_the_new_primary_committed(failover, js):
     ctx, primary, standby = failover(synchronized_standby_slots=False)
