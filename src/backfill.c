@@ -218,6 +218,7 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
     PgoMessage *m = r->msg;
     /* Backfilled events carry the slot's starting point as their commit LSN. */
     r->txn.commit_lsn = r->backfill.position;
+    r->txn.timeline = r->sys.timeline;
     if (r->backfill_table != table + 1) {
         m->kind = PGO_RELATION;
         m->u.relation.relid = BACKFILL_RELID;

@@ -462,7 +462,7 @@ static void check_failover(Doctor *d)
         return;
     }
     char *sql = strf("SELECT coalesce((SELECT failover FROM pg_catalog.pg_replication_slots "
-                     "WHERE slot_name = %s), false), "
+                     "WHERE slot_name = %s), true), "
                      "current_setting('synchronized_standby_slots'), "
                      "(SELECT count(*) FROM pg_catalog.pg_replication_slots "
                      "WHERE slot_type = 'physical' AND active)",
@@ -471,7 +471,7 @@ static void check_failover(Doctor *d)
     free(sql);
     if (!r)
         return;
-    bool failover = pgrows_true(r, 0, 0);
+    bool failover = pgrows_true(r, 0, 0); /* true also when the slot is still to be created */
     const char *sync_slots = val(r, 1);
     int standbys = ival(r, 2);
     if (!failover && d->cfg->failover_slot) {

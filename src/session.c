@@ -67,9 +67,9 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
               "from it up to " LSN_FMT " (timeline %u, last transaction committed at %s): after a "
               "failover to a standby without the slot, a new slot would skip every event "
               "committed on this server since then. Choose: (1) to publish them, run outboxd "
-              "slot create --yes, then outboxd replay --since %s (the rows still in the table; "
+              "slot create, then outboxd replay --since %s (the rows still in the table; "
               "JetStream drops what it holds inside its duplicate window), then start outboxd; "
-              "or (2) to accept the gap, run outboxd slot create --yes and start outboxd. On "
+              "or (2) to accept the gap, run outboxd slot create and start outboxd. On "
               "PostgreSQL 17 and later, failover slots (--failover-slot, sync_replication_slots "
               "on the standby) keep the slot through a failover: see outboxd doctor",
               r->cfg->slot, LSN_ARGS(stored->lsn), stored->timeline, when, when);

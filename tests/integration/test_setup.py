@@ -14,7 +14,7 @@ RUN_LIMIT = 30
 
 # The checks of `outboxd doctor`, in order.
 DOCTOR_CHECKS = ["postgres", "wal_level", "replication_role", "outbox_table", "publication",
-                 "replication_slots", "wal_senders", "max_slot_wal_keep_size", "slot", "nats",
+                 "replication_slots", "wal_senders", "max_slot_wal_keep_size", "slot", "failover", "nats",
                  "jetstream", "stream", "dead_letter_stream", "duplicate_window"]
 CHECK_LINE = re.compile(r"^(PASS|WARN|FAIL)  (\S+) +(.*)$")
 
