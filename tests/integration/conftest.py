@@ -111,6 +111,30 @@ PG_MATRIX = {
         "test_postgres_tls_with_verify_full_and_a_client_certificate",
         "test_postgres_password_from_a_file",
     ],
+    "test_failover": [
+        "test_primary_killed_under_load_the_relay_follows_the_promoted_standby_exactly_once",
+        "test_with_the_standby_down_the_relay_publishes_nothing_the_promoted_standby_lacks",
+        "test_a_relay_back_after_an_async_failover_skips_nothing_the_new_primary_committed",
+        "test_failover_to_a_standby_without_the_slot_stops_with_the_runbook_which_closes_the_gap",
+    ],
+}
+
+# Tests that need a newer PostgreSQL than some under test: {module: {test: (major, reason)}}. On an
+# older server they are deselected, not skipped (scripts/test counts a skip as a failure: a
+# missing test), and the end of the run lists them with the reason; they are in PG_MATRIX too, so
+# the pg-matrix stage runs them on every version that has what they need. A name that no longer
+# exists is an error, as in PG_MATRIX.
+_FAILOVER_SLOTS = ("failover slots (the standby's sync_replication_slots, the primary's "
+                   "synchronized_standby_slots) are new in PostgreSQL 17")
+PG_MIN = {
+    "test_failover": {
+        "test_primary_killed_under_load_the_relay_follows_the_promoted_standby_exactly_once":
+            (17, _FAILOVER_SLOTS),
+        "test_with_the_standby_down_the_relay_publishes_nothing_the_promoted_standby_lacks":
+            (17, _FAILOVER_SLOTS),
+        "test_a_relay_back_after_an_async_failover_skips_nothing_the_new_primary_committed":
+            (17, _FAILOVER_SLOTS),
+    },
 }
 
 
@@ -133,10 +157,36 @@ def pytest_collection_modifyitems(session, config, items):
         modules[item.module.__name__] = item.module
         if (item.originalname or item.name) in PG_MATRIX.get(item.module.__name__, ()):
             item.add_marker(pytest.mark.pg_matrix)
-    missing = [f"{m}::{n}" for m, mod in modules.items() for n in PG_MATRIX.get(m, ())
-               if not callable(getattr(mod, n, None))]
-    if missing:
-        raise pytest.UsageError("PG_MATRIX names tests that do not exist: " + ", ".join(missing))
+    for table, what in ((PG_MATRIX, "PG_MATRIX"), (PG_MIN, "PG_MIN")):
+        missing = [f"{m}::{n}" for m, mod in modules.items() for n in table.get(m, ())
+                   if not callable(getattr(mod, n, None))]
+        if missing:
+            raise pytest.UsageError(f"{what} names tests that do not exist: " + ", ".join(missing))
+
+    # Deselect (not skip) what the server under test is too old for; pytest_terminal_summary
+    # names them.
+    version = int(harness.pg_version())
+    keep, too_new = [], []
+    for item in items:
+        need = PG_MIN.get(item.module.__name__, {}).get(item.originalname or item.name)
+        if need and version < need[0]:
+            too_new.append((item, need))
+        else:
+            keep.append(item)
+    if too_new:
+        config.hook.pytest_deselected(items=[item for item, _ in too_new])
+        items[:] = keep
+    config._outboxd_needs_newer_pg = [(item.nodeid, need) for item, need in too_new]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    listed = getattr(config, "_outboxd_needs_newer_pg", [])
+    if listed:
+        tr = terminalreporter
+        tr.write_sep("-", f"deselected on PostgreSQL {harness.pg_version()}: "
+                          f"{len(listed)} tests need a newer server")
+        for nodeid, (major, reason) in listed:
+            tr.write_line(f"{nodeid}: needs PostgreSQL {major}+: {reason}")
 
 
 @pytest.fixture(scope="session")

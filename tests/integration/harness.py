@@ -432,6 +432,10 @@ class PgServer:
     def current_lsn(self):
         return lsn_int(self.scalar("SELECT pg_current_wal_lsn()::text"))
 
+    def timeline(self):
+        """The timeline the server writes WAL on (after promotion, the new one)."""
+        return int(self.scalar("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+
     def slot(self, name):
         """The slot's row as a dict, or None."""
         rows = self.sql("SELECT slot_name, plugin, slot_type, active, active_pid, restart_lsn::text, "
@@ -493,6 +497,162 @@ class PgServer:
                 assert m, f"no event_id in test_decoding row: {data[:200]}"
                 cur["event_ids"].append(m.group(1))
         return txs
+
+
+
+class PgStandby(PgServer):
+    """A hot standby of a PgServer, made without pg_basebackup (the npm server builds lack it): from
+    a copy (`cp -a`) of the primary's data folder taken while the primary is cleanly stopped, with
+    standby.signal and primary_conninfo (dbname included, for slot synchronisation). Like
+    pg_basebackup it leaves the primary's replication slots out of the copy.
+
+    physical_slot: the primary's physical slot it streams through (primary_slot_name; create it on
+    the primary with create_physical_slot() before the copy, so the primary keeps the WAL from then
+    on). sync_slots: PostgreSQL 17+ slot synchronisation (sync_replication_slots = on, with
+    hot_standby_feedback = on). promote() makes it a primary on a new timeline.
+    """
+
+    # The pg_hba.conf line a primary needs for a standby's (physical) replication connection:
+    # PgServer(..., hba_first=[PgStandby.PRIMARY_HBA]).
+    PRIMARY_HBA = "host replication postgres 127.0.0.1/32 trust"
+
+    def __init__(self, root_dir, primary, physical_slot=None, sync_slots=False, extra_conf=None):
+        super().__init__(root_dir, wal_level=primary.wal_level, extra_conf=extra_conf)
+        self.primary = primary
+        self.physical_slot = physical_slot
+        self.sync_slots = sync_slots
+        self.application_name = self.dir.name.replace("-", "_")
+
+    def init(self):
+        assert not self.primary.running, "the primary must be stopped cleanly before its data folder is copied"
+        self.sockdir.mkdir(mode=0o700, exist_ok=True)
+        self._own(self.dir)
+        self._own(self.sockdir)
+        # cp -a keeps the owner (postgres) and the 0700 mode the server insists on.
+        r = subprocess.run(["cp", "-a", str(self.primary.datadir), str(self.datadir)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"copying {self.primary.datadir} failed: {r.stderr.strip()}")
+        for leftover in ("postmaster.pid", "postmaster.opts"):
+            (self.datadir / leftover).unlink(missing_ok=True)
+        for slot_dir in (self.datadir / "pg_replslot").iterdir():
+            shutil.rmtree(slot_dir)
+        (self.datadir / "standby.signal").touch()
+        self._own(self.datadir / "standby.signal")
+        primary_conninfo = (f"host=127.0.0.1 port={self.primary.port} user=postgres dbname=postgres "
+                            f"application_name={self.application_name}")
+        conf = {
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.sockdir}'",
+            "primary_conninfo": f"'{primary_conninfo}'",
+            "hot_standby": "on",
+            "hot_standby_feedback": "on",
+            "wal_receiver_status_interval": "1s",
+            "wal_retrieve_retry_interval": "'500ms'",
+        }
+        if self.physical_slot:
+            conf["primary_slot_name"] = f"'{self.physical_slot}'"
+        if self.sync_slots:
+            conf["sync_replication_slots"] = "on"
+        conf.update(self.extra_conf)
+        # Later lines win: these override the primary's copied settings.
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("\n# outboxd integration tests: standby\n")
+            for k, v in conf.items():
+                f.write(f"{k} = {v}\n")
+        return self
+
+    # -- state
+
+    def in_recovery(self):
+        return bool(self.scalar("SELECT pg_is_in_recovery()"))
+
+    def replay_lsn(self):
+        """pg_last_wal_replay_lsn() as int (None once promoted and nothing was replayed)."""
+        return lsn_int(self.scalar("SELECT pg_last_wal_replay_lsn()::text"))
+
+    def wait_replayed(self, lsn, timeout=60):
+        """Waits until the standby replayed the WAL up to lsn (e.g. the primary's current_lsn())."""
+        last = [None]
+
+        def done():
+            last[0] = self.replay_lsn()
+            return last[0] is not None and last[0] >= lsn
+
+        wait_until(done, timeout, f"the standby to replay up to {lsn_text(lsn)}", interval=0.05,
+                   detail=lambda: f"replayed {lsn_text(last[0]) if last[0] is not None else 'nothing'}")
+
+    def wait_caught_up(self, timeout=60):
+        """Waits until the standby replayed everything the (running) primary has written."""
+        self.wait_replayed(self.primary.current_lsn(), timeout)
+
+    def wait_streaming(self, timeout=60):
+        """Waits until the primary shows this standby streaming (pg_stat_replication)."""
+        wait_until(lambda: self.primary.scalar(
+            "SELECT state FROM pg_stat_replication WHERE application_name = %s",
+            self.application_name) == "streaming",
+            timeout, f"standby {self.application_name} to stream from the primary", interval=0.1)
+
+    def synced_slot(self, name):
+        """The synchronised copy of the primary's slot name (PostgreSQL 17+) as a dict (synced,
+        temporary, confirmed_flush_lsn as int, ...), or None."""
+        rows = self.sql("SELECT synced, temporary, failover, restart_lsn::text, confirmed_flush_lsn::text, "
+                        "invalidation_reason FROM pg_replication_slots WHERE slot_name = %s", name)
+        if not rows:
+            return None
+        synced, temporary, failover, restart, confirmed, invalidation = rows[0]
+        return {"synced": synced, "temporary": temporary, "failover": failover,
+                "restart_lsn": lsn_int(restart), "confirmed_flush_lsn": lsn_int(confirmed),
+                "invalidation_reason": invalidation}
+
+    def wait_synced_slot(self, name, at_least=None, timeout=90):
+        """Waits until the slot-sync worker made a persistent (not temporary) synchronised copy of
+        slot name, at or past the confirmed LSN at_least if given; returns synced_slot(name)."""
+        last = [None]
+
+        def ready():
+            s = last[0] = self.synced_slot(name)
+            if not s or not s["synced"] or s["temporary"] or s["invalidation_reason"]:
+                return None
+            if at_least is not None and (s["confirmed_flush_lsn"] or 0) < at_least:
+                return None
+            return s
+
+        return wait_until(ready, timeout, f"a synchronised slot {name} on the standby", interval=0.1,
+                          detail=lambda: f"last seen: {last[0]}")
+
+    def start_slot_sync(self):
+        """Turns on slot synchronisation (PostgreSQL 17+) on a running standby made without it.
+
+        The sync worker backs off (0.2 s doubling to 30 s) while the primary's slot is not yet
+        safe to copy (its catalog xmin older than the standby's); turning it on once the slot
+        has moved past a running-transactions record makes the first attempt succeed."""
+        with open(self.datadir / "postgresql.conf", "a") as f:
+            f.write("sync_replication_slots = on\n")
+        self.sql("SELECT pg_reload_conf()")
+        wait_until(lambda: self.scalar("SHOW sync_replication_slots") == "on", 10,
+                   "sync_replication_slots to take effect")
+
+    def promote(self, timeout=60):
+        """pg_promote(); returns once the server accepts writes (a new timeline)."""
+        assert self.scalar("SELECT pg_promote(true, %s)", int(timeout)), "pg_promote() gave up"
+        wait_until(lambda: not self.in_recovery(), timeout, "the promoted standby to leave recovery")
+        return self
+
+
+def create_physical_slot(pg, name):
+    """A physical slot on pg that keeps WAL from now on (a standby's primary_slot_name)."""
+    pg.sql("SELECT pg_create_physical_replication_slot(%s, true)", name)
+
+
+def multi_host_dsn(*servers, **params):
+    """One libpq conninfo naming several servers, trying them in order; with
+    target_session_attrs=read-write libpq skips a server in recovery (a standby)."""
+    kv = {"host": ",".join("127.0.0.1" for _ in servers), "port": ",".join(str(s.port) for s in servers),
+          "dbname": "postgres", "user": "postgres", "target_session_attrs": "read-write",
+          "connect_timeout": "5"}
+    kv.update(params)
+    return " ".join(f"{k}={v}" for k, v in kv.items())
 
 
 # ---- NATS ---------------------------------------------------------------------------------------
@@ -972,6 +1132,7 @@ class OutboxWriter:
         self._error = None
         self._stop = threading.Event()
         self._seq = 0
+        self.in_doubt = None  # event ids of a COMMIT whose outcome is unknown (see insert_txn)
 
     @property
     def event_ids(self):
@@ -1026,7 +1187,11 @@ class OutboxWriter:
                 self.insert_rows(cur, events)
                 if before_commit is not None:
                     res = before_commit(cur)
+            # If the connection breaks during COMMIT (the server killed), the transaction may
+            # or may not have committed: in_doubt says which events.
+            self.in_doubt = [e["event_id"] for e in events]
             self.conn.commit()
+            self.in_doubt = None
         except BaseException:
             self.conn.rollback()
             raise
