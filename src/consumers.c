@@ -483,9 +483,10 @@ static int read_infos(natsConnection *nc, const char *stream, const char *settin
         json_t *info;
         json_array_foreach(list, i, info) take(info, stream, setting, v, n, &cap);
         uint64_t total = get_u64(reply, "total");
-        offset += json_array_size(list);
-        json_decref(reply);
-        if (json_array_size(list) == 0 || offset >= total)
+        size_t got = json_array_size(list);
+        offset += got;
+        json_decref(reply); /* list goes with it */
+        if (got == 0 || offset >= total)
             return 0;
     }
 }
