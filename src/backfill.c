@@ -182,6 +182,8 @@ static int wait_for_room(Relay *r)
     while (!publisher_has_room(r->pub)) {
         if (*r->stop || progress_poll(r, false) < 0)
             return -1;
+        if (publisher_has_room(r->pub))
+            break; /* the acknowledgements just taken made room: no sleep */
         bool pg_ready;
         relay_wait_for_work(r, false, min64(now_mono_us() + 100000, publisher_next_deadline(r->pub)),
                       &pg_ready);

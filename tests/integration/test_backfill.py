@@ -116,10 +116,12 @@ def test_backfill_stays_live_and_resumes_exactly_once_after_kill_9(ctx, pg, js):
     t0 = time.monotonic()
     ids = fill(pg, ctx.table, n)
     print(f"\n{n} rows written before the slot in {time.monotonic() - t0:.1f}s")
-    # A small window makes the backfill take seconds, longer than the probe windows below.
-    relay = ctx.relay("--max-inflight=64")
+    # A window of 8 makes the backfill take seconds, longer than the probe's startup window: the
+    # relay takes in acknowledgements once a millisecond, so a third of the rows needs at least
+    # 13,333 / 8 ms = 1.7 s however fast the machine.
+    relay = ctx.relay("--max-inflight=8")
     relay.start()
-    probe = HealthProbe(relay, start=3.0)
+    probe = HealthProbe(relay, start=1.0)
     # Kill it once a good part is stored (and the checkpoint written), well before the end.
     wait_until(lambda: stored_rows(relay) >= n // 3, 60, "a third of the backfill to be stored",
                interval=0.1)
