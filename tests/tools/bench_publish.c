@@ -10,9 +10,10 @@
  *            bench's rows: message i gets AGG[i % 4], EVT[(i / 4) % 2])
  *   headers  Nats-Msg-Id (a random UUID, unique), Outbox-Event-Type, Outbox-Aggregate-Type,
  *            Outbox-Aggregate-Id, Outbox-Occurred-At, Outbox-Schema-Version, Outbox-Trace-Id
- *            (32 hex digits), Outbox-Commit-Lsn, Outbox-Commit-Time: 9 headers of the same sizes
- *            as outboxd's; with --chain also Nats-Expected-Last-Msg-Id = the previous message's
- *            id, as outboxd sends with --strict-order=true (its default)
+ *            (32 hex digits), Outbox-Commit-Lsn, Outbox-Commit-Time, Outbox-Position: 10 headers
+ *            of the same sizes as outboxd's; with --chain also Nats-Expected-Last-Sequence =
+ *            the sequence of the message before it (the stream starts empty), as outboxd sends
+ *            with --strict-order=true (its default)
  *   body     {"pad": "...", "seq": "0000000042"}, exactly --body-bytes bytes (at least 32)
  *
  * Usage:
@@ -337,7 +338,6 @@ typedef struct Gen {
     size_t seq_off; /* where the 10 seq digits go in body */
     int64_t base_us;
     uint64_t base_lsn;
-    char prev_id[37];
     OutboxEvent ev;
     double header_bytes; /* sum over messages of the encoded header block size */
 } Gen;
@@ -382,7 +382,8 @@ static void add(OutboxEvent *ev, const char *name, const char *value)
 static void build(Gen *g, int64_t i, WireMsg *w)
 {
     const Args *a = g->a;
-    char subject[256], id[37], aggid[32], occurred[64], committed[64], trace[33], lsn[32];
+    char subject[256], id[37], aggid[32], occurred[64], committed[64], trace[33], lsn[32],
+        pos[64];
     const char *agg = AGG[(uint64_t)i % NAGG], *evt = EVT[((uint64_t)i / NAGG) % NEVT];
     snprintf(subject, sizeof(subject), "%s.%s.%s", a->prefix, agg, evt);
     make_uuid(id);
@@ -394,6 +395,7 @@ static void build(Gen *g, int64_t i, WireMsg *w)
     trace[32] = '\0';
     uint64_t l = g->base_lsn + (uint64_t)i * 330;
     snprintf(lsn, sizeof(lsn), "%" PRIX64 "/%" PRIX64, l >> 32, l & 0xffffffff);
+    snprintf(pos, sizeof(pos), "1 %s 0", lsn);
 
     char digits[24];
     snprintf(digits, sizeof(digits), "%010" PRId64, i % INT64_C(10000000000));
@@ -413,11 +415,13 @@ static void build(Gen *g, int64_t i, WireMsg *w)
     add(ev, "Outbox-Trace-Id", trace);
     add(ev, "Outbox-Commit-Lsn", lsn);
     add(ev, "Outbox-Commit-Time", committed);
+    add(ev, "Outbox-Position", pos);
     ev->body = g->body;
     ev->body_len = (size_t)a->body_bytes;
-    wire_encode(w, ev, a->chain ? g->prev_id : NULL);
+    char expected[24];
+    snprintf(expected, sizeof(expected), "%" PRId64, i);
+    wire_encode(w, ev, a->chain ? expected : NULL);
     g->header_bytes += (double)w->hdr_len;
-    memcpy(g->prev_id, id, sizeof(id));
 }
 
 static int fail_nats(const char *what, natsStatus s)
