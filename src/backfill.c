@@ -321,11 +321,10 @@ static int backfill_started(void *arg, char *err, size_t errlen)
 static int reload(Relay *r)
 {
     Checkpoint stored;
-    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, &stored, r->err, sizeof(r->err)) < 0) {
+    if (session_load_checkpoint(r, &stored) < 0) {
         log_error("%s", r->err);
         return -1;
     }
-    r->cp.backfill = stored.backfill;
     return 0;
 }
 

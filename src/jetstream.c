@@ -411,22 +411,6 @@ int jsapi_msg_get(natsConnection *nc, const char *stream, uint64_t seq, const ch
     return rc;
 }
 
-/* The Nats-Msg-Id of the stream's message at seq, into out ("" when it has none). */
-static int read_msg_id(natsConnection *nc, const char *stream, uint64_t seq, char *out,
-                       size_t outlen, char *err, size_t errlen)
-{
-    out[0] = '\0';
-    if (seq == 0)
-        return 0;
-    JsStoredMsg m = {0};
-    buf_init(&m.hdrs);
-    int rc = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
-    if (rc == 0)
-        jsapi_header_value(m.hdrs.data, OUTBOX_HDR_MSG_ID, out, outlen);
-    buf_deinit(&m.hdrs);
-    return rc < 0 ? -1 : 0;
-}
-
 int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_seq,
                         unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
                         size_t errlen)
@@ -503,8 +487,7 @@ int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, 
     info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
     info->messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
     json_decref(reply);
-    return read_msg_id(nc, name, info->messages ? info->last_seq : 0, info->last_msg_id,
-                       sizeof(info->last_msg_id), err, errlen);
+    return 0;
 }
 
 int jsapi_checkpoint_read(jsCtx *js, const char *bucket, const char *key, Checkpoint *cp,

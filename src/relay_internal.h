@@ -152,6 +152,10 @@ void session_report_slot_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);
+/* Reads the stored checkpoint into *stored and takes its backfill state and later commit time
+ * into r->cp: the relay that held the slot before may have moved both on. -1 when it cannot
+ * be read (err says why). */
+int session_load_checkpoint(Relay *r, Checkpoint *stored);
 /* After a lost connection: lets every published event be acknowledged, so the session that
  * follows starts exactly after what is stored. */
 void session_end(Relay *r);

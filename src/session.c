@@ -31,9 +31,7 @@ static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
     return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
 }
 
-/* Reads the stored checkpoint into *stored and takes its backfill state: the relay that held
- * the slot before may have moved both on. -1 when it cannot be read (err says why). */
-static int load_checkpoint(Relay *r, Checkpoint *stored)
+int session_load_checkpoint(Relay *r, Checkpoint *stored)
 {
     if (publisher_checkpoint_get(r->pub, r->checkpoint_key, stored, r->err, sizeof(r->err)) < 0)
         return -1;
@@ -60,7 +58,7 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
     }
     if (info.exists)
         return 0;
-    /* This run may have confirmed more than the stored checkpoint says (load_checkpoint keeps
+    /* This run may have confirmed more than the stored checkpoint says (session_load_checkpoint keeps
      * the later commit time): name the latest, so the runbook's replay starts no earlier. */
     uint64_t lsn = stored->lsn > r->confirmed ? stored->lsn : r->confirmed;
     char when[32] = "(unknown)";
@@ -106,7 +104,7 @@ int session_connect(Relay *r)
     r->have_sys = true;
     snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
     Checkpoint stored;
-    if (load_checkpoint(r, &stored) < 0) {
+    if (session_load_checkpoint(r, &stored) < 0) {
         log_error("%s", r->err);
         rc = -1;
         goto fail;
@@ -249,7 +247,7 @@ static int start_position(Relay *r, uint64_t slot_confirmed, uint64_t *start_out
     /* Read again at every start: while this relay stood by, the one that held the slot moved
      * it on (and may have finished a backfill). */
     Checkpoint stored;
-    if (load_checkpoint(r, &stored) < 0) {
+    if (session_load_checkpoint(r, &stored) < 0) {
         log_warn("%s; starting from the slot's position", r->err);
         stored.lsn = 0;
     }

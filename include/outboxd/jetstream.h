@@ -25,7 +25,6 @@ typedef struct StreamInfo {
     int64_t duplicate_window_ms;
     uint64_t messages;
     uint64_t last_seq;
-    char last_msg_id[256]; /* Nats-Msg-Id of the stream's last message, "" if none */
     char subjects[2048];   /* its subjects, space-separated */
 } StreamInfo;
 
@@ -108,7 +107,7 @@ bool jsapi_header_value(const char *block, const char *name, char *out, size_t o
 int jsapi_find_stream(natsConnection *nc, const char *filter, char *name, size_t namelen,
                       bool *found, char *err, size_t errlen);
 
-/* The stream's configuration, state and last message id. */
+/* The stream's configuration and state. */
 int jsapi_stream_info(natsConnection *nc, const char *name, StreamInfo *info, char *err,
                       size_t errlen);
 
