@@ -12,9 +12,14 @@
  * BACKFILL_PUT_US. A relay that finds an unfinished backfill continues after that key, reading
  * only the rows visible in the slot's snapshot (rows committed later come through the WAL).
  * Rows published after the last checkpoint write are found in the stream itself: every
- * backfilled event carries the slot's position as its Outbox-Commit-Lsn, so the messages after
- * the last recorded key are read back from the stream's end, and a row whose event id is among
- * them is not published again - exact however long ago it was, whatever the duplicate window.
+ * backfilled event carries the slot's position minus one as its commit LSN and its ordinal in
+ * the backfill as its index (Outbox-Position "<timeline> <slot position - 1> <ordinal>"; a
+ * resumed backfill numbers on from the rows stored), so the events after the last recorded
+ * key are read back from the stream's end with the relay's one look-back rule
+ * (jsapi_own_events_back), and a row whose event id is among them is not published again -
+ * exact however long ago it was, whatever the duplicate window. The position lies below every
+ * streamed transaction (those commit at or after the slot's position), so the skip rule
+ * (anchor.c) never mistakes one for the other.
  *
  * Owned: one relay backfills, the one holding a session advisory lock named after the slot on
  * its replication connection. Another relay that finds the backfill unfinished stands by
@@ -45,6 +50,8 @@
 #define BACKFILL_PUT_US INT64_C(1000000)
 /* Acknowledgements are taken in every this many rows (and whenever the window is full). */
 #define BACKFILL_POLL_ROWS 256
+/* How many messages in a row that are not its events the look-back passes over. */
+#define LOOKBACK_FOREIGN 256
 
 /* A row published (or found stored), in order: its key is stored once every event below
  * seq_limit is acknowledged. */
@@ -196,17 +203,26 @@ static int cmp_str(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* True when the stream holds the event of this row already (or its dead letter). */
-static bool held(const BackfillRun *b, const char *key, size_t keylen)
+/* True when the stream holds the event of this row already (or its dead letter: "dlq-<id>",
+ * or for a row without a usable id "dlq-<lsn>-<ordinal>", which the ordinals numbered on from
+ * the rows stored make the same as when it was published). */
+static bool held(const BackfillRun *b, const char *key, size_t keylen, uint64_t lsn,
+                 uint32_t ordinal)
 {
     if (b->nheld == 0 || keylen > OUTBOX_MAX_EVENT_ID)
         return false;
     char id[OUTBOX_MAX_EVENT_ID + 5] = "dlq-";
-    memcpy(id + 4, key, keylen);
-    id[4 + keylen] = '\0';
-    const char *k = id + 4;
-    return bsearch(&k, b->held, b->nheld, sizeof(char *), cmp_str) ||
-           bsearch(&(const char *){id}, b->held, b->nheld, sizeof(char *), cmp_str);
+    if (key) {
+        memcpy(id + 4, key, keylen);
+        id[4 + keylen] = '\0';
+        const char *k = id + 4;
+        if (bsearch(&k, b->held, b->nheld, sizeof(char *), cmp_str))
+            return true;
+    }
+    char unkeyed[64];
+    snprintf(unkeyed, sizeof(unkeyed), "dlq-%X-%X-%u", LSN_ARGS(lsn), ordinal);
+    return bsearch(&(const char *){unkeyed}, b->held, b->nheld, sizeof(char *), cmp_str) ||
+           (key && bsearch(&(const char *){id}, b->held, b->nheld, sizeof(char *), cmp_str));
 }
 
 /* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
@@ -218,8 +234,9 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
     Relay *r = arg;
     BackfillRun *b = r->bfrun;
     PgoMessage *m = r->msg;
-    /* Backfilled events carry the slot's starting point as their commit LSN. */
-    r->txn.commit_lsn = r->backfill.position;
+    /* Backfilled events carry the slot's starting point minus one as their commit LSN: they
+     * committed before it, and every streamed transaction commits at or after it. */
+    r->txn.commit_lsn = r->backfill.position - 1;
     r->txn.timeline = r->sys.timeline;
     if (r->backfill_table != table + 1) {
         m->kind = PGO_RELATION;
@@ -249,12 +266,13 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
         snprintf(err, errlen, "the backfill was interrupted");
         return -1;
     }
-    if (key && held(b, key, keylen)) {
+    if (held(b, key, keylen, r->backfill.position - 1, r->txn_rows)) {
         /* Published before the relay that ran this backfill stopped, after its last
          * checkpoint write: stored already. */
         b->skipped++;
         r->txn_rows++;
-        progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
+        if (key)
+            progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
         return 0;
     }
     if (wait_for_room(r) < 0) {
@@ -473,17 +491,49 @@ int backfill_prepare(Relay *r, PgSetup *setup)
 
 /* ---- resuming ---------------------------------------------------------------------------------- */
 
+/* What read_held() looks for, and what it found. */
+typedef struct HeldSearch {
+    BackfillRun *b;
+    const CheckpointBackfill *c;
+    uint32_t timeline;
+    size_t cap;
+    uint64_t bound;   /* more than a run can have published after a checkpoint write */
+    bool bounded;     /* the bound was reached */
+} HeldSearch;
+
+static bool held_event(void *arg, const JsOwnEvent *ev)
+{
+    HeldSearch *h = arg;
+    BackfillRun *b = h->b;
+    /* Ordinals below the rows stored were recorded; events of another position are not this
+     * backfill's (a backfill lies before every streamed event). */
+    if (ev->anchor.pos.lsn != h->c->position - 1 || ev->anchor.pos.timeline != h->timeline ||
+        ev->anchor.pos.index < h->c->rows)
+        return false;
+    if (b->nheld == h->bound) {
+        h->bounded = true;
+        return false;
+    }
+    if ((b->nheld & 255) == 0)
+        beat();
+    if (ev->id[0]) {
+        if (b->nheld == h->cap) {
+            h->cap = h->cap ? h->cap * 2 : 256;
+            b->held = xrealloc(b->held, h->cap * sizeof(char *));
+        }
+        b->held[b->nheld++] = xstrdup(ev->id);
+    }
+    return true;
+}
+
 /*
- * Reads back, from the stream's end, the backfilled events (Outbox-Commit-Lsn = the slot's
- * position) published after the last key the checkpoint recorded, into b->held. Stops at that
- * key's message, at an event of another position, at the stream's start, or after a bound
- * (more than a run can have published after a checkpoint write: then the duplicate window is
- * all that is left, and the log says so).
+ * Reads back, from the stream's end, the backfilled events published after the rows the
+ * checkpoint counts as stored (ordinals from c->rows on), into b->held, with the relay's one
+ * look-back rule: other messages (replayed copies, other writers) are passed over.
  */
 static int read_held(Relay *r)
 {
     BackfillRun *b = r->bfrun;
-    const CheckpointBackfill *c = &r->cp.backfill;
     natsConnection *nc = jsapi_connect_once(r->cfg->nats_url, r->err, sizeof(r->err));
     if (!nc) {
         log_error("backfill: %s", r->err);
@@ -491,54 +541,25 @@ static int read_held(Relay *r)
     }
     StreamInfo info;
     int rc = -1;
-    JsStoredMsg msg = {0};
-    buf_init(&msg.hdrs);
-    size_t cap = 0;
-    if (jsapi_stream_info(nc, r->stream.name, &info, r->err, sizeof(r->err)) < 0)
+    HeldSearch h = {.b = b,
+                    .c = &r->cp.backfill,
+                    .timeline = r->sys.timeline,
+                    .bound = 4 * (BACKFILL_PUT_ROWS + (uint64_t)r->cfg->max_inflight)};
+    if (jsapi_stream_info(nc, r->stream.name, &info, r->err, sizeof(r->err)) < 0 ||
+        jsapi_own_events_back(nc, r->stream.name, info.last_seq, r->source, LOOKBACK_FOREIGN,
+                              held_event, &h, r->err, sizeof(r->err)) < 0)
         goto done;
-    uint64_t bound = 4 * (BACKFILL_PUT_ROWS + (uint64_t)r->cfg->max_inflight);
-    uint64_t looked = 0;
-    bool stopped = false;
-    char dlq_after[sizeof(c->after) + 4];
-    snprintf(dlq_after, sizeof(dlq_after), "dlq-%s", c->after);
-    for (uint64_t seq = info.last_seq; seq > 0 && !stopped; seq--) {
-        if (++looked > bound) {
-            log_warn("backfill: looked at %" PRIu64 " messages of stream \"%s\" without finding "
-                     "where the backfill's checkpoint stands; rows after them that the stream "
-                     "holds are dropped as duplicates only within its duplicate window",
-                     bound, r->stream.name);
-            break;
-        }
-        if ((looked & 255) == 0)
-            beat();
-        int got = jsapi_msg_get(nc, r->stream.name, seq, NULL, 5000, &msg, r->err,
-                                sizeof(r->err));
-        if (got < 0)
-            goto done;
-        if (got > 0) /* no message there: deleted */
-            continue;
-        char lsn_text[40], id[OUTBOX_MAX_EVENT_ID + 8];
-        uint64_t lsn;
-        if (!jsapi_header_value(msg.hdrs.data, OUTBOX_HDR_COMMIT_LSN, lsn_text, sizeof(lsn_text)) ||
-            !lsn_parse(lsn_text, &lsn) || lsn != c->position)
-            break; /* older than the backfill */
-        jsapi_header_value(msg.hdrs.data, OUTBOX_HDR_MSG_ID, id, sizeof(id));
-        if (c->after[0] && (strcmp(id, c->after) == 0 || strcmp(id, dlq_after) == 0))
-            stopped = true; /* the last key recorded: everything before it is behind us */
-        else if (id[0]) {
-            if (b->nheld == cap) {
-                cap = cap ? cap * 2 : 256;
-                b->held = xrealloc(b->held, cap * sizeof(char *));
-            }
-            b->held[b->nheld++] = xstrdup(id);
-        }
-    }
+    if (h.bounded)
+        log_warn("backfill: found %" PRIu64 " events of the backfill in stream \"%s\" after "
+                 "its checkpoint, more than a run publishes between two checkpoint writes; rows "
+                 "before them that the stream holds are dropped as duplicates only within its "
+                 "duplicate window",
+                 h.bound, r->stream.name);
     qsort(b->held, b->nheld, sizeof(char *), cmp_str);
     rc = 0;
 done:
     if (rc < 0)
         log_error("backfill: %s", r->err);
-    buf_deinit(&msg.hdrs);
     natsConnection_Destroy(nc);
     return rc;
 }
@@ -562,6 +583,7 @@ static int resume(Relay *r, PgSetup *setup)
         }
     }
     b->base_rows = b->stored = b->put_rows = c->rows;
+    r->txn_rows = (uint32_t)c->rows; /* ordinals number on from the rows stored */
     atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
     set_phase(BACKFILL_PHASE_RUNNING);
     if (read_held(r) < 0)

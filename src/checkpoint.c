@@ -11,7 +11,6 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
 
 #include <jansson.h>
 
@@ -41,6 +40,8 @@ void checkpoint_encode(const Checkpoint *c, Buf *out)
         json_object_set_new(o, "slot", json_string(c->slot));
     if (c->commit_time)
         put_time(o, "commit_time", c->commit_time);
+    if (c->commit_lsn)
+        put_lsn(o, "commit_lsn", c->commit_lsn);
     put_time(o, "written", now_unix_us() - PG_EPOCH_OFFSET_US);
     if (c->backfill.active) {
         json_t *b = json_object();
@@ -58,19 +59,13 @@ void checkpoint_encode(const Checkpoint *c, Buf *out)
     json_decref(o);
 }
 
-/* Parses "2026-12-03T17:26:18.123456Z" (what put_time writes) into µs since 2000-01-01. */
+/* Parses what put_time writes into µs since 2000-01-01. */
 static bool parse_time(const char *s, int64_t *pg_us)
 {
-    struct tm tm = {0};
-    int usec = 0, n = 0;
-    if (sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%6dZ%n", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
-               &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &usec, &n) != 7 ||
-        s[n] != '\0')
+    int64_t unix_us;
+    if (!time_parse_rfc3339(s, strlen(s), &unix_us))
         return false;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    time_t t = timegm(&tm);
-    *pg_us = (int64_t)t * 1000000 + usec - PG_EPOCH_OFFSET_US;
+    *pg_us = unix_us - PG_EPOCH_OFFSET_US;
     return true;
 }
 
@@ -171,6 +166,8 @@ int checkpoint_decode(const char *value, size_t len, Checkpoint *out, char *err,
                  json_string_value(v));
         bad = true;
     }
+    if (!bad)
+        read_lsn(o, "commit_lsn", "", &c.commit_lsn, err, errlen, &bad);
     json_t *b = bad ? NULL : member(o, "backfill", JSON_OBJECT, "", err, errlen, &bad);
     if (b) {
         c.backfill.active = true;

@@ -14,6 +14,7 @@
 
 #include <openssl/evp.h>
 
+#include "outboxd/anchor.h"
 #include "outboxd/outbox.h"
 #include "outboxd/subject.h"
 #include "outboxd/util.h"
@@ -411,31 +412,47 @@ int jsapi_msg_get(natsConnection *nc, const char *stream, uint64_t seq, const ch
     return rc;
 }
 
-int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_seq,
-                        unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
-                        size_t errlen)
+int jsapi_own_events_back(natsConnection *nc, const char *stream, uint64_t last_seq,
+                          const char *source, unsigned max_foreign, JsOwnVisit *visit, void *arg,
+                          char *err, size_t errlen)
 {
     JsStoredMsg m = {0};
     buf_init(&m.hdrs);
-    int found = 0;
-    for (uint64_t seq = last_seq; seq > 0 && last_seq - seq < max_back && !found; seq--) {
-        int rc = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
-        if (rc < 0) {
-            found = -1;
+    int rc = 0;
+    unsigned foreign = 0;
+    for (uint64_t seq = last_seq; seq > 0 && foreign <= max_foreign; seq--) {
+        int got = jsapi_msg_get(nc, stream, seq, NULL, 5000, &m, err, errlen);
+        if (got < 0) {
+            rc = -1;
             break;
         }
-        char value[OUTBOX_POSITION_MAX + 8], ignored[8];
-        /* A replayed event is a copy appended later: its place says nothing. A deleted message
-         * (rc 1) says nothing either. */
-        if (rc == 0 && jsapi_header_value(m.hdrs.data, OUTBOX_HDR_POSITION, value, sizeof(value)) &&
-            !jsapi_header_value(m.hdrs.data, "Outbox-Replay", ignored, sizeof(ignored)) &&
-            outbox_position_parse(value, pos) && pos->lsn != 0) {
-            *at = seq;
-            found = 1;
+        char pos[OUTBOX_POSITION_MAX + 8], when[48], from[ANCHOR_SOURCE_MAX], replay[8];
+        JsOwnEvent ev = {.seq = seq};
+        /* A deleted message (got 1), a replayed copy, another writer's message or another
+         * relay's event says nothing of this relay's: pass over it. */
+        if (got == 0 &&
+            anchor_from_event(
+                jsapi_header_value(m.hdrs.data, OUTBOX_HDR_POSITION, pos, sizeof(pos)) ? pos : NULL,
+                jsapi_header_value(m.hdrs.data, OUTBOX_HDR_COMMIT_TIME, when, sizeof(when)) ? when
+                                                                                           : NULL,
+                jsapi_header_value(m.hdrs.data, OUTBOX_HDR_SOURCE, from, sizeof(from)) ? from
+                                                                                      : NULL,
+                jsapi_header_value(m.hdrs.data, "Outbox-Replay", replay, sizeof(replay)) ? replay
+                                                                                        : NULL,
+                source, &ev.anchor)) {
+            foreign = 0;
+            jsapi_header_value(m.hdrs.data, OUTBOX_HDR_MSG_ID, ev.id, sizeof(ev.id));
+            jsapi_header_value(m.hdrs.data, OUTBOX_HDR_COMMIT_LSN, pos, sizeof(pos));
+            if (!lsn_parse(pos, &ev.commit_lsn))
+                ev.commit_lsn = ev.anchor.pos.lsn;
+            if (!visit(arg, &ev))
+                break;
+        } else {
+            foreign++;
         }
     }
     buf_deinit(&m.hdrs);
-    return found;
+    return rc;
 }
 
 bool jsapi_stream_covers(const StreamInfo *info, const char *filter)

@@ -185,6 +185,11 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
             "events not published again after a restart or reconnect because the stream held "
             "them already (--strict-order)",
             load_u64(&m->events_skipped_stored));
+    counter(out, "outboxd_anchors_false_total",
+            "positions (from the stream, the checkpoint or this run) that said events were "
+            "stored but are not in this database's WAL history (a restore): the events after "
+            "the slot's position were published again instead of skipped",
+            load_u64(&m->anchors_false));
 
     metrics_family(out, "outboxd_publish_errors_total", "counter", "failed publishes, by reason");
     for (int r = 0; r < PUBERR_COUNT; r++)

@@ -96,8 +96,11 @@ struct OutboxMapper {
     uint64_t txn_lsn; /* the transaction whose commit LSN and time are formatted in txn_text */
     int64_t txn_time;
     char txn_text[2][32];
+    uint32_t txn_tli;
     char txn_pos[OUTBOX_POSITION_MAX]; /* "<timeline> <commit LSN> ", the index follows */
     size_t txn_pos_len;
+    char source[128];  /* Outbox-Source, "" for none */
+    size_t source_len;
 };
 
 void outbox_event_init(OutboxEvent *ev)
@@ -302,6 +305,17 @@ const char *outbox_mapper_table(const OutboxMapper *m, size_t i)
 const char *outbox_mapper_qualified(const OutboxMapper *m, size_t i)
 {
     return m->specs[i].qualified;
+}
+
+void outbox_mapper_set_source(OutboxMapper *m, const char *source)
+{
+    snprintf(m->source, sizeof(m->source), "%s", source);
+    m->source_len = strlen(m->source);
+}
+
+const char *outbox_mapper_source(const OutboxMapper *m)
+{
+    return m->source;
 }
 
 void outbox_mapper_describe_tables(const OutboxMapper *m, char *out, size_t n)
@@ -679,9 +693,11 @@ static void put_header(OutboxEvent *ev, const char *name, const char *p, size_t 
 static void put_txn_headers(OutboxMapper *m, const OutboxTxn *txn, OutboxEvent *ev)
 {
     /* Every event of a transaction shares these two: format them once per transaction. */
-    if (txn->commit_lsn != m->txn_lsn || txn->commit_time != m->txn_time || !m->txn_text[0][0]) {
+    if (txn->commit_lsn != m->txn_lsn || txn->commit_time != m->txn_time ||
+        txn->timeline != m->txn_tli || !m->txn_text[0][0]) {
         m->txn_lsn = txn->commit_lsn;
         m->txn_time = txn->commit_time;
+        m->txn_tli = txn->timeline;
         lsn_format(txn->commit_lsn, m->txn_text[0]);
         pg_time_format_rfc3339(txn->commit_time, m->txn_text[1]);
         m->txn_pos_len = (size_t)snprintf(m->txn_pos, sizeof(m->txn_pos), "%u %s ",
@@ -699,6 +715,8 @@ static void put_txn_headers(OutboxMapper *m, const OutboxTxn *txn, OutboxEvent *
     memcpy(pos, m->txn_pos, m->txn_pos_len);
     memcpy(pos + m->txn_pos_len, d, nd);
     outbox_event_add_header(ev, OUTBOX_HDR_POSITION, pos, m->txn_pos_len + nd);
+    if (m->source_len)
+        outbox_event_add_header(ev, OUTBOX_HDR_SOURCE, m->source, m->source_len);
     ev->commit_lsn = txn->commit_lsn;
     ev->commit_time = txn->commit_time;
 }
@@ -1055,6 +1073,7 @@ void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLet
             &(OutboxPosition){.timeline = dl->timeline, .lsn = dl->commit_lsn, .index = dl->index},
             pos);
     put_header(out, OUTBOX_HDR_POSITION, pos, strlen(pos), 0);
+    put_header(out, OUTBOX_HDR_SOURCE, dl->source, dl->source ? strlen(dl->source) : 0, 0);
     out->msg_id = out->hvals.data;
     out->commit_lsn = dl->commit_lsn;
     out->commit_time = dl->commit_time;

@@ -487,6 +487,9 @@ static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfil
     buf_puts(&sql, " ORDER BY ");
     if (!put_ident(s, &sql, key, err, errlen))
         goto done;
+    /* Rows without a key keep one order between a run and its resumption: their ordinals
+     * name their dead letters. */
+    buf_puts(&sql, ", ctid");
     if (command(s, sql.data, "could not read the outbox for the backfill", NULL, err, errlen) < 0)
         goto done;
     for (;;) {

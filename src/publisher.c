@@ -805,12 +805,15 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
         lsn_parse(name.lsn, &lsn);
     char position[OUTBOX_POSITION_MAX];
     bool has_position = wire_header(&slot->wire, OUTBOX_HDR_POSITION, position, sizeof(position));
+    char source[ANCHOR_SOURCE_MAX];
+    bool has_source = wire_header(&slot->wire, OUTBOX_HDR_SOURCE, source, sizeof(source));
     DeadLetterReason reason = code == JS_MESSAGE_TOO_LARGE ? DLR_TOO_LARGE
                               : code == CODE_NO_RESPONDERS ? DLR_NO_STREAM
                                                            : DLR_REJECTED;
     DeadLetter dl = {
         .reason = metrics_dead_letter_name(reason),
         .position = has_position ? position : NULL,
+        .source = has_source ? source : NULL,
         .detail = why,
         .event_id = name.has_id ? name.id : NULL,
         .event_id_len = name.has_id ? strlen(name.id) : 0,
@@ -1103,11 +1106,17 @@ void publisher_rearm(Publisher *p)
     (void)ignored;
 }
 
-/* How far back from the stream's end publisher_stream_position() looks for an event of
- * outboxd's (past replayed copies, say). */
+/* How many messages in a row that are not its events publisher_stream_position() passes over
+ * (replayed copies, say) before it gives up. */
 #define POSITION_LOOKBACK 256
 
-int publisher_stream_position(Publisher *p, OutboxPosition *pos, uint64_t *at, char *err,
+static bool first_event(void *arg, const JsOwnEvent *ev)
+{
+    *(JsOwnEvent *)arg = *ev;
+    return false;
+}
+
+int publisher_stream_position(Publisher *p, const char *source, JsOwnEvent *last, char *err,
                               size_t errlen)
 {
     StreamInfo info;
@@ -1117,8 +1126,11 @@ int publisher_stream_position(Publisher *p, OutboxPosition *pos, uint64_t *at, c
         p->stream_last = p->expect_next = info.last_seq;
     if (info.messages == 0)
         return 0;
-    return jsapi_last_position(p->nc, p->stream, info.last_seq, POSITION_LOOKBACK, pos, at, err,
-                               errlen);
+    last->seq = 0;
+    if (jsapi_own_events_back(p->nc, p->stream, info.last_seq, source, POSITION_LOOKBACK,
+                              first_event, last, err, errlen) < 0)
+        return -1;
+    return last->seq != 0;
 }
 
 /* ---- the durable checkpoint ------------------------------------------------------------------ */

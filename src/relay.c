@@ -42,15 +42,18 @@
 #include "outboxd/notify.h"
 #include "relay_internal.h"
 
-static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit, int64_t commit_time)
+static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit, int64_t commit_time,
+                       uint64_t commit_lsn)
 {
     if (m->tail > m->head) {
         Mark *last = &m->v[(m->tail - 1) & (m->cap - 1)];
         if (last->seq_limit == seq_limit) { /* nothing published in between: one mark */
             if (lsn > last->lsn)
                 last->lsn = lsn;
-            if (commit_time)
+            if (commit_time) {
                 last->commit_time = commit_time;
+                last->commit_lsn = commit_lsn;
+            }
             return;
         }
     }
@@ -65,12 +68,13 @@ static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit, int64_t commi
         m->v = nv;
         m->cap = ncap;
     }
-    m->v[m->tail++ & (m->cap - 1)] = (Mark){lsn, seq_limit, commit_time};
+    m->v[m->tail++ & (m->cap - 1)] = (Mark){lsn, seq_limit, commit_time, commit_lsn};
 }
 
 /* Pops every mark that the acknowledged prefix covers; returns the newest such LSN or 0, and
- * raises *commit_time to the newest transaction's commit time among them. */
-static uint64_t marks_release(Marks *m, uint64_t first_unacked, int64_t *commit_time)
+ * moves the checkpoint's last confirmed transaction (commit time and LSN) on to the newest
+ * among them. */
+static uint64_t marks_release(Marks *m, uint64_t first_unacked, Checkpoint *cp)
 {
     uint64_t lsn = 0;
     while (m->head < m->tail) {
@@ -79,8 +83,10 @@ static uint64_t marks_release(Marks *m, uint64_t first_unacked, int64_t *commit_
             break;
         if (front->lsn > lsn)
             lsn = front->lsn;
-        if (front->commit_time > *commit_time)
-            *commit_time = front->commit_time;
+        if (front->commit_lsn && front->commit_lsn >= cp->commit_lsn) {
+            cp->commit_time = front->commit_time;
+            cp->commit_lsn = front->commit_lsn;
+        }
         m->head++;
     }
     return lsn;
@@ -156,7 +162,7 @@ static const Checkpoint *current_checkpoint(Relay *r)
 {
     Checkpoint *c = &r->cp;
     c->lsn = r->confirmed;
-    c->timeline = r->sys.timeline;
+    c->timeline = r->confirmed_timeline; /* the one confirmed was reached on */
     snprintf(c->system, sizeof(c->system), "%s", r->sys.system_id);
     snprintf(c->slot, sizeof(c->slot), "%s", r->cfg->slot);
     return c;
@@ -186,7 +192,7 @@ static void checkpoint_async(Relay *r, int64_t now)
 int relay_poll_acks(Relay *r, int64_t now, PublisherStatus *st)
 {
     publisher_poll(r->pub, now, st);
-    uint64_t lsn = marks_release(&r->marks, st->first_unacked, &r->cp.commit_time);
+    uint64_t lsn = marks_release(&r->marks, st->first_unacked, &r->cp);
     if (lsn > r->confirmed)
         r->confirmed = lsn;
     if (st->failed) {
@@ -223,6 +229,7 @@ static int poison(Relay *r, DeadLetter *dl, DeadLetterReason metric)
                   id, dl->index, LSN_ARGS(dl->commit_lsn), dl->table, dl->detail);
         return -1;
     }
+    dl->source = r->source;
     outbox_dead_letter(&r->dlq, r->cfg->dead_letter_subject, dl, publisher_max_body(r->pub));
     uint64_t seq;
     if (publisher_publish(r->pub, &r->dlq, true, &seq, r->err, sizeof(r->err)) != 0) {
@@ -286,30 +293,46 @@ static int publish_event(Relay *r, OutboxReject rej, const PgoMessage *m, Descri
     return 0;
 }
 
-void relay_stored_at_least(Relay *r, const OutboxPosition *pos)
+void relay_stored_at_least(Relay *r, const Anchor *a)
 {
-    if (!r->have_stored || r->stored.timeline != pos->timeline ||
-        outbox_position_cmp(pos, &r->stored) > 0)
-        r->stored = *pos;
-    r->have_stored = true;
+    if (!r->have_run_stored || r->run_stored.pos.timeline != a->pos.timeline ||
+        outbox_position_cmp(&a->pos, &r->run_stored.pos) > 0)
+        r->run_stored = *a;
+    r->run_stored.from = "this run";
+    r->have_run_stored = true;
 }
 
 /* The position of the next event in its transaction; false when the stream holds it already
- * (skip it): PostgreSQL resends from the confirmed position, which can lie before events that
- * are stored — inside a transaction too. */
+ * (skip it): PostgreSQL resends from the slot's position, which can lie before events that
+ * are stored — inside a transaction too. The anchor (anchor.h) says which. */
 static bool next_event(Relay *r, uint32_t *index)
 {
     *index = r->txn_rows++;
     r->txn.index = *index;
     OutboxPosition pos = {.timeline = r->txn.timeline, .lsn = r->txn.commit_lsn, .index = *index};
-    if (r->have_stored && !r->backfilling && pos.timeline == r->stored.timeline &&
-        outbox_position_cmp(&pos, &r->stored) <= 0) {
+    if (r->have_anchor && !r->backfilling && anchor_covers(&r->anchor, &pos)) {
         atomic_fetch_add_explicit(&metrics.events_skipped_stored, 1, memory_order_relaxed);
         return false;
     }
-    r->last_sent = pos;
+    r->last_sent = (Anchor){.pos = pos, .commit_time = r->txn.commit_time};
     r->have_last_sent = true;
     return true;
+}
+
+/* The anchor is false: the WAL is another history than the one it came from. */
+static int anchor_false(Relay *r, const char *how)
+{
+    char t[32];
+    pg_time_format_rfc3339(r->anchor.commit_time, t);
+    log_warn("%s said every event up to position %u " LSN_FMT " %u (a transaction committed at "
+             "%s) is stored, but %s: this database's WAL is not the history that position came "
+             "from (restored from a backup or snapshot?). Trusting no such position again in "
+             "this run: every event after the slot's position " LSN_FMT " is published (JetStream "
+             "drops those it holds within its duplicate window)",
+             r->anchor.from, r->anchor.pos.timeline, LSN_ARGS(r->anchor.pos.lsn),
+             r->anchor.pos.index, t, how, LSN_ARGS(r->confirmed));
+    atomic_fetch_add_explicit(&metrics.anchors_false, 1, memory_order_relaxed);
+    return -2;
 }
 
 int relay_handle_insert(Relay *r, const PgoMessage *m)
@@ -361,13 +384,32 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         r->txn.timeline = r->sys.timeline;
         r->txn_first_seq = publisher_next_seq(r->pub);
         r->txn_rows = 0;
+        if (r->proving) {
+            AnchorVerdict v = anchor_on_begin(&r->anchor, m->u.begin.final_lsn,
+                                              m->u.begin.commit_time);
+            if (v == ANCHOR_FALSE) {
+                char how[160], t[32];
+                pg_time_format_rfc3339(m->u.begin.commit_time, t);
+                snprintf(how, sizeof(how), "the WAL holds a transaction committed at " LSN_FMT
+                         " (at %s) and not that one", LSN_ARGS(m->u.begin.final_lsn), t);
+                return anchor_false(r, how);
+            }
+            if (v == ANCHOR_MET) {
+                r->proving = false;
+                log_info("met the transaction at " LSN_FMT " that %s ends with: the events "
+                         "before it were stored, as skipped",
+                         LSN_ARGS(r->anchor.pos.lsn), r->anchor.from);
+            }
+        }
         return 0;
     case PGO_COMMIT:
         r->in_txn = false;
         if (m->u.commit.end_lsn > r->received)
             r->received = m->u.commit.end_lsn;
+        if (r->proving) /* confirm nothing a skip that is not yet proven covers */
+            return 0;
         marks_push(&r->marks, m->u.commit.end_lsn, publisher_next_seq(r->pub),
-                   m->u.commit.commit_time);
+                   m->u.commit.commit_time, m->u.commit.commit_lsn);
         atomic_store_explicit(&metrics.last_commit_unix_us,
                               pg_time_to_unix_us(m->u.commit.commit_time), memory_order_relaxed);
         return 0;
@@ -401,8 +443,15 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
         r->received = cm.wal_end;
     if (cm.wal_end > atomic_load_explicit(&metrics.server_wal_lsn, memory_order_relaxed))
         atomic_store_explicit(&metrics.server_wal_lsn, cm.wal_end, memory_order_relaxed);
-    if (!r->in_txn)
-        marks_push(&r->marks, cm.wal_end, publisher_next_seq(r->pub), 0);
+    if (r->proving && !r->in_txn &&
+        anchor_on_keepalive(&r->anchor, cm.wal_end) == ANCHOR_FALSE) {
+        char how[96];
+        snprintf(how, sizeof(how), "the server's WAL went past it to " LSN_FMT " without it",
+                 LSN_ARGS(cm.wal_end));
+        return anchor_false(r, how);
+    }
+    if (!r->in_txn && !r->proving)
+        marks_push(&r->marks, cm.wal_end, publisher_next_seq(r->pub), 0, 0);
     if (cm.reply_requested)
         *reply = true;
     return 0;
@@ -497,8 +546,9 @@ static StreamEnd stream(Relay *r)
                 drained = true;
                 break;
             }
-            if (handle_copy(r, buf, len, &reply) < 0)
-                return STREAM_FATAL;
+            int rc = handle_copy(r, buf, len, &reply);
+            if (rc < 0)
+                return rc == -2 ? STREAM_ANCHOR_FALSE : STREAM_FATAL;
         }
         int64_t now = now_mono_us();
         atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
@@ -676,6 +726,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 
     StreamEnd end = STREAM_STOPPED;
     for (;;) {
+        const char *why = "lost the replication connection";
         rc = session_acquire_slot(&r);
         if (rc == SESSION_SLOT_LOST) {
             end = STREAM_SLOT_LOST;
@@ -687,11 +738,20 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         }
         if (rc > 0)
             break;
+        if (rc == SESSION_BACKFILL_UNFINISHED)
+            why = "a backfill is unfinished";
         if (rc == 0) {
             atomic_store(&metrics.pg_connected, 1);
             if (r.confirmed > r.reported)
                 relay_send_status(&r, false);
             end = stream(&r);
+            if (end == STREAM_ANCHOR_FALSE) {
+                /* Start from the slot again, publishing what the false anchor skipped; the
+                 * checkpoint no longer names its transaction. */
+                session_distrust_anchors(&r);
+                why = "ending the session";
+                end = STREAM_PG_LOST;
+            }
             if (end != STREAM_PG_LOST)
                 break;
             /* PostgreSQL ends the session of a slot it invalidates: stop now rather than wait
@@ -702,8 +762,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
                 break;
             }
         }
-        log_warn("lost the replication connection; letting outstanding events be acknowledged, "
-                 "then reconnecting");
+        log_warn("%s; letting outstanding events be acknowledged, then reconnecting", why);
         notify_systemd("STATUS=reconnecting to PostgreSQL");
         session_end(&r);
         if (*stop) {

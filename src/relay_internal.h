@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "outboxd/anchor.h"
 #include "outboxd/bookmark.h"
 #include "outboxd/checkpoint.h"
 #include "outboxd/config.h"
@@ -35,6 +36,7 @@ typedef struct Mark {
     uint64_t lsn;
     uint64_t seq_limit;
     int64_t commit_time; /* of the newest transaction it covers; 0 for a keepalive's */
+    uint64_t commit_lsn; /* that transaction's commit LSN */
 } Mark;
 
 typedef struct Marks {
@@ -43,7 +45,13 @@ typedef struct Marks {
     size_t head, tail;
 } Marks;
 
-typedef enum StreamEnd { STREAM_STOPPED, STREAM_PG_LOST, STREAM_FATAL, STREAM_SLOT_LOST } StreamEnd;
+typedef enum StreamEnd {
+    STREAM_STOPPED,
+    STREAM_PG_LOST,
+    STREAM_FATAL,
+    STREAM_SLOT_LOST,
+    STREAM_ANCHOR_FALSE, /* the WAL is not the history the anchor came from (anchor.c, rule 4) */
+} StreamEnd;
 
 typedef struct BackfillRun BackfillRun;
 
@@ -69,11 +77,17 @@ typedef struct Relay {
     OutboxTxn txn;
     uint64_t txn_first_seq;
     uint32_t txn_rows; /* outbox rows seen in it so far */
-    /* what the stream holds: every event at or before this position is stored (from the
-     * stream's last event with --strict-order, and after a drained session) */
-    OutboxPosition stored;
-    bool have_stored;
-    OutboxPosition last_sent; /* the newest event handed to the publisher */
+    char source[ANCHOR_SOURCE_MAX]; /* "<system id>/<slot>": this relay's Outbox-Source */
+    /* the skip rule (anchor.h): every event at or before the anchor is stored */
+    Anchor anchor;
+    bool have_anchor;
+    bool proving;  /* the anchor's transaction is still ahead: skips are tentative and nothing
+                    * is confirmed until it is met */
+    bool distrust; /* an anchor proved false in this run: from now on only anchors this run
+                    * made itself (run_stored) are used */
+    Anchor run_stored; /* this run's own: the newest event it saw stored */
+    bool have_run_stored;
+    Anchor last_sent; /* the newest event handed to the publisher */
     bool have_last_sent;
     bool backfilling; /* backfilled rows flow: they are not skipped by position */
     uint32_t confirmed_timeline; /* the server's timeline when confirmed was reached */
@@ -116,8 +130,8 @@ int relay_send_status(Relay *r, bool reply);
 /* Writes the checkpoint (r->cp with the confirmed position) and waits for JetStream to store
  * it; -1 when it could not (logged). */
 int relay_checkpoint_put(Relay *r);
-/* Every event up to pos is stored: the relay does not publish those again. */
-void relay_stored_at_least(Relay *r, const OutboxPosition *pos);
+/* This run saw every event up to a stored: an anchor of its own (anchor.h). */
+void relay_stored_at_least(Relay *r, const Anchor *a);
 /* Handles a decoded Insert (or a backfilled row dressed as one): maps and publishes it. */
 int relay_handle_insert(Relay *r, const PgoMessage *m);
 /* Waits for the PostgreSQL socket (when want_pg), a change of the NATS connection or the
@@ -140,9 +154,12 @@ int session_connect(Relay *r);
 /* session_connect() / session_acquire_slot(): a state outboxd must not go past by itself
  * (logged with what to do); the relay exits 1 rather than retry. */
 #define SESSION_FATAL 4
+/* session_acquire_slot's answer when the checkpoint says a backfill is unfinished (another
+ * relay's, or an interrupted one): reconnect, and session_connect takes it over. */
+#define SESSION_BACKFILL_UNFINISHED 5
 /* Takes the slot, standing by while another session holds it, and starts streaming. Returns 0
  * when streaming, 1 on stop, -1 when the connection failed, SESSION_SLOT_LOST when the slot
- * can never stream again. */
+ * can never stream again, SESSION_BACKFILL_UNFINISHED. */
 int session_acquire_slot(Relay *r);
 /* After a lost connection: whether PostgreSQL invalidated the slot (it terminates the session
  * holding a slot it invalidates). Asked over the monitoring session; false when unknown. */
@@ -159,6 +176,9 @@ int session_load_checkpoint(Relay *r, Checkpoint *stored);
 /* After a lost connection: lets every published event be acknowledged, so the session that
  * follows starts exactly after what is stored. */
 void session_end(Relay *r);
+/* After an anchor proved false (anchor.c, rule 4): trusts no anchor from the stream or the
+ * checkpoint again in this run, and takes the false transaction out of the checkpoint. */
+void session_distrust_anchors(Relay *r);
 
 /* backfill.c: publishing the rows that were in the outbox before the slot existed */
 

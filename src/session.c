@@ -4,10 +4,13 @@
  *
  * One relay streams from a slot at a time: PostgreSQL lets one session hold it, so a second
  * relay on the same slot waits as a standby (/readyz 503) and takes over when the slot is
- * released. Streaming starts from the later of the slot's confirmed position, the durable
- * checkpoint and what this process confirmed, never past the server's WAL. After a lost
+ * released. Streaming starts at the slot's confirmed position, the server's own; what the
+ * stream, the durable checkpoint and this run know to be stored past it is skipped by the
+ * anchor rule (anchor.c), proven when the anchor's transaction comes again. After a lost
  * connection the relay lets every published event be acknowledged before it reconnects, so
- * the session that follows starts right after what is stored.
+ * this run's own anchor is exact. A connection that leads to another database system (the
+ * address now names another cluster) stops the relay: its slot and checkpoint belong to the
+ * old one.
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -36,8 +39,10 @@ int session_load_checkpoint(Relay *r, Checkpoint *stored)
     if (publisher_checkpoint_get(r->pub, r->checkpoint_key, stored, r->err, sizeof(r->err)) < 0)
         return -1;
     r->cp.backfill = stored->backfill;
-    if (stored->commit_time > r->cp.commit_time)
+    if (stored->commit_time > r->cp.commit_time) {
         r->cp.commit_time = stored->commit_time;
+        r->cp.commit_lsn = stored->commit_lsn;
+    }
     return 0;
 }
 
@@ -91,10 +96,15 @@ int session_connect(Relay *r)
         goto fail;
     }
     if (r->have_sys && strcmp(sys.system_id, r->sys.system_id) != 0) {
-        log_error("the database at --pg-url is another system now (id %s, was %s): the slot "
-                  "and the checkpoint belong to the old one; refusing to continue",
-                  sys.system_id, r->sys.system_id);
-        rc = PGSTREAM_CHECK_FAILED;
+        /* Nothing is read from it and no slot made there: its positions say nothing of the
+         * events this run relayed. */
+        log_error("the database at --pg-url is another system now: system id %s, while this "
+                  "relay streamed from system %s (a failover to a server that is not a standby "
+                  "of it, or the address now leads to another cluster). Stopping: the slot and "
+                  "the checkpoint belong to system %s. Check where --pg-url leads; to relay from "
+                  "the new system, start outboxd again (it makes its own slot there)",
+                  sys.system_id, r->sys.system_id, r->sys.system_id);
+        rc = SESSION_FATAL;
         goto fail;
     }
     if (!r->have_sys)
@@ -103,6 +113,8 @@ int session_connect(Relay *r)
     r->sys = sys;
     r->have_sys = true;
     snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
+    anchor_source_format(sys.system_id, cfg->slot, r->source);
+    outbox_mapper_set_source(r->mapper, r->source);
     Checkpoint stored;
     if (session_load_checkpoint(r, &stored) < 0) {
         log_error("%s", r->err);
@@ -174,133 +186,129 @@ static int on_this_timeline(Relay *r, uint32_t tli, uint64_t lsn, uint64_t *out)
     return rc;
 }
 
-/* With --strict-order the stream's last event of outboxd's says exactly which events the
- * stream holds: read it at every start (a standby taking over, a restart, a reconnect), so
- * nothing it holds is sent again however long ago it was stored. */
-static void find_stored(Relay *r)
+/* Takes a as the anchor when it says more than the one chosen so far and the anchor rule
+ * (anchor.c) lets it: on the server's timeline (cut to the fork when it is past it), within
+ * the server's WAL, and not before start (then it skips nothing). */
+static void consider_anchor(Relay *r, Anchor a, uint64_t start)
 {
-    if (r->have_stored && r->stored.timeline != r->sys.timeline) {
-        /* This run's own knowledge, from before a failover. */
+    if (a.pos.timeline != r->sys.timeline) {
         uint64_t at;
-        if (on_this_timeline(r, r->stored.timeline, r->stored.lsn, &at) != 0 ||
-            at < r->stored.lsn)
-            r->have_stored = false;
-        else
-            r->stored.timeline = r->sys.timeline;
-    }
-    if (!r->cfg->strict_order)
-        return;
-    OutboxPosition pos;
-    uint64_t seq;
-    int rc = publisher_stream_position(r->pub, &pos, &seq, r->err, sizeof(r->err));
-    if (rc < 0) {
-        log_warn("could not read the stream's last event: %s; events after the checkpoint are "
-                 "sent again and JetStream drops those inside its duplicate window",
-                 r->err);
-        return;
-    }
-    if (rc == 0) {
-        if (!r->have_stored)
-            log_info("stream \"%s\" holds no event of outboxd's among its last messages; "
-                     "resuming from the checkpoint",
-                     r->stream.name);
-        return;
-    }
-    if (pos.timeline != r->sys.timeline) {
-        uint64_t at;
-        int trc = on_this_timeline(r, pos.timeline, pos.lsn, &at);
-        if (trc != 0) {
-            log_warn("the stream's last event (position %u " LSN_FMT " %u) is from timeline %u, "
-                     "which %s: not skipping by it; JetStream's duplicate window drops what it "
-                     "holds",
-                     pos.timeline, LSN_ARGS(pos.lsn), pos.index, pos.timeline,
-                     trc > 0 ? "is not in this server's history" : "could not be looked up");
+        int rc = on_this_timeline(r, a.pos.timeline, a.pos.lsn, &at);
+        if (rc != 0) {
+            log_warn("%s says events up to position %u " LSN_FMT " %u are stored, on timeline "
+                     "%u, which %s: not skipping by it",
+                     a.from, a.pos.timeline, LSN_ARGS(a.pos.lsn), a.pos.index, a.pos.timeline,
+                     rc > 0 ? "is not in this server's history" : "could not be looked up");
             return;
         }
-        if (at < pos.lsn) {
+        if (at < a.pos.lsn || (at == a.pos.lsn && a.pos.index == UINT32_MAX)) {
             /* Events past the fork were published from the old primary: the new one may not
-             * have them, and its own transactions after the fork must all go out. */
-            log_warn("the stream holds events of timeline %u up to " LSN_FMT ", past the point "
-                     "where that timeline forked (" LSN_FMT ") into this server's timeline %u: "
+             * have them, and its own transactions after the fork must all go out. Up to the
+             * fork, the server's history proves the anchor. */
+            log_warn("%s holds events of timeline %u up to " LSN_FMT ", past the point where "
+                     "that timeline forked (" LSN_FMT ") into this server's timeline %u: "
                      "transactions the old primary committed after the fork and published are "
-                     "not on this server (see \"Failover\" in the README); every transaction "
-                     "of this server after the fork is published",
-                     pos.timeline, LSN_ARGS(pos.lsn), LSN_ARGS(at), r->sys.timeline);
-            pos = (OutboxPosition){.lsn = at - 1, .index = UINT32_MAX};
+                     "not on this server (see \"Failover\" in the README); every transaction of "
+                     "this server after the fork is published",
+                     a.from, a.pos.timeline, LSN_ARGS(a.pos.lsn), LSN_ARGS(at), r->sys.timeline);
+            a.pos = (OutboxPosition){.lsn = at - 1, .index = UINT32_MAX};
+            a.commit_time = 0;
         }
-        pos.timeline = r->sys.timeline;
+        a.pos.timeline = r->sys.timeline;
     }
-    if (!r->have_stored || outbox_position_cmp(&pos, &r->stored) > 0)
-        log_info("stream \"%s\" holds every event up to position %u " LSN_FMT " %u (sequence "
-                 "%" PRIu64 "): nothing up to it is published again",
-                 r->stream.name, pos.timeline, LSN_ARGS(pos.lsn), pos.index, seq);
-    relay_stored_at_least(r, &pos);
+    if (a.pos.lsn > r->sys.xlogpos) {
+        log_warn("%s says events up to position %u " LSN_FMT " %u are stored, past the end of "
+                 "this server's WAL (" LSN_FMT "): was the database restored from an older "
+                 "backup or snapshot? not skipping by it",
+                 a.from, a.pos.timeline, LSN_ARGS(a.pos.lsn), a.pos.index,
+                 LSN_ARGS(r->sys.xlogpos));
+        return;
+    }
+    if (a.pos.lsn < start)
+        return; /* PostgreSQL sends nothing it covers */
+    if (!r->have_anchor || outbox_position_cmp(&a.pos, &r->anchor.pos) > 0) {
+        r->anchor = a;
+        r->have_anchor = true;
+    }
 }
 
-/* Where to start: the later of the slot, the checkpoint and what this process confirmed, each
- * on the server's timeline, never past the server's WAL (a checkpoint from before a restore of
- * an older backup). Returns 0 with *start, or SESSION_FATAL (logged) when the checkpoint's
- * timeline is not in the server's history. */
-static int start_position(Relay *r, uint64_t slot_confirmed, uint64_t *start_out)
+/*
+ * Chooses what to skip from where streaming starts (the slot's position): the newest of this
+ * run's own anchor, the checkpoint's last confirmed transaction and, with --strict-order, the
+ * stream's newest event of this relay's (read at every start: a standby taking over, a
+ * restart, a reconnect), each as anchor.c's rule lets it. After an anchor proved false in this
+ * run only this run's own are used.
+ */
+static void choose_anchor(Relay *r, const Checkpoint *stored, uint64_t start)
 {
-    find_stored(r);
+    r->have_anchor = r->proving = false;
+    if (r->have_run_stored)
+        consider_anchor(r, r->run_stored, start);
+    if (r->distrust)
+        goto chosen;
+    /* Its last transaction lies before its position, unless the position was moved back
+     * since (outboxd rewind): then it is no anchor. */
+    if (stored->commit_lsn && stored->commit_time && stored->commit_lsn < stored->lsn)
+        consider_anchor(r,
+                        (Anchor){.pos = {.timeline = stored->timeline,
+                                         .lsn = stored->commit_lsn,
+                                         .index = UINT32_MAX},
+                                 .commit_time = stored->commit_time,
+                                 .from = "the checkpoint"},
+                        start);
+    if (!r->cfg->strict_order)
+        goto chosen;
+    JsOwnEvent last;
+    int rc = publisher_stream_position(r->pub, r->source, &last, r->err, sizeof(r->err));
+    if (rc < 0)
+        log_warn("could not read the stream's last event: %s; events after the slot's position "
+                 "that are not proven stored otherwise are sent again, and JetStream drops those "
+                 "inside its duplicate window",
+                 r->err);
+    else if (rc == 0)
+        log_info("stream \"%s\" holds no event of this relay's (source %s) among its last "
+                 "messages",
+                 r->stream.name, r->source);
+    else
+        consider_anchor(r, last.anchor, start);
+chosen:
+    if (!r->have_anchor)
+        return;
+    r->proving = r->anchor.commit_time != 0;
+    char t[32] = "";
+    if (r->anchor.commit_time)
+        pg_time_format_rfc3339(r->anchor.commit_time, t);
+    log_info("%s holds every event up to position %u " LSN_FMT " %u: nothing up to it is "
+             "published again%s%s%s",
+             r->anchor.from, r->anchor.pos.timeline, LSN_ARGS(r->anchor.pos.lsn),
+             r->anchor.pos.index,
+             r->proving ? " once its transaction (committed at " : " (proven by the server's "
+                                                                   "timeline history)",
+             t, r->proving ? ") is met in the WAL; until then nothing is confirmed" : "");
+}
+
+void session_distrust_anchors(Relay *r)
+{
+    r->distrust = true;
+    r->have_anchor = r->proving = false;
+    r->have_run_stored = r->have_last_sent = false;
+    /* The checkpoint must not name the false transaction to the next start either. */
+    r->cp.commit_lsn = 0;
+    relay_checkpoint_put(r);
+}
+
+/* Where to start: the slot's confirmed position, the server's own (anchor.c, rule 4); what is
+ * stored past it is skipped by the anchor choose_anchor() takes. */
+static void start_position(Relay *r, uint64_t slot_confirmed)
+{
     /* Read again at every start: while this relay stood by, the one that held the slot moved
      * it on (and may have finished a backfill). */
     Checkpoint stored;
     if (session_load_checkpoint(r, &stored) < 0) {
-        log_warn("%s; starting from the slot's position", r->err);
-        stored.lsn = 0;
+        log_warn("%s; not using the checkpoint", r->err);
+        memset(&stored, 0, sizeof(stored));
     }
-    uint64_t checkpoint = stored.lsn;
-    if (checkpoint) {
-        int rc = on_this_timeline(r, stored.timeline, stored.lsn, &checkpoint);
-        if (rc > 0) {
-            log_error("checkpoint " LSN_FMT " is from timeline %u, which is not in the history of "
-                      "the server's timeline %u (a restore, or a standby of another lineage): "
-                      "outboxd cannot tell which of its transactions were published; check the "
-                      "server, then remove the checkpoint key %s from bucket \"%s\" to start "
-                      "from the slot's position",
-                      LSN_ARGS(stored.lsn), stored.timeline, r->sys.timeline, r->checkpoint_key,
-                      r->cfg->checkpoint_bucket);
-            return SESSION_FATAL;
-        }
-        if (rc < 0) {
-            log_warn("%s; not using the checkpoint", r->err);
-            checkpoint = 0;
-        } else if (checkpoint < stored.lsn) {
-            log_warn("timeline %u forked into the server's timeline %u at " LSN_FMT ", before the "
-                     "checkpoint " LSN_FMT ": starting at the fork at the latest, so no "
-                     "transaction of this server is skipped",
-                     stored.timeline, r->sys.timeline, LSN_ARGS(checkpoint),
-                     LSN_ARGS(stored.lsn));
-        }
-    }
-    uint64_t confirmed = 0;
-    if (r->confirmed &&
-        on_this_timeline(r, r->confirmed_timeline, r->confirmed, &confirmed) != 0)
-        confirmed = 0;
-    uint64_t start = slot_confirmed;
-    const char *from = "the slot";
-    if (checkpoint > start && checkpoint <= r->sys.xlogpos) {
-        start = checkpoint;
-        from = "the checkpoint";
-    } else if (checkpoint > r->sys.xlogpos) {
-        log_warn("checkpoint " LSN_FMT " is ahead of the server's WAL (" LSN_FMT
-                 "): was the database restored from an older backup? ignoring it",
-                 LSN_ARGS(checkpoint), LSN_ARGS(r->sys.xlogpos));
-    }
-    if (confirmed > start && confirmed <= r->sys.xlogpos) {
-        start = confirmed;
-        from = "this run's confirmed position";
-    }
-    if (start > slot_confirmed)
-        log_info("starting from %s at " LSN_FMT " (the slot is at " LSN_FMT "%s)", from,
-                 LSN_ARGS(start), LSN_ARGS(slot_confirmed),
-                 pgstream_server_version(r->pg) < 170000
-                     ? "; before PostgreSQL 17 a restart can lose a slot's latest position"
-                     : "");
-    *start_out = start;
-    return 0;
+    choose_anchor(r, &stored, slot_confirmed);
 }
 
 /* Marks the relay not ready with a lost slot and logs what happened, how to recover and what
@@ -350,11 +358,10 @@ int session_acquire_slot(Relay *r)
         }
         int rc = 0;
         if (info.active_pid == 0) {
-            uint64_t start;
-            if (start_position(r, info.confirmed, &start) != 0)
-                return SESSION_FATAL;
+            uint64_t start = info.confirmed;
+            start_position(r, start);
             if (backfill_unfinished(r))
-                return -1;
+                return SESSION_BACKFILL_UNFINISHED;
             rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
                                 r->err,
                                 sizeof(r->err));
@@ -363,9 +370,9 @@ int session_acquire_slot(Relay *r)
                     log_info("took over replication slot \"%s\"", r->cfg->slot);
                 atomic_store(&metrics.standby, 0);
                 r->received = r->reported = start;
-                /* After a failover this run's confirmed position may lie past the fork. */
-                if (start > r->confirmed || r->confirmed_timeline != r->sys.timeline)
-                    r->confirmed = start;
+                /* Only what the server holds: what this run confirmed before may lie past a
+                 * fork, or in a history the server no longer has. */
+                r->confirmed = start;
                 r->confirmed_timeline = r->sys.timeline;
                 r->checkpointed = r->confirmed;
                 r->in_txn = false;
@@ -447,8 +454,7 @@ int session_reconnect(Relay *r)
         int rc = session_connect(r);
         if (rc == 0)
             return 0;
-        if ((rc == PGSTREAM_CHECK_FAILED && r->have_sys && strstr(r->err, "another system")) ||
-            rc == SESSION_FATAL)
+        if (rc == SESSION_FATAL)
             return -1;
     }
     return 1;
@@ -465,8 +471,8 @@ void session_end(Relay *r)
     pgstream_free(r->pg);
     r->pg = NULL;
     size_t left = relay_drain(r, INT64_MAX, true);
-    if (left == 0 && r->have_last_sent && r->last_sent.lsn != 0)
-        /* PostgreSQL resends from the confirmed position, a half-received transaction whole:
+    if (left == 0 && r->have_last_sent && r->last_sent.pos.lsn != 0)
+        /* PostgreSQL resends from the slot's position, a half-received transaction whole:
          * skip what is stored. */
         relay_stored_at_least(r, &r->last_sent);
     r->in_txn = false;

@@ -10,10 +10,10 @@
  *
  * Rewind order, so that a failure at any step leaves a state the relay handles: (1) copy the
  * bookmark to a scratch slot and advance the scratch slot to the target; (2) store the target
- * as the checkpoint (the relay starts at the later of slot and checkpoint, so an older
- * checkpoint is harmless, a newer one would skip the rewind); (3) drop the relay's slot and
- * copy the scratch slot in its place; (4) drop the scratch slot. Until (3) nothing the relay
- * uses has moved except the checkpoint, and a lower checkpoint only means resending.
+ * as the checkpoint, which drops the checkpoint's last transaction (it lies past the target:
+ * the relay must not skip by it, anchor.h); (3) drop the relay's slot and copy the scratch
+ * slot in its place; (4) drop the scratch slot. The relay starts at its slot's position, so
+ * until (3) nothing it uses has moved, and a lower checkpoint only means resending.
  *
  * Peeking (pg_logical_slot_peek_binary_changes with pgoutput) decodes without consuming: it
  * finds the commit LSN of the first transaction at or after a time (Begin carries the commit LSN
@@ -414,6 +414,8 @@ static int checkpoint_put(const Config *cfg, SlotCheckpoint *c, uint64_t lsn)
         return 0;
     Checkpoint next = c->cp;
     next.lsn = lsn;
+    if (next.commit_lsn >= lsn) /* a transaction past the position is no anchor any more */
+        next.commit_lsn = 0;
     snprintf(next.slot, sizeof(next.slot), "%s", cfg->slot);
     Buf value;
     buf_init(&value);
@@ -824,18 +826,17 @@ static int slot_advance(const Config *cfg, PgStream *pg, const SlotOptions *opts
         goto done;
     printf("advanced slot \"%s\" from %s to %s, skipped %s\n", s->name, a, lsn_format(reached, b),
            counted);
-    /* PostgreSQL 15 writes a slot's advanced position only at its next checkpoint: a higher
-     * checkpoint of our own keeps a crash in between from bringing the skipped rows back. */
-    SlotCheckpoint ck;
-    if (checkpoint_open(cfg, &ck) < 0) {
-        fail("the checkpoint was not raised; until PostgreSQL's next checkpoint, a crash of the "
-             "database could bring the skipped transactions back");
-    } else {
-        if (ck.kv && ck.lsn < reached && checkpoint_put(cfg, &ck, reached) == 0)
-            printf("raised the checkpoint (bucket \"%s\", key %s) to %s\n", cfg->checkpoint_bucket,
-                   ck.key, b);
-        checkpoint_close(&ck);
-    }
+    /* PostgreSQL writes a slot's advanced position to disk only at its next checkpoint, and
+     * the relay starts at the slot's position: make the advance durable now. */
+    char why[512];
+    if (pgstream_sql(pg, "CHECKPOINT", "could not write a database checkpoint", NULL, NULL, why,
+                     sizeof(why)) == 0)
+        printf("wrote a database checkpoint: the advance survives a crash of the database\n");
+    else
+        fail("%s (it needs the pg_checkpoint role or a superuser); until the server's next "
+             "checkpoint, a crash of the database brings the skipped transactions back: run "
+             "CHECKPOINT as a superuser now",
+             why);
     code = 0;
 done:
     slots_free(&one);

@@ -1,6 +1,7 @@
 /* util.c - allocation that aborts on exhaustion, growable buffers, clocks, LSN text. */
 #include "outboxd/util.h"
 
+#include <ctype.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -226,11 +227,25 @@ int64_t now_unix_us(void)
     return clock_us(CLOCK_REALTIME);
 }
 
+/* One half of an LSN: 1 to 8 hex digits, nothing else (sscanf's %X would take a sign, spaces
+ * and any number of digits, and a malformed position could then read as FFFFFFFF/...). */
+static const char *lsn_half(const char *s, unsigned *out)
+{
+    unsigned v = 0;
+    int n = 0;
+    for (; n < 8 && isxdigit((unsigned char)s[n]); n++)
+        v = v * 16 + (unsigned)(isdigit((unsigned char)s[n]) ? s[n] - '0'
+                                                             : (tolower((unsigned char)s[n]) - 'a' + 10));
+    if (n == 0 || isxdigit((unsigned char)s[n]))
+        return NULL;
+    *out = v;
+    return s + n;
+}
+
 bool lsn_parse(const char *s, uint64_t *out)
 {
     unsigned hi, lo;
-    int used = 0;
-    if (!s || sscanf(s, "%X/%X%n", &hi, &lo, &used) != 2 || s[used] != '\0')
+    if (!s || !(s = lsn_half(s, &hi)) || *s != '/' || !(s = lsn_half(s + 1, &lo)) || *s != '\0')
         return false;
     *out = ((uint64_t)hi << 32) | lo;
     return true;

@@ -9,13 +9,14 @@
  * Format: one JSON object,
  *
  *   {"version": 1, "lsn": "0/16B3F10", "timeline": 1, "system": "7312...", "slot": "outboxd",
- *    "written": "2026-12-03T17:26:18.123456Z", "commit_time": "...",
+ *    "written": "2026-12-03T17:26:18.123456Z", "commit_time": "...", "commit_lsn": "0/16B3E80",
  *    "backfill": {"position": "0/16B3E00", "snapshot": "757:757:", "table": "public.outbox",
  *                 "after": "...", "rows": 1200}}
  *
- * "lsn" is the confirmed position (every event before it is stored), "timeline" the server's
- * timeline when it was confirmed, "commit_time" the commit time of the last transaction
- * confirmed (for a gap's runbook after a failover), "backfill" present while a first-start
+ * "lsn" is the confirmed position (every event before it is stored), "timeline" the timeline
+ * it was reached on, "commit_time" and "commit_lsn" the commit time and commit LSN of the last
+ * transaction confirmed (an anchor, anchor.h: proven when that transaction comes again; and
+ * for a gap's runbook after a failover), "backfill" present while a first-start
  * backfill is unfinished: "table" and "after" are its keyset progress (every row of the tables
 before "table", and of "table" every row whose event id sorts at or before "after", is stored;
 both "" before the first), "snapshot" the slot's snapshot that a resumed backfill reads in.
@@ -51,6 +52,7 @@ typedef struct Checkpoint {
     uint64_t lsn;          /* confirmed position; 0: none */
     uint32_t timeline;     /* 0: unknown */
     int64_t commit_time;   /* µs since 2000-01-01 of the last confirmed transaction; 0: unknown */
+    uint64_t commit_lsn;   /* that transaction's commit LSN; 0: unknown */
     char system[32];       /* the system id ("" when unknown) */
     char slot[64];
     CheckpointBackfill backfill;

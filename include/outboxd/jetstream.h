@@ -14,6 +14,7 @@
 #include <jansson.h>
 #include <nats/nats.h>
 
+#include "outboxd/anchor.h"
 #include "outboxd/checkpoint.h"
 #include "outboxd/outbox.h"
 #include "outboxd/util.h"
@@ -32,14 +33,27 @@ typedef struct StreamInfo {
  * filter with wildcards) can be. */
 bool jsapi_stream_covers(const StreamInfo *info, const char *filter);
 
+/* An event of a relay's read back from its stream. */
+typedef struct JsOwnEvent {
+    uint64_t seq;        /* its stream sequence */
+    Anchor anchor;       /* its position and commit time */
+    uint64_t commit_lsn; /* Outbox-Commit-Lsn */
+    char id[OUTBOX_MAX_EVENT_ID + 8]; /* its Nats-Msg-Id */
+} JsOwnEvent;
+
+/* Called for each event found, newest first; false stops the walk. */
+typedef bool JsOwnVisit(void *arg, const JsOwnEvent *ev);
+
 /*
- * Finds the newest of the stream's last max_back messages (from seq last_seq down) that
- * carries an Outbox-Position from the relay (not a replay): its position in *pos and its
- * sequence in *at. Returns 1 when found, 0 when none of them does, -1 on error.
+ * The look-back: walks the stream back from sequence last_seq over the events of source (a
+ * relay's "<system id>/<slot>"; what counts is anchor_from_event()'s rule), newest first,
+ * handing each to visit until it says stop. Messages that are not such events (replayed
+ * copies, another writer's, another relay's, deleted ones) are passed over, up to max_foreign
+ * of them in a row. Returns 0, or -1 with the reason in err.
  */
-int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_seq,
-                        unsigned max_back, OutboxPosition *pos, uint64_t *at, char *err,
-                        size_t errlen);
+int jsapi_own_events_back(natsConnection *nc, const char *stream, uint64_t last_seq,
+                          const char *source, unsigned max_foreign, JsOwnVisit *visit, void *arg,
+                          char *err, size_t errlen);
 
 /* How outboxd authenticates to NATS and protects the connection. Every field may be NULL. */
 typedef struct NatsSecurity {

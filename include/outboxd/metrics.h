@@ -52,6 +52,8 @@ typedef struct Metrics {
                                          * earlier event's event_id, JetStream kept the earlier */
     _Atomic uint64_t events_skipped_stored; /* events the stream held already, not sent again
                                              * after a restart or reconnect */
+    _Atomic uint64_t anchors_false; /* anchors the WAL proved false (anchor.c): every event
+                                     * after the slot's position was published again */
     _Atomic uint64_t publish_errors[PUBERR_COUNT];
     _Atomic uint64_t publish_retries;   /* events sent again after a failure */
     _Atomic uint64_t messages_refused;  /* non-transactional messages with the events' prefix */

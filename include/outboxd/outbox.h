@@ -29,6 +29,7 @@
 
 #define OUTBOX_HDR_EXPECTED_LAST "Nats-Expected-Last-Sequence"
 #define OUTBOX_HDR_POSITION "Outbox-Position"
+#define OUTBOX_HDR_SOURCE "Outbox-Source"
 #define OUTBOX_HDR_DL_REASON "Outbox-Dead-Letter-Reason"
 #define OUTBOX_HDR_DL_DETAIL "Outbox-Dead-Letter-Detail"
 #define OUTBOX_HDR_ORIGINAL_SUBJECT "Outbox-Original-Subject"
@@ -130,6 +131,10 @@ const char *outbox_mapper_schema(const OutboxMapper *m, size_t i);
 const char *outbox_mapper_table(const OutboxMapper *m, size_t i);
 /* "schema.table", for messages. */
 const char *outbox_mapper_qualified(const OutboxMapper *m, size_t i);
+/* The Outbox-Source every event and dead letter carries from now on ("<system id>/<slot>",
+ * see anchor.h); "" (the default) adds none. */
+void outbox_mapper_set_source(OutboxMapper *m, const char *source);
+const char *outbox_mapper_source(const OutboxMapper *m);
 /* "public.a, public.b": the tables, for messages. */
 void outbox_mapper_describe_tables(const OutboxMapper *m, char *out, size_t n);
 /* The column of table i playing role (ROLE_*), or NULL when it has none. */
@@ -202,6 +207,7 @@ typedef struct DeadLetter {
     uint32_t timeline;
     const char *position; /* the replaced event's Outbox-Position, or NULL: made from
                            * timeline, commit_lsn and index */
+    const char *source;   /* Outbox-Source, or NULL for none */
     /* dl may point into the event that is being replaced, but never into out. */
 } DeadLetter;
 
@@ -210,8 +216,8 @@ typedef struct DeadLetter {
  * or "dlq-<commit LSN>-<index>" when the event_id is unusable (stable across restarts either
  * way, so a repeat is dropped as a duplicate);
  * headers Outbox-Dead-Letter-Reason, -Detail, Outbox-Original-Subject, Outbox-Event-Id,
- * Outbox-Table, Outbox-Commit-Lsn, Outbox-Commit-Time, Outbox-Position (the dead letter stands
- * in the event's place in the stream). The body is the original body when it
+ * Outbox-Table, Outbox-Commit-Lsn, Outbox-Commit-Time, Outbox-Position and Outbox-Source (the
+ * dead letter stands in the event's place in the stream). The body is the original body when it
  * is given and at most max_body bytes, else a short JSON object pointing at the row.
  */
 void outbox_dead_letter(OutboxEvent *out, const char *dlq_subject, const DeadLetter *dl,

@@ -108,10 +108,11 @@ void publisher_rearm(Publisher *p);
 
 /*
  * Reads the stream's last sequence (taken as the order chain's start when nothing is in
- * flight) and the position of the newest event of outboxd's among its last messages. Returns
- * 1 with *pos and its sequence *at, 0 when there is none, -1 on error.
+ * flight) and the newest event of source ("<system id>/<slot>") among its last messages
+ * (jsapi_own_events_back's look-back). Returns 1 with it in *last, 0 when there is none, -1 on
+ * error.
  */
-int publisher_stream_position(Publisher *p, OutboxPosition *pos, uint64_t *at, char *err,
+int publisher_stream_position(Publisher *p, const char *source, JsOwnEvent *last, char *err,
                               size_t errlen);
 
 /* ---- the durable checkpoint (a JetStream key-value bucket) ---- */

@@ -71,7 +71,7 @@ int64_t now_unix_us(void);
  * stream can carry any 64-bit value). */
 int64_t pg_time_to_unix_us(int64_t pg_us);
 
-/* Parses "X/X" (hex halves) into an LSN. Returns false on anything else. */
+/* Parses "X/X" (each half 1 to 8 hex digits) into an LSN. Returns false on anything else. */
 bool lsn_parse(const char *s, uint64_t *out);
 /* Formats an LSN as "X/X" into out (at least 18 bytes); returns out. */
 char *lsn_format(uint64_t lsn, char out[static 18]);

@@ -12,7 +12,8 @@ static int decode(const char *s, Checkpoint *c, char *err, size_t errlen)
 
 static void test_round_trip(void)
 {
-    Checkpoint in = {.lsn = UINT64_C(0x116B3F10), .timeline = 3, .commit_time = 818000123456789};
+    Checkpoint in = {.lsn = UINT64_C(0x116B3F10), .timeline = 3, .commit_time = 818000123456789,
+                     .commit_lsn = UINT64_C(0x116B3E80)};
     strcpy(in.system, "7312345678901234567");
     strcpy(in.slot, "outboxd");
     in.backfill = (CheckpointBackfill){.active = true, .position = 0x16B3E00, .rows = 1200};
@@ -29,6 +30,7 @@ static void test_round_trip(void)
     CHECK(checkpoint_decode(b.data, b.len, &out, err, sizeof(err)) == 0);
     CHECK(out.version == CHECKPOINT_VERSION);
     CHECK(out.lsn == in.lsn && out.timeline == 3 && out.commit_time == in.commit_time);
+    CHECK(out.commit_lsn == in.commit_lsn);
     CHECK_STR(out.system, in.system);
     CHECK_STR(out.slot, "outboxd");
     CHECK(out.backfill.active && out.backfill.position == 0x16B3E00 && out.backfill.rows == 1200);
@@ -73,6 +75,7 @@ static void test_wrong(void)
         {"{\"version\":1,\"lsn\":5}", "lsn is not a string"},
         {"{\"version\":1,\"lsn\":\"0/1\",\"timeline\":\"1\"}", "timeline is not an integer"},
         {"{\"version\":1,\"lsn\":\"0/1\",\"commit_time\":\"yesterday\"}", "not an RFC 3339 time"},
+        {"{\"version\":1,\"lsn\":\"0/1\",\"commit_lsn\":\"-1/0\"}", "\"-1/0\" is not an LSN"},
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":1}", "backfill is not an object"},
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{}}", "backfill has no \"position\""},
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{\"position\":\"0/1\",\"rows\":\"x\"}}",

@@ -19,6 +19,7 @@ static const struct {
     {"outboxd_events_duplicate_total", "counter"},
     {"outboxd_events_id_reused_total", "counter"},
     {"outboxd_events_already_stored_total", "counter"},
+    {"outboxd_anchors_false_total", "counter"},
     {"outboxd_publish_errors_total", "counter"},
     {"outboxd_publish_retries_total", "counter"},
     {"outboxd_messages_refused_total", "counter"},
