@@ -163,6 +163,12 @@ def test_backfill_stays_live_and_resumes_exactly_once_after_kill_9(ctx, pg, js):
     assert dups == 0 and set(got) == ids
     assert relay.metrics()["outboxd_events_duplicate_total"] == 0, \
         "nothing was published twice, not even into the duplicate window"
+    # Every backfilled row carries the slot's position minus one and its ordinal: the resumed
+    # run numbered on where the first stopped.
+    positions = [m["headers"]["Outbox-Position"].split(" ") for m in msgs]
+    assert len({p[1] for p in positions}) == 1, "the backfill's rows share one commit LSN"
+    assert [int(p[2]) for p in positions] == list(range(n)), \
+        "a resumed backfill numbers its rows on from where it stopped"
 
     w = ctx.writer(seed=93)
     w.write([5])

@@ -48,7 +48,7 @@ def failover(root, request, nats, js):
     """make(synchronized_standby_slots) -> (ctx, primary, standby): a primary with a physical slot
     for a hot standby made from its data folder, both running, the standby streaming, and a Ctx on
     the primary. Everything is stopped by PID afterwards."""
-    from conftest import Ctx
+    from conftest import Ctx, stop_worlds
     servers, ctxs = [], []
 
     def make(synchronized_standby_slots=False):
@@ -77,15 +77,7 @@ def failover(root, request, nats, js):
         return ctx, primary, standby
 
     yield make
-    for c in ctxs:
-        for r in c.relays:
-            if r.proc is not None:
-                r.kill()
-        for w in c.writers:
-            w.close()
-    for s in reversed(servers):
-        if s.running:
-            s.stop("immediate")
+    stop_worlds(ctxs, servers)
 
 
 def relay_for(ctx, primary, standby, *extra):

@@ -93,6 +93,7 @@ def test_10k_events_exactly_once_with_row_contents_in_commit_order(ctx, pg, js):
     # The transactions as PostgreSQL decoded them (commit order, end LSNs) must match the writer's.
     txs = pg.probe_transactions(probe, ctx.table)
     assert [t["event_ids"] for t in txs] == w.transactions, "probe slot disagrees with the writer"
+    source = f"{pg.scalar('SELECT system_identifier FROM pg_control_system()')}/{ctx.slot}"
     tx_of = {}
     for k, t in enumerate(txs):
         for e in t["event_ids"]:
@@ -123,9 +124,10 @@ def test_10k_events_exactly_once_with_row_contents_in_commit_order(ctx, pg, js):
             assert h.get("Outbox-Trace-Id") == header_value(row["trace_id"]), where
         known = {"Outbox-Event-Type", "Outbox-Aggregate-Type", "Outbox-Aggregate-Id", "Outbox-Occurred-At",
                  "Outbox-Schema-Version", "Outbox-Trace-Id", "Outbox-Commit-Lsn", "Outbox-Commit-Time",
-                     "Outbox-Position"}
+                     "Outbox-Position", "Outbox-Source"}
         unknown = {k for k in h if k.startswith("Outbox-")} - known
         assert not unknown, f"{where}: unexpected headers {unknown}"
+        assert h.get("Outbox-Source") == source, f"{where}: Outbox-Source {h.get('Outbox-Source')}"
 
         lsn = h.get("Outbox-Commit-Lsn", "")
         assert LSN_RE.fullmatch(lsn), f"{where}: Outbox-Commit-Lsn {lsn!r} is not X/X upper-case hex"
