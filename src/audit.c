@@ -193,12 +193,57 @@ void audit_add_msg(Audit *a, const AuditMsg *m)
                                  .pos = m->pos, .prev_pos = g->max};
 }
 
-static int cmp_entry(const void *x, const void *y)
+static inline bool entry_less(const Entry *a, const Entry *b)
 {
-    const Entry *a = x, *b = y;
-    if (a->hash != b->hash)
-        return a->hash < b->hash ? -1 : 1;
-    return a->word < b->word ? -1 : a->word > b->word;
+    return a->hash != b->hash ? a->hash < b->hash : a->word < b->word;
+}
+
+static inline void entry_swap(Entry *a, Entry *b)
+{
+    Entry t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* Sorts by (hash, sequence) in place: glibc's qsort() takes a merge buffer as large as the
+ * array (another 16 MB per million messages). Quicksort on random hashes, recursing into the
+ * smaller part (stack depth log n), insertion sort below 16. */
+static void sort_entries(Entry *e, size_t n)
+{
+    while (n > 16) {
+        Entry *mid = e + n / 2, *last = e + n - 1;
+        if (entry_less(mid, e))
+            entry_swap(mid, e);
+        if (entry_less(last, mid)) {
+            entry_swap(last, mid);
+            if (entry_less(mid, e))
+                entry_swap(mid, e);
+        }
+        Entry pivot = *mid;
+        size_t i = 0, j = n - 1;
+        for (;;) {
+            while (entry_less(&e[i], &pivot))
+                i++;
+            while (entry_less(&pivot, &e[j]))
+                j--;
+            if (i >= j)
+                break;
+            entry_swap(&e[i++], &e[j--]);
+        }
+        /* [0, j] <= pivot <= [j + 1, n) */
+        size_t left = j + 1;
+        if (left < n - left) {
+            sort_entries(e, left);
+            e += left;
+            n -= left;
+        } else {
+            sort_entries(e + left, n - left);
+            n = left;
+        }
+    }
+    for (size_t i = 1; i < n; i++)
+        for (size_t k = i; k > 0 && entry_less(&e[k], &e[k - 1]); k--)
+            entry_swap(&e[k], &e[k - 1]);
 }
 
 /* The index of the first entry with hash h, or a->n. */
@@ -217,7 +262,7 @@ static size_t lower_bound(const Audit *a, uint64_t h)
 
 void audit_stream_done(Audit *a)
 {
-    qsort(a->e, a->n, sizeof(Entry), cmp_entry);
+    sort_entries(a->e, a->n);
     a->sorted = true;
     /* Within one hash, by sequence: every copy after the first that is not a replay is a
      * duplicate candidate, when one of them is in the range. */
@@ -555,7 +600,7 @@ void audit_print_json(FILE *out, const AuditContext *ctx, const AuditReport *r)
 /* ---- reading both sides ---------------------------------------------------------------------- */
 
 /* Pull requests ask for this many messages at a time. */
-#define PULL_BATCH 20000
+#define PULL_BATCH 5000
 #define FETCH_ROWS 10000
 #define PROGRESS_EVERY_US INT64_C(5000000)
 #define CURSOR "outboxd_audit"
