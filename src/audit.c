@@ -539,6 +539,10 @@ void audit_print_text(FILE *out, const AuditContext *ctx, const AuditReport *r)
                 r->unpositioned);
     if (r->foreign)
         fprintf(out, "messages that stand for no row: %" PRIu64 "\n", r->foreign);
+    if (ctx->dead_letters_elsewhere)
+        fprintf(out, "note: dead letters go to stream %s, which the audit does not read: rows "
+                     "that were dead-lettered show as missing\n",
+                ctx->dead_letters_elsewhere);
     if (ctx->relay_behind)
         fprintf(out, "note: the relay had not yet confirmed everything committed before the "
                      "audit began; rows committed in the last moments may show as missing\n");
@@ -591,6 +595,9 @@ void audit_print_json(FILE *out, const AuditContext *ctx, const AuditReport *r)
         "foreign_messages", (json_int_t)r->foreign, "events_in_range",
         (json_int_t)r->events_in_range, "relay_behind", ctx->relay_behind, "seconds",
         ctx->seconds);
+    json_object_set_new(o, "dead_letter_stream_not_read",
+                        ctx->dead_letters_elsewhere ? json_string(ctx->dead_letters_elsewhere)
+                                                    : json_null());
     char *text = json_dumps(o, JSON_COMPACT);
     fprintf(out, "%s\n", text ? text : "{}");
     free(text);
@@ -615,6 +622,7 @@ typedef struct Run {
     PgStream *pg;
     natsConnection *nc;
     char stream[256];
+    char dl_stream[256];
     char consumer[128];
     uint64_t last_seq;
     JsStoredMsg got; /* scratch for fetch() */
@@ -1007,6 +1015,16 @@ static int open_nats(Run *r)
     if (rc < 0)
         return EXIT_OUTBOXD_CHECK;
     r->last_seq = info.last_seq;
+    /* Without strict order dead letters may go to another stream. */
+    const char *dlq = r->cfg->dead_letter_subject;
+    if (strcmp(r->cfg->on_poison, "dead-letter") == 0 && dlq && !jsapi_stream_covers(&info, dlq)) {
+        char err[256];
+        found = false;
+        if (jsapi_find_stream(r->nc, dlq, r->dl_stream, sizeof(r->dl_stream), &found, err,
+                              sizeof(err)) == 0 &&
+            found)
+            r->ctx.dead_letters_elsewhere = r->dl_stream;
+    }
     return 0;
 }
 

@@ -177,6 +177,7 @@ typedef struct AuditContext {
     const char *time_column; /* the column used without commit times */
     uint64_t rows_without_commit_time; /* by commit time, rows whose time is not known */
     bool relay_behind;   /* the relay had not confirmed the snapshot's WAL when the stream was read */
+    const char *dead_letters_elsewhere; /* the stream dead letters go to when not this one */
     double seconds;
 } AuditContext;
 
