@@ -34,9 +34,11 @@
 #include "outboxd/config.h"
 #include "outboxd/outbox.h"
 
-/* A new header of the relay's events: "<system id>/<slot>", where they come from. Events of
- * older releases do not carry it. */
+/* A new header of the relay's events: "<system id>/<slot>", where they come from (outbox.h
+ * defines it once the relay writes it). Events of older releases do not carry it. */
+#ifndef OUTBOX_HDR_SOURCE
 #define OUTBOX_HDR_SOURCE "Outbox-Source"
+#endif
 
 /* Event ids named per kind in the report. */
 #define AUDIT_NAMED 10

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from conftest import _start_pg
-from harness import clean_env, relay_bin, wait_until
+from harness import clean_env, relay_bin
 
 POISON_TABLE = """CREATE TABLE {t} (
     event_id text PRIMARY KEY, aggregate_type text NOT NULL, aggregate_id text NOT NULL,
@@ -27,7 +27,6 @@ POISON_TABLE = """CREATE TABLE {t} (
 @pytest.fixture(scope="module")
 def pg(root, request):
     """PostgreSQL with track_commit_timestamp on: rows are selected by their commit times."""
-    from harness import PgServer  # noqa: F401 - the fixture below builds one
     server = _start_pg(root, f"pg-{request.module.__name__}")
     server.sql("ALTER SYSTEM SET track_commit_timestamp = on")
     server.restart()
