@@ -11,6 +11,7 @@
  *                | drop [--with-bookmarks | --bookmarks-only] [--yes]   [settings]
  *   outboxd rewind --to TIME|LSN [--yes] [settings]
  *   outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run] [settings]
+ *   outboxd audit [--since TIME] [--until TIME] [--json] [--wait DURATION] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "outboxd/audit.h"
 #include "outboxd/config.h"
 #include "outboxd/jetstream.h"
 #include "outboxd/log.h"
@@ -87,6 +89,12 @@ static void usage(FILE *out)
                  "                             than AGE (30s, 12h, 7d) in batches of N (1000),\n"
                  "                             only rows the relay has confirmed: waits up to\n"
                  "                             --wait (30s) for the slot, else deletes nothing\n"
+                 "  outboxd audit [--since TIME] [--until TIME] [--json] [--wait DURATION]\n"
+                 "                [settings]\n"
+                 "                             compare the rows committed in [since, until) with\n"
+                 "                             the stream: rows missing, events stored twice\n"
+                 "                             (replay copies apart), events out of commit\n"
+                 "                             order; changes nothing; exit 1 on any of them\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
                  "Settings (flag > environment > settings file > default):\n",
@@ -512,6 +520,42 @@ static int cmd_prune(int argc, char **argv)
     return with_config(nrest, rest, run_prune, &opts);
 }
 
+static int run_audit(const Config *cfg, void *arg)
+{
+    return audit_run(cfg, arg);
+}
+
+static int cmd_audit(int argc, char **argv)
+{
+    AuditOptions opts = {.wait_ms = 10000};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        bool bad = false;
+        const char *v;
+        if (strcmp(argv[i], "--json") == 0) {
+            opts.json = true;
+        } else if ((v = option_value(argc, argv, &i, "--since", &bad))) {
+            opts.since = v;
+        } else if ((v = option_value(argc, argv, &i, "--until", &bad))) {
+            opts.until = v;
+        } else if ((v = option_value(argc, argv, &i, "--wait", &bad))) {
+            if (!config_parse_duration_ms(v, &opts.wait_ms)) {
+                fprintf(stderr, "outboxd: invalid value '%s' for --wait: expected a duration "
+                                "such as 500ms, 10s or 2m\n",
+                        v);
+                return EXIT_OUTBOXD_USAGE;
+            }
+        } else if (bad) {
+            return EXIT_OUTBOXD_USAGE;
+        } else {
+            rest[nrest++] = argv[i];
+        }
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_audit, &opts);
+}
+
 int main(int argc, char **argv)
 {
     const char *cmd = argc > 1 ? argv[1] : NULL;
@@ -541,6 +585,8 @@ int main(int argc, char **argv)
         return cmd_rewind(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "prune") == 0)
         return cmd_prune(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "audit") == 0)
+        return cmd_audit(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
         return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);

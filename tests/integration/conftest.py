@@ -88,6 +88,9 @@ PG_MATRIX = {
         "test_doctor_fails_on_wal_level_replica",
         "test_doctor_passes_after_setup",
     ],
+    "test_audit": [
+        "test_complete_stream_then_deleted_events_and_a_range",
+    ],
     "test_observability": [
         "test_status_with_a_running_and_a_stopped_relay",
     ],
