@@ -6,11 +6,16 @@
  * the first start misses nothing and repeats nothing. Each row is decoded as an Insert would be
  * and handled exactly as a streamed one (same mapping, dead letters, window).
  *
- * Resumable: rows are read table after table in the order of their event id (a keyset), and
- * as JetStream acknowledges them the checkpoint records the slot's position and snapshot and
- * the last key stored ("backfill" in checkpoint.h), at least every BACKFILL_PUT_ROWS rows or
- * BACKFILL_PUT_US. A relay that finds an unfinished backfill continues after that key, reading
- * only the rows visible in the slot's snapshot (rows committed later come through the WAL).
+ * In commit order: rows are read table after table in commit order (pgstream.h: by each row's
+ * commit time where the server keeps it, else by the transaction's start; then the
+ * transaction, then the row's place), so a consumer applying events per aggregate sees them as
+ * they happened.
+ *
+ * Resumable: that order is a keyset, and as JetStream acknowledges the rows the checkpoint
+ * records the slot's position and snapshot and the last key stored ("backfill" in
+ * checkpoint.h), at least every BACKFILL_PUT_ROWS rows or BACKFILL_PUT_US. A relay that finds
+ * an unfinished backfill continues after that key, reading only the rows visible in the slot's
+ * snapshot (rows committed later come through the WAL).
  * Rows published after the last checkpoint write are found in the stream itself: every
  * backfilled event carries the slot's position minus one as its commit LSN and its ordinal in
  * the backfill as its index (Outbox-Position "<timeline> <slot position - 1> <ordinal>"; a
@@ -67,8 +72,8 @@ struct BackfillRun {
     bool resume;  /* backfill_finish continues an interrupted backfill */
     Progress *ring;
     size_t cap, head, tail; /* cap a power of two */
-    size_t key_table;       /* the table key_col is for, +1 */
-    int key_col;            /* the event id's column in its rows */
+    size_t id_table;        /* the table id_col is for, +1 */
+    int id_col;             /* the event id's column in its rows */
     uint64_t stored;        /* rows stored (as the checkpoint counts them) */
     uint64_t put_rows;      /* stored at the last checkpoint write */
     int64_t next_put;
@@ -227,9 +232,9 @@ static bool held(const BackfillRun *b, const char *key, size_t keylen, uint64_t 
 
 /* One outbox row read by the backfill: decoded as an Insert would be, then handled exactly as
  * a streamed one (same mapping, dead letters, window). */
-static int backfill_row(void *arg, size_t table, int ncols, const char *const *names,
-                        const uint32_t *types, const char *const *values, const int *lens,
-                        char *err, size_t errlen)
+static int backfill_row(void *arg, size_t table, const char *key, int ncols,
+                        const char *const *names, const uint32_t *types,
+                        const char *const *values, const int *lens, char *err, size_t errlen)
 {
     Relay *r = arg;
     BackfillRun *b = r->bfrun;
@@ -252,27 +257,26 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
             return -1;
         r->backfill_table = table + 1;
     }
-    if (b->key_table != table + 1) {
-        const char *key = outbox_mapper_role_column(r->mapper, table, ROLE_EVENT_ID);
-        b->key_col = -1;
-        for (int c = 0; key && c < ncols; c++)
-            if (strcmp(names[c], key) == 0)
-                b->key_col = c;
-        b->key_table = table + 1;
+    if (b->id_table != table + 1) {
+        const char *col = outbox_mapper_role_column(r->mapper, table, ROLE_EVENT_ID);
+        b->id_col = -1;
+        for (int c = 0; col && c < ncols; c++)
+            if (strcmp(names[c], col) == 0)
+                b->id_col = c;
+        b->id_table = table + 1;
     }
-    const char *key = b->key_col >= 0 ? values[b->key_col] : NULL;
-    size_t keylen = key ? (size_t)lens[b->key_col] : 0;
+    const char *id = b->id_col >= 0 ? values[b->id_col] : NULL;
+    size_t idlen = id ? (size_t)lens[b->id_col] : 0;
     if (++b->since_poll >= BACKFILL_POLL_ROWS && progress_poll(r, false) < 0) {
         snprintf(err, errlen, "the backfill was interrupted");
         return -1;
     }
-    if (held(b, key, keylen, r->backfill.position - 1, r->txn_rows)) {
+    if (held(b, id, idlen, r->backfill.position - 1, r->txn_rows)) {
         /* Published before the relay that ran this backfill stopped, after its last
          * checkpoint write: stored already. */
         b->skipped++;
         r->txn_rows++;
-        if (key)
-            progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
+        progress_push(b, publisher_next_seq(r->pub), table, key, strlen(key));
         return 0;
     }
     if (wait_for_room(r) < 0) {
@@ -291,9 +295,7 @@ static int backfill_row(void *arg, size_t table, int ncols, const char *const *n
         snprintf(err, errlen, "the backfill stopped at a row that cannot be published");
         return -1;
     }
-    /* A NULL key is not a keyset position: such rows sort last and are read again on resume. */
-    if (key)
-        progress_push(b, publisher_next_seq(r->pub), table, key, keylen);
+    progress_push(b, publisher_next_seq(r->pub), table, key, strlen(key));
     return 0;
 }
 
@@ -588,11 +590,24 @@ static int resume(Relay *r, PgSetup *setup)
     set_phase(BACKFILL_PHASE_RUNNING);
     if (read_held(r) < 0)
         return -1;
-    if (c->after[0])
-        log_info("backfill: resuming the interrupted backfill of %s after event id %s of %s (%"
+    /* bf->after points into r->cp, which the progress moves on: read it from a copy. */
+    char after[sizeof(c->after)];
+    snprintf(after, sizeof(after), "%s", c->after);
+    if (after[0] && !strchr(after, '|')) {
+        /* An earlier release's keyset (by event id): the order changed, start the table over;
+         * what the stream holds after the checkpoint is still found there. */
+        log_warn("backfill: the checkpoint's keyset position \"%s\" is an event id (an earlier "
+                 "outboxd's backfill order): reading %s again from its first row; rows stored "
+                 "before the checkpoint are dropped as duplicates only within the duplicate "
+                 "window",
+                 after, c->table);
+        after[0] = '\0';
+    }
+    if (after[0])
+        log_info("backfill: resuming the interrupted backfill of %s after key \"%s\" of %s (%"
                  PRIu64 " rows stored; %zu events found in the stream after it), in the "
                  "snapshot of slot \"%s\" at " LSN_FMT,
-                 r->tables, c->after, c->table, c->rows, b->nheld, r->cfg->slot,
+                 r->tables, after, c->table, c->rows, b->nheld, r->cfg->slot,
                  LSN_ARGS(c->position));
     else
         log_info("backfill: resuming the interrupted backfill of %s from its start (%zu events "
@@ -601,14 +616,10 @@ static int resume(Relay *r, PgSetup *setup)
     bf->position = c->position;
     snprintf(bf->snapshot, sizeof(bf->snapshot), "%s", c->snapshot);
     bf->first_table = first;
-    bf->after = c->after;
     setup->backfill = bf;
     r->backfilling = true;
     b->started_us = now_mono_us();
     b->next_put = now_mono_us() + BACKFILL_PUT_US;
-    /* bf->after points into r->cp, which the progress moves on: read it from a copy. */
-    char after[sizeof(c->after)];
-    snprintf(after, sizeof(after), "%s", c->after);
     bf->after = after;
     int rc = pgstream_read_outbox(r->pg, setup, r->err, sizeof(r->err));
     bf->after = NULL;
@@ -645,6 +656,13 @@ static int finish_backfill(Relay *r)
         log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot "
                  "existed, in %.1f s",
                  bf->rows, r->tables, secs);
+    if (bf->commit_order)
+        log_info("backfill: the rows went out in commit order (track_commit_timestamp is on)");
+    else
+        log_info("backfill: the rows went out in the order of their transactions' start "
+                 "(occurred_at), then transaction id: commit order for each writer's "
+                 "transactions, not between concurrent ones; turn track_commit_timestamp on "
+                 "for exact commit order");
     atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
     set_phase(BACKFILL_PHASE_NONE);
     return unlock(r);

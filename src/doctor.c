@@ -366,6 +366,26 @@ static void check_wal_keep(Doctor *d)
     pgrows_free(r);
 }
 
+/* Whether rows read from the table (a backfill, a recovery) can go out in exact commit order. */
+static void check_commit_order(Doctor *d)
+{
+    PgRows *r = query_row(d, "commit_order", "SELECT current_setting('track_commit_timestamp')");
+    if (!r)
+        return;
+    if (strcmp(val(r, 0), "on") == 0)
+        report(d, "commit_order", PASS,
+               "track_commit_timestamp is on: rows read from the table (backfill, recovery) go "
+               "out by their commit time");
+    else
+        fix(report(d, "commit_order", WARN,
+                   "track_commit_timestamp is off: rows read from the table (backfill, "
+                   "recovery) go out by their transaction's start (occurred_at), commit order "
+                   "only for each writer's transactions"),
+            "ALTER SYSTEM SET track_commit_timestamp = on, then restart PostgreSQL (it keeps "
+            "each transaction's commit time from then on)");
+    pgrows_free(r);
+}
+
 static void check_slot(Doctor *d)
 {
     const char *slot = d->cfg->slot;
@@ -532,6 +552,7 @@ static void check_postgres(Doctor *d)
     check_slots_free(d);
     check_wal_senders(d);
     check_wal_keep(d);
+    check_commit_order(d);
     check_slot(d);
     check_failover(d);
 }

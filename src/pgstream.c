@@ -414,82 +414,133 @@ done:
     return rc;
 }
 
-/* The filter of a resumed backfill: rows visible in the slot's snapshot. xmin is a 32-bit xid;
- * pg_visible_in_snapshot() wants it with its epoch, taken from ref (the current snapshot's
- * xmax, which every committed xmin precedes by less than 2^31 unless frozen). Frozen rows read
- * xmin 2 (and bootstrap ones 1): they are older than any snapshot. */
-static bool put_snapshot_filter(PgStream *s, Buf *sql, const PgBackfill *bf, uint64_t ref,
-                                char *err, size_t errlen)
+/* A row's transaction id widened to 64 bits. xmin is a 32-bit xid; its epoch comes from ref
+ * (the current snapshot's xmax, which every committed xmin precedes by less than 2^31 unless
+ * frozen), so the value is the same whichever snapshot a resumed read takes it from. */
+static void put_xid8(Buf *sql, uint64_t ref)
 {
     uint64_t base = ref & ~UINT64_C(0xFFFFFFFF);
     buf_printf(sql,
-               "(xmin::text::int8 < 3 OR pg_catalog.pg_visible_in_snapshot(("
-               "%" PRIu64 " + xmin::text::int8 - CASE WHEN %" PRIu64 " + xmin::text::int8 > %"
-               PRIu64 " THEN 4294967296 ELSE 0 END)::text::pg_catalog.xid8, ",
+               "(%" PRIu64 " + t.xmin::text::int8 - CASE WHEN %" PRIu64 " + t.xmin::text::int8 > %"
+               PRIu64 " THEN 4294967296 ELSE 0 END)",
                base, base, ref);
+}
+
+/* The filter of a resumed backfill: rows visible in the slot's snapshot. Frozen rows read xmin
+ * 2 (and bootstrap ones 1): they are older than any snapshot. */
+static bool put_snapshot_filter(PgStream *s, Buf *sql, const PgBackfill *bf, uint64_t ref,
+                                char *err, size_t errlen)
+{
+    buf_puts(sql, "(t.xmin::text::int8 < 3 OR pg_catalog.pg_visible_in_snapshot(");
+    put_xid8(sql, ref);
+    buf_puts(sql, "::text::pg_catalog.xid8, ");
     if (!put_literal(s, sql, bf->snapshot, err, errlen))
         return false;
     buf_puts(sql, "::pg_catalog.pg_snapshot))");
     return true;
 }
 
+/* The time that orders table t's rows (the "ts" of the commit-order key): each row's commit
+ * time where the server keeps it, else the table's time column (the transaction's start with
+ * the default now()), else none. */
+static bool put_order_time(PgStream *s, Buf *sql, const PgSetup *setup, size_t t, char *err,
+                           size_t errlen)
+{
+    const char *col = outbox_mapper_role_column(setup->mapper, t, ROLE_OCCURRED_AT);
+    if (setup->backfill->commit_order) {
+        buf_puts(sql, "pg_catalog.pg_xact_commit_timestamp(t.xmin)");
+    } else if (col) {
+        buf_puts(sql, "t.");
+        if (!put_ident(s, sql, col, err, errlen))
+            return false;
+        buf_puts(sql, "::timestamptz");
+    } else {
+        buf_puts(sql, "NULL::timestamptz");
+    }
+    return true;
+}
+
+/* Appends " AND " ... the keyset's "after": the rows whose key (ts, xid, ctid) sorts after
+ * the text "<ts>|<xid>|<ctid>" a row of an earlier read carried. */
+static bool put_after(PgStream *s, Buf *sql, const char *after, char *err, size_t errlen)
+{
+    char ts[96], xid[32], ctid[32];
+    const char *p1 = strchr(after, '|'), *p2 = p1 ? strchr(p1 + 1, '|') : NULL;
+    if (!p1 || !p2 || (size_t)(p1 - after) >= sizeof(ts) || (size_t)(p2 - p1 - 1) >= sizeof(xid) ||
+        strlen(p2 + 1) >= sizeof(ctid)) {
+        snprintf(err, errlen, "the backfill's keyset position \"%.100s\" is not "
+                              "\"<time>|<transaction>|<row>\"", after);
+        return false;
+    }
+    snprintf(ts, sizeof(ts), "%.*s", (int)(p1 - after), after);
+    snprintf(xid, sizeof(xid), "%.*s", (int)(p2 - p1 - 1), p1 + 1);
+    snprintf(ctid, sizeof(ctid), "%s", p2 + 1);
+    buf_puts(sql, " AND (k.ts, k.x, t.ctid) > (");
+    if (!put_literal(s, sql, ts, err, errlen))
+        return false;
+    buf_puts(sql, "::timestamptz, ");
+    if (!put_literal(s, sql, xid, err, errlen))
+        return false;
+    buf_puts(sql, "::int8, ");
+    if (!put_literal(s, sql, ctid, err, errlen))
+        return false;
+    buf_puts(sql, "::tid)");
+    return true;
+}
+
 /*
- * Reads outbox table t through a cursor, in the order of its event id column, in the current
- * transaction: all of it (the new slot's snapshot), or with after the rows whose key sorts
- * after it and with ref the rows visible in bf->snapshot (a resumed backfill).
+ * Reads outbox table t through a cursor, in commit order (the key (ts, xid, ctid): the commit
+ * time, or the time column without commit timestamps, then the transaction, then the row's
+ * place), in the current transaction: all of it (the new slot's snapshot), or with resumed the
+ * rows visible in bf->snapshot; with after only the rows whose key sorts after it; with
+ * bf->since only the rows committed since then (see PgBackfill). ref: the current snapshot's
+ * xmax, for the transaction ids.
  */
 static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfill *bf,
-                          const char *after, uint64_t ref, char *err, size_t errlen)
+                          const char *after, uint64_t ref, bool resumed, char *err,
+                          size_t errlen)
 {
     Buf sql;
     buf_init(&sql);
     int rc = -1;
     PGresult *res = NULL;
-    const char *key = outbox_mapper_role_column(setup->mapper, t, ROLE_EVENT_ID);
-    if (!key) {
-        snprintf(err, errlen, "%s has no event id column to backfill in the order of",
-                 outbox_mapper_qualified(setup->mapper, t));
-        goto done;
-    }
-    buf_puts(&sql, bf->count_only ? "SELECT count(*) FROM " : "DECLARE outboxd_backfill NO SCROLL "
-                                                                "CURSOR FOR SELECT * FROM ");
-    if (!put_table(s, &sql, setup->mapper, t, err, errlen))
-        goto done;
     if (bf->count_only) {
-        if (!(res = query(s, sql.data, err, errlen)))
+        buf_puts(&sql, "SELECT count(*) FROM ");
+        if (!put_table(s, &sql, setup->mapper, t, err, errlen) ||
+            !(res = query(s, sql.data, err, errlen)))
             goto done;
         bf->rows += strtoull(PQgetvalue(res, 0, 0), NULL, 10);
         rc = 0;
         goto done;
     }
-    /* The keyset: event ids are unique (they are message ids), so "after the last stored key"
-     * is exact. Rows with a NULL id (dead letters to be) sort last and are not keyed. */
-    const char *where = " WHERE ";
-    if (after && after[0]) {
-        buf_puts(&sql, where);
-        buf_putc(&sql, '(');
-        if (!put_ident(s, &sql, key, err, errlen))
-            goto done;
-        buf_puts(&sql, " > ");
-        if (!put_literal(s, &sql, after, err, errlen))
-            goto done;
-        buf_puts(&sql, " OR ");
-        if (!put_ident(s, &sql, key, err, errlen))
-            goto done;
-        buf_puts(&sql, " IS NULL)");
-        where = " AND ";
-    }
-    if (ref) {
-        buf_puts(&sql, where);
+    /* The key goes first, as one text; the table's own columns follow. */
+    buf_puts(&sql, "DECLARE outboxd_backfill NO SCROLL CURSOR FOR SELECT concat_ws('|', k.ts, "
+                   "k.x, t.ctid), t.* FROM ");
+    if (!put_table(s, &sql, setup->mapper, t, err, errlen))
+        goto done;
+    buf_puts(&sql, " t, LATERAL (SELECT coalesce(");
+    if (!put_order_time(s, &sql, setup, t, err, errlen))
+        goto done;
+    buf_puts(&sql, ", '-infinity') AS ts, ");
+    put_xid8(&sql, ref);
+    buf_puts(&sql, " AS x) k WHERE true");
+    if (after && after[0] && !put_after(s, &sql, after, err, errlen))
+        goto done;
+    if (resumed) {
+        buf_puts(&sql, " AND ");
         if (!put_snapshot_filter(s, &sql, bf, ref, err, errlen))
             goto done;
     }
-    buf_puts(&sql, " ORDER BY ");
-    if (!put_ident(s, &sql, key, err, errlen))
-        goto done;
-    /* Rows without a key keep one order between a run and its resumption: their ordinals
-     * name their dead letters. */
-    buf_puts(&sql, ", ctid");
+    if (bf->since) {
+        /* Recovery: what committed since the cut; without commit times, what started within
+         * the margin before it (a transaction commits after it starts). */
+        buf_puts(&sql, " AND k.ts >= ");
+        if (!put_literal(s, &sql, bf->since, err, errlen))
+            goto done;
+        buf_printf(&sql, "::timestamptz - interval '%" PRId64 " milliseconds'",
+                   bf->commit_order ? 0 : bf->since_margin_ms);
+    }
+    buf_puts(&sql, " ORDER BY k.ts, k.x, t.ctid");
     if (command(s, sql.data, "could not read the outbox for the backfill", NULL, err, errlen) < 0)
         goto done;
     for (;;) {
@@ -500,7 +551,7 @@ static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfil
                          PQerrorMessage(s->conn));
             goto done;
         }
-        int nrows = PQntuples(res), ncols = PQnfields(res);
+        int nrows = PQntuples(res), ncols = PQnfields(res) - 1;
         if (nrows == 0)
             break;
         const char *names[PGO_MAX_COLUMNS], *values[PGO_MAX_COLUMNS];
@@ -509,15 +560,16 @@ static int backfill_table(PgStream *s, const PgSetup *setup, size_t t, PgBackfil
         if (ncols > PGO_MAX_COLUMNS)
             ncols = PGO_MAX_COLUMNS;
         for (int c = 0; c < ncols; c++) {
-            names[c] = PQfname(res, c);
-            types[c] = (uint32_t)PQftype(res, c);
+            names[c] = PQfname(res, c + 1);
+            types[c] = (uint32_t)PQftype(res, c + 1);
         }
         for (int r = 0; r < nrows; r++) {
             for (int c = 0; c < ncols; c++) {
-                values[c] = PQgetisnull(res, r, c) ? NULL : PQgetvalue(res, r, c);
-                lens[c] = PQgetlength(res, r, c);
+                values[c] = PQgetisnull(res, r, c + 1) ? NULL : PQgetvalue(res, r, c + 1);
+                lens[c] = PQgetlength(res, r, c + 1);
             }
-            if (bf->on_row(bf->arg, t, ncols, names, types, values, lens, err, errlen) < 0)
+            if (bf->on_row(bf->arg, t, PQgetvalue(res, r, 0), ncols, names, types, values, lens,
+                           err, errlen) < 0)
                 goto done;
             bf->rows++;
         }
@@ -530,14 +582,24 @@ done:
     return rc;
 }
 
-/* Reads every outbox table, one after the other, in the current transaction. */
-static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, uint64_t ref,
+/* Reads every outbox table, one after the other, in the current transaction: whether the
+ * server keeps commit times decides the order (bf->commit_order), the current snapshot's xmax
+ * widens transaction ids. */
+static int backfill_rows(PgStream *s, const PgSetup *setup, PgBackfill *bf, bool resumed,
                          char *err, size_t errlen)
 {
-    size_t first = ref ? bf->first_table : 0;
+    PGresult *res = query(s, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
+                             "::text, pg_catalog.current_setting('track_commit_timestamp')",
+                          err, errlen);
+    if (!res)
+        return -1;
+    uint64_t ref = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
+    bf->commit_order = strcmp(PQgetvalue(res, 0, 1), "on") == 0;
+    PQclear(res);
+    size_t first = resumed ? bf->first_table : 0;
     for (size_t t = first; t < outbox_mapper_ntables(setup->mapper); t++)
-        if (backfill_table(s, setup, t, bf, t == first && ref ? bf->after : NULL, ref, err,
-                           errlen) < 0)
+        if (backfill_table(s, setup, t, bf, t == first && resumed ? bf->after : NULL, ref,
+                           resumed, err, errlen) < 0)
             return -1;
     return 0;
 }
@@ -576,7 +638,7 @@ static int create_slot_with_backfill(PgStream *s, const PgSetup *setup, const ch
     snprintf(bf->snapshot, sizeof(bf->snapshot), "%s", PQgetvalue(res, 0, 0));
     if (bf->on_start && bf->on_start(bf->arg, err, errlen) < 0)
         goto done;
-    rc = backfill_rows(s, setup, bf, 0, err, errlen);
+    rc = backfill_rows(s, setup, bf, false, err, errlen);
 done:
     PQclear(res);
     char ignored[256];
@@ -587,19 +649,10 @@ done:
 
 int pgstream_read_outbox(PgStream *s, const PgSetup *setup, char *err, size_t errlen)
 {
-    PgBackfill *bf = setup->backfill;
     if (command(s, "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                 "could not start reading the outbox", NULL, err, errlen) < 0)
         return -1;
-    int rc = -1;
-    uint64_t ref = 0;
-    PGresult *res = query(s, "SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())"
-                             "::text", err, errlen);
-    if (res) {
-        ref = strtoull(PQgetvalue(res, 0, 0), NULL, 10);
-        PQclear(res);
-        rc = ref ? backfill_rows(s, setup, bf, ref, err, errlen) : -1;
-    }
+    int rc = backfill_rows(s, setup, setup->backfill, true, err, errlen);
     char ignored[256];
     command(s, rc == 0 ? "COMMIT" : "ROLLBACK", "could not end reading the outbox", NULL, ignored,
             sizeof(ignored));

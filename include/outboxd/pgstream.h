@@ -32,18 +32,24 @@ typedef struct PgSystem {
 /*
  * First-start backfill: when the slot is created, the rows already in the outbox, as the slot's
  * starting snapshot sees them (no more, no less than what the WAL will not bring), are handed
- * to on_row one by one, table after table, each in the order of its event id column (the
- * keyset: a resumed backfill continues after the last key stored), through a cursor: memory
- * stays bounded. values[i] is NULL for SQL NULL. on_row returns 0 to go on, -1 to stop (with
- * err set). count_only just counts them into rows.
+ * to on_row one by one, table after table, each in commit order through a cursor (memory stays
+ * bounded). Commit order is the key (ts, xid, ctid): with track_commit_timestamp on, ts is each
+ * row's commit time (pg_xact_commit_timestamp(xmin)), exact; without it, the table's time
+ * column (occurred_at: the transaction's start with the default now()), which is commit order
+ * for the transactions of one writer, not for concurrent ones. Then the transaction id widened
+ * to 64 bits, then the row's place (ctid; rows of one multi-row INSERT are not on disk in
+ * insertion order). key is that key as text, "<ts>|<xid>|<ctid>": a resumed backfill continues
+ * after the last key stored. values[i] is NULL for SQL NULL. on_row returns 0 to go on, -1 to
+ * stop (with err set). count_only just counts them into rows.
  *
  * While the server works (the slot's creation waits for every running transaction; a FETCH
  * may sort), tick is called about every 200 ms; it returns false to cancel the statement (a
  * stop request), which then fails.
  */
 typedef struct PgBackfill {
-    int (*on_row)(void *arg, size_t table, int ncols, const char *const *names, const uint32_t *types,
-                  const char *const *values, const int *lens, char *err, size_t errlen);
+    int (*on_row)(void *arg, size_t table, const char *key, int ncols, const char *const *names,
+                  const uint32_t *types, const char *const *values, const int *lens, char *err,
+                  size_t errlen);
     bool (*tick)(void *arg); /* may be NULL */
     /* The slot exists and position and snapshot are known, before the first row is read:
      * record them durably. -1 (with err) stops the backfill. May be NULL. */
@@ -54,6 +60,12 @@ typedef struct PgBackfill {
     uint64_t position; /* the slot's consistent point */
     char snapshot[8192]; /* the slot's snapshot (pg_current_snapshot() text): set when the slot
                           * is created, the filter of pgstream_read_outbox() */
+    bool commit_order;   /* set by the read: the server keeps commit times (exact order) */
+    /* A recovery reads only what committed since an RFC 3339 time: with commit times, rows
+     * committed at or after it; without, rows whose time column is at most since_margin_ms
+     * before it (a transaction that started before the cut may commit after it). NULL: all. */
+    const char *since;
+    int64_t since_margin_ms;
     /* pgstream_read_outbox(): start at table first_table, after the key "after" ("": from its
      * first row); the tables after it from their first row */
     size_t first_table;

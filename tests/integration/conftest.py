@@ -369,6 +369,29 @@ def stop_worlds(ctxs, servers):
 
 
 @pytest.fixture
+def servers(root, request, nats, js):
+    """make(name, port=None, extra_conf=None) -> a Ctx on a PostgreSQL server of its own (the
+    module's pg is shared; these are for tests that restart, restore or replace a database).
+    Everything is stopped by PID afterwards."""
+    made, ctxs = [], []
+
+    def make(name, port=None, extra_conf=None):
+        server = PgServer(root.mkdir(f"pg-{name}"), extra_conf=extra_conf)
+        if port:
+            server.port = port
+        made.append(server)
+        server.init().start()
+        server.sql(f"CREATE ROLE {PgServer.AUTH_USER} LOGIN REPLICATION PASSWORD %s",
+                   PgServer.AUTH_PASSWORD)
+        c = Ctx(root, request, server, nats, js)
+        ctxs.append(c)
+        return c
+
+    yield make
+    stop_worlds(ctxs, made)
+
+
+@pytest.fixture
 def ctx(root, request, pg, nats, js):
     c = Ctx(root, request, pg, nats, js)
     yield c

@@ -142,14 +142,14 @@ def test_backfill_stays_live_and_resumes_exactly_once_after_kill_9(ctx, pg, js):
     relay.wait_streaming(timeout=90)
     probe.stop()
     log = relay.logs()
-    m = re.search(r"resuming the interrupted backfill of \S+ after event id (\S+) of \S+ "
+    m = re.search(r"resuming the interrupted backfill of \S+ after key \"([^\"]+)\" of \S+ "
                   r"\((\d+) rows stored; (\d+) events found in the stream after it\)", log)
     assert m, log[-3000:]
     m2 = re.search(r"(\d+) in all, resumed after (\d+) stored earlier; this run read (\d+) rows, "
                    r"(\d+) of them found in the stream already", log)
     assert m2, log[-3000:]
     total, earlier, read, found = map(int, m2.groups())
-    print(f"second run: resumed after event id {m.group(1)} ({earlier} rows checkpointed, "
+    print(f"second run: resumed after key {m.group(1)} ({earlier} rows checkpointed, "
           f"{m.group(3)} more events found in the stream), read {read} of {n} rows, "
           f"{found} of them already stored; done in {time.monotonic() - t1:.1f}s")
     assert not probe.failures, probe.failures
@@ -216,3 +216,53 @@ def test_two_replicas_one_backfills_the_other_takes_it_over_exactly_once(ctx, pg
     assert len(got) == len(set(got)) == n + 9 and total == n
     assert set(back) == ids and got[:n] == back, "every backfilled row before any streamed one"
     assert got[n:] == w.event_ids, "rows committed during the backfill follow it, in commit order"
+
+
+def order_breaks(msgs, groups):
+    """How often the stream goes back in the order of groups (a list of id lists: transactions
+    in commit order, or one writer's transactions): the count of events whose group comes
+    before the previous event's, among the events of those groups."""
+    where = {e: k for k, g in enumerate(groups) for e in g}
+    breaks, last = 0, -1
+    for m in msgs:
+        k = where.get(m["headers"]["Nats-Msg-Id"])
+        if k is None:
+            continue
+        if k < last:
+            breaks += 1
+        last = max(last, k)
+    return breaks
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("commit_times", ["on", "off"])
+def test_rows_of_concurrent_writers_are_backfilled_in_commit_order(servers, js, commit_times):
+    ctx = servers(f"order-{commit_times}", extra_conf={"track_commit_timestamp": commit_times})
+    ctx.setup()
+    probe = ctx.create_probe()
+    writers = [ctx.writer(seed=300 + k) for k in range(8)]
+    for w in writers:  # random (v4) event ids: their order says nothing
+        w.start_background(random_sizes(300, 1, 4, w.rng))
+    for w in writers:
+        w.wait(120)
+    txs = [t["event_ids"] for t in ctx.pg.probe_transactions(probe, ctx.table)]
+    total = sum(len(t) for t in txs)
+    relay = ctx.relay().start()
+    js.wait_count(ctx.stream, total, 90)
+    relay.wait_streaming()
+    msgs = js.dump(ctx.stream)
+    got = [m["headers"]["Nats-Msg-Id"] for m in msgs]
+    assert len(got) == len(set(got)) == total
+    across = order_breaks(msgs, txs)
+    per_writer = sum(order_breaks(msgs, w.transactions) for w in writers)
+    print(f"\nbackfill, track_commit_timestamp {commit_times}: {len(txs)} transactions of 8 "
+          f"concurrent writers, {total} rows; events out of commit order: {across}, out of their "
+          f"writer's order: {per_writer}")
+    assert per_writer == 0, "each writer's transactions go out in its commit order"
+    if commit_times == "on":
+        # A commit time is taken just before the commit record is written: transactions that
+        # commit at the same moment, neither seeing the other, may swap against the WAL; every
+        # transaction that saw or waited for another's commit comes after it.
+        assert across <= total // 50, f"{across} events out of commit order with commit times"
+    assert "the rows went out in commit order" in relay.logs() if commit_times == "on" else \
+        "turn track_commit_timestamp on" in relay.logs()

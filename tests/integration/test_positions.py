@@ -19,35 +19,12 @@ import time
 
 import pytest
 
-from harness import OutboxWriter, PgServer, lsn_int, lsn_text, random_sizes, wait_until
+from harness import OutboxWriter, lsn_int, lsn_text, random_sizes
 from test_relay import assert_exactly_once_in_order, assert_positions_increase, position_key
 
 
 def report(what, value):
     print(f"\npositions: {what}: {value}")
-
-
-@pytest.fixture
-def servers(root, request, nats, js):
-    """make(name, port=None) -> Ctx on a PostgreSQL server of its own; everything stopped by PID
-    afterwards."""
-    from conftest import Ctx, stop_worlds
-    made, ctxs = [], []
-
-    def make(name, port=None):
-        server = PgServer(root.mkdir(f"pg-{name}"))
-        if port:
-            server.port = port
-        made.append(server)
-        server.init().start()
-        server.sql(f"CREATE ROLE {PgServer.AUTH_USER} LOGIN REPLICATION PASSWORD %s",
-                   PgServer.AUTH_PASSWORD)
-        ctx = Ctx(root, request, server, nats, js)
-        ctxs.append(ctx)
-        return ctx
-
-    yield make
-    stop_worlds(ctxs, made)
 
 
 def same_names(ctx, like):
