@@ -19,10 +19,22 @@
 #include "outboxd/util.h"
 
 static NatsSecurity security;
+static int64_t ping_interval_ms = 10000;
 
 void jsapi_set_security(const NatsSecurity *sec)
 {
     security = *sec;
+}
+
+void jsapi_set_ping_interval(int64_t ms)
+{
+    if (ms > 0)
+        ping_interval_ms = ms;
+}
+
+int64_t jsapi_ping_interval(void)
+{
+    return ping_interval_ms;
 }
 
 /* CRC-16/XMODEM, which NKeys append to their bytes. */
@@ -230,6 +242,10 @@ natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
         s = natsOptions_SetTimeout(o, 3000);
     if (s == NATS_OK)
         s = natsOptions_SetMaxReconnect(o, 0);
+    if (s == NATS_OK) /* a silent connection is closed, and the request on it fails */
+        s = natsOptions_SetPingInterval(o, ping_interval_ms);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxPingsOut(o, NATS_MAX_PINGS_OUT);
     if (s == NATS_OK)
         s = natsConnection_Connect(&nc, o);
     natsOptions_Destroy(o);

@@ -368,6 +368,12 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         s = natsOptions_SetTimeout(no, 5000);
     if (s == NATS_OK)
         s = natsOptions_SetMaxReconnect(no, -1);
+    /* A silent connection (a NAT entry or load balancer that dropped it, a partition) gets no
+     * FIN: only unanswered pings reveal it. It is then replaced like a lost one. */
+    if (s == NATS_OK)
+        s = natsOptions_SetPingInterval(no, jsapi_ping_interval());
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxPingsOut(no, NATS_MAX_PINGS_OUT);
     if (s == NATS_OK)
         s = natsOptions_SetCustomReconnectDelay(no, reconnect_delay, p);
     if (s == NATS_OK) /* while disconnected nothing new is published: a small buffer is enough */

@@ -58,6 +58,14 @@ typedef struct NatsSecurity {
  * connection; NULL fields stay unused). The strings must outlive the process's connections. */
 void jsapi_set_security(const NatsSecurity *sec);
 
+/* How often every NATS connection of this process pings the server (set once at start):
+ * after NATS_MAX_PINGS_OUT unanswered pings nats.c declares the connection stale and closes
+ * (or, for the publisher's, replaces) it, so a silent connection lasts at most about three
+ * intervals. nats.c alone pings every 2 minutes. */
+#define NATS_MAX_PINGS_OUT 2
+void jsapi_set_ping_interval(int64_t ms);
+int64_t jsapi_ping_interval(void);
+
 /* Applies the process's security to o. Returns 0, or -1 with the reason in err. */
 int jsapi_apply_security(natsOptions *o, char *err, size_t errlen);
 
