@@ -454,6 +454,13 @@ int jsapi_last_position(natsConnection *nc, const char *stream, uint64_t last_se
     return found;
 }
 
+bool jsapi_stream_at_limits(const StreamInfo *info, uint64_t add_bytes)
+{
+    if (info->max_msgs > 0 && info->messages >= (uint64_t)info->max_msgs)
+        return true;
+    return info->max_bytes > 0 && info->bytes + add_bytes > (uint64_t)info->max_bytes;
+}
+
 bool jsapi_stream_covers(const StreamInfo *info, const char *filter)
 {
     char one[256];
@@ -502,6 +509,9 @@ int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, 
     }
     info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
     info->messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
+    info->bytes = (uint64_t)json_integer_value(json_object_get(state, "bytes"));
+    info->max_msgs = json_integer_value(json_object_get(config, "max_msgs"));
+    info->max_bytes = json_integer_value(json_object_get(config, "max_bytes"));
     json_decref(reply);
     return 0;
 }

@@ -26,7 +26,15 @@ typedef struct StreamInfo {
     uint64_t messages;
     uint64_t last_seq;
     char subjects[2048];   /* its subjects, space-separated */
+    uint64_t bytes;        /* what it stores now */
+    int64_t max_msgs;      /* its limits; -1 (or 0) when unlimited */
+    int64_t max_bytes;
 } StreamInfo;
+
+/* Whether the stream, in the state info shows, is at its own global limits for one more
+ * message of add_bytes (messages at max_msgs, or bytes past max_bytes): a full stream, whose
+ * refusal ("maximum messages/bytes exceeded", 10077) passes once it has room again. */
+bool jsapi_stream_at_limits(const StreamInfo *info, uint64_t add_bytes);
 
 /* True when one of the stream's subjects captures every subject filter (a subject, or a
  * filter with wildcards) can be. */
