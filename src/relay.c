@@ -508,6 +508,9 @@ static int check_silence(Relay *r, int64_t now)
              " ms ago: the replication connection is silent (a NAT entry or load balancer "
              "that dropped it, or a network partition); dropping it (--pg-receive-timeout)",
              (now - r->last_received) / 1000, (now - r->reply_asked) / 1000);
+    /* The monitoring session most likely went the same way: open it afresh when needed. */
+    pgstream_free(r->monitor);
+    r->monitor = NULL;
     return -1;
 }
 
