@@ -7,7 +7,10 @@
  * released. Streaming starts from the later of the slot's confirmed position, the durable
  * checkpoint and what this process confirmed, never past the server's WAL. After a lost
  * connection the relay lets every published event be acknowledged before it reconnects, so
- * the session that follows starts right after what is stored.
+ * the session that follows starts right after what is stored. A connection the relay dropped
+ * because it went silent leaves its walsender holding the slot until the server's
+ * wal_sender_timeout; the relay ends that process itself when it can prove it is its own
+ * previous session (end_own_session).
  */
 #include <inttypes.h>
 #include <stdio.h>
