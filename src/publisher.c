@@ -58,8 +58,9 @@
  * Refusals. 10077 is the stream's own limits with discard new: a full stream (max_msgs,
  * max_bytes) passes once it has room, so it pauses and probes for as long as it takes and is
  * never a dead letter; but a limit of the event's subject alone (max_msgs_per_subject) may never
- * clear: refused STORE_REFUSALS_MAX times in a row while the stream showed room below its global
- * limits every time, the event becomes a dead letter (store_refused_for_good). 10047, 10028,
+ * clear: refused STORE_REFUSALS_MAX times in a row over at least 10 s while the stream showed
+ * room below its global limits every time, the event becomes a dead letter
+ * (store_refused_for_good). 10047, 10028,
  * 10002 and 10023 are JetStream's account or servers out of storage or memory: transient,
  * reason no_resources. A refusal's text belongs to one attempt of one event, so a dead letter
  * put in an event's place is never read with its event's refusal.
@@ -116,8 +117,10 @@ enum {
  * relay stops: something keeps writing to the stream. */
 #define CHAIN_BREAKS_MAX 8
 /* After this many refusals of the head with 10077 in a row, each while the stream had room
- * below its own limits, the refusal is for the event itself: a dead letter. */
+ * below its own limits, over at least STORE_REFUSALS_SPAN_US, the refusal is for the event
+ * itself: a dead letter. */
 #define STORE_REFUSALS_MAX 5
+#define STORE_REFUSALS_SPAN_US INT64_C(10000000)
 /* A search for the window's own events in the stream (lost acknowledgements) reads at most the
  * window and this many other messages, within LOST_ACK_SCAN_US. */
 #define LOST_ACK_FOREIGN_MAX 64
@@ -202,7 +205,8 @@ struct Publisher {
     char err_text[160];    /* JetStream's description of that refusal */
     uint64_t refusal_seq;  /* the head refused with 10077 while the stream had room: */
     unsigned refusal_attempt; /* which attempt was counted last, */
-    unsigned refusals;     /* and how many times in a row */
+    unsigned refusals;     /* and how many times in a row, */
+    int64_t refusals_since; /* since when */
     unsigned failures;   /* consecutive pauses without progress, for the backoff */
     bool last_was_duplicate; /* the newest released event was acknowledged as a duplicate */
     unsigned seen_epoch;
@@ -774,9 +778,10 @@ static void describe_code(unsigned code, char *out, size_t outlen)
                               "10071)");
         break;
     case JS_STREAM_STORE_FAILED:
-        snprintf(out, outlen, "the stream refused to store it at its limits (err_code %u): "
-                              "raise its limits (max_msgs, max_bytes, max_msgs_per_subject), or "
-                              "let consumers catch up on a work-queue stream",
+        snprintf(out, outlen, "the stream is full, or the event's subject at its limit "
+                              "(err_code %u): raise its limits (max_msgs, max_bytes, "
+                              "max_msgs_per_subject), or let consumers catch up on a work-queue "
+                              "stream",
                  code);
         break;
     case JS_ACCOUNT_RESOURCES:
@@ -923,11 +928,12 @@ static bool subject_without_stream(Publisher *p, Slot *slot, int64_t now)
  * to the dead-letter subject; a limit of the event's subject alone (max_msgs_per_subject) may
  * never clear, and would stall every event behind it for ever. The rule: the refusal is for
  * good when the head was refused STORE_REFUSALS_MAX times in a row (one count per attempt,
- * each after a backoff) and every time the stream's state showed room below its global limits
- * for it. A refusal while the stream is at them (or when its state cannot be read) starts the
- * count afresh.
+ * each after a backoff), over at least STORE_REFUSALS_SPAN_US, and every time the stream's
+ * state showed room below its global limits for it. A refusal while the stream is at them (or
+ * when its state cannot be read) starts the count afresh: a stream that consumers keep just
+ * below its limits cannot pass for one that has room by a few lucky reads.
  */
-static bool store_refused_for_good(Publisher *p, Slot *slot)
+static bool store_refused_for_good(Publisher *p, Slot *slot, int64_t now)
 {
     if (slot->dead_letter)
         return false; /* its dead letter refused as well: the usual stall and its message */
@@ -945,7 +951,9 @@ static bool store_refused_for_good(Publisher *p, Slot *slot)
         p->refusals = 0;
         return false;
     }
-    if (++p->refusals < STORE_REFUSALS_MAX)
+    if (p->refusals++ == 0)
+        p->refusals_since = now;
+    if (p->refusals < STORE_REFUSALS_MAX || now - p->refusals_since < STORE_REFUSALS_SPAN_US)
         return false;
     char event[256];
     EventName name;
@@ -1235,7 +1243,7 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             refuse_head(p, slot, code);
             break;
         }
-        if (code == JS_STREAM_STORE_FAILED && store_refused_for_good(p, slot)) {
+        if (code == JS_STREAM_STORE_FAILED && store_refused_for_good(p, slot, now)) {
             refuse_head(p, slot, code);
             break;
         }

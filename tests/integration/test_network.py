@@ -7,6 +7,7 @@ silence and to stream or publish again. Timeouts are small (--pg-receive-timeout
 --nats-ping-interval=1s) so each test takes seconds; the defaults (60 s, 10 s) scale the same way.
 """
 
+import json
 import re
 import time
 
@@ -139,3 +140,33 @@ def test_acks_lost_for_longer_than_the_duplicate_window_store_nothing_twice(ctx,
     assert_exactly_once_in_order(msgs, w.event_ids)
     assert relay.metrics()["outboxd_publish_acks_lost_total"] == recognised
     assert relay.running and relay.runs == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_subject_at_its_own_limit_becomes_a_dead_letter_while_the_stream_has_room(ctx, pg, js, nats):
+    """Not a network failure but the same rule family: a refusal that cannot pass (a per-subject
+    limit with discard new) must not stall the relay for ever, and is told from a full stream
+    by the stream's state."""
+    ctx.create_table()
+    config = {"name": ctx.stream, "subjects": ["outbox.>"], "storage": "file", "num_replicas": 1,
+              "max_msgs_per_subject": 1, "discard": "new", "discard_new_per_subject": True,
+              "max_msgs": -1, "max_bytes": -1, "duplicate_window": 120 * 10 ** 9}
+    reply = nats.request_json(f"$JS.API.STREAM.CREATE.{ctx.stream}", json.dumps(config).encode())
+    assert reply and "error" not in reply, reply
+    relay = ctx.start_relay()
+    w = ctx.writer(seed=74)
+    first = w.insert_txn([w.make_event(aggregate_type="order", event_type="created")])
+    refused = w.insert_txn([w.make_event(aggregate_type="order", event_type="created")])
+    after = w.insert_txn([w.make_event(aggregate_type="invoice", event_type="paid")])
+    t0 = time.monotonic()
+    wait_until(lambda: after[0] in js.msg_ids(ctx.stream), 60, "the event behind the refused one",
+               detail=lambda: relay.logs()[-1500:])
+    report("a subject at its own limit: dead-lettered and past it after", f"{time.monotonic() - t0:.2f} s")
+    msgs = js.dump(ctx.stream)
+    ids = [m["headers"].get("Nats-Msg-Id") for m in msgs]
+    assert ids == [first[0], f"dlq-{refused[0]}", after[0]], ids
+    dl = msgs[1]["headers"]
+    assert dl.get("Outbox-Dead-Letter-Reason") == "rejected"
+    assert "per subject" in dl.get("Outbox-Dead-Letter-Detail", ""), dl
+    assert "while it had room below its own limits" in relay.logs()
+    assert relay.running
