@@ -215,6 +215,11 @@ static const Setting settings[] = {
     {.key = "status_interval", .type = SET_DURATION, .offset = FIELD(status_interval_ms),
      .def = "10s", .min = 100, .max = HOUR, .placeholder = "DURATION",
      .help = "how often to send a status update to PostgreSQL"},
+    {.key = "pg_receive_timeout", .type = SET_DURATION, .offset = FIELD(pg_receive_timeout_ms),
+     .def = "60s", .min = 0, .max = HOUR, .placeholder = "DURATION",
+     .help = "drop a PostgreSQL connection that brings nothing for this long (after asking for a "
+             "reply at half of it), or a query unanswered for this long, and reconnect; like "
+             "PostgreSQL's wal_receiver_timeout (0: never)"},
     {.key = "shutdown_timeout", .type = SET_DURATION, .offset = FIELD(shutdown_timeout_ms),
      .def = "5s", .min = 0, .max = 10 * MIN, .placeholder = "DURATION",
      .help = "on SIGTERM, how long to wait for outstanding acknowledgements"},
@@ -254,6 +259,10 @@ static const Setting settings[] = {
     {.key = "pg_password_file", .type = SET_STRING, .offset = FIELD(pg_password_file),
      .check = check_nonempty, .placeholder = "FILE",
      .help = "file holding the PostgreSQL password (instead of putting it in --pg-url)"},
+    {.key = "nats_ping_interval", .type = SET_DURATION, .offset = FIELD(nats_ping_interval_ms),
+     .def = "10s", .min = 100, .max = 10 * MIN, .placeholder = "DURATION",
+     .help = "ping NATS this often; after two pings without an answer the connection counts as "
+             "dead and is replaced (so within three intervals)"},
     {.key = "nats_user", .type = SET_STRING, .offset = FIELD(nats_user), .check = check_nonempty,
      .placeholder = "NAME", .help = "NATS user name"},
     {.key = "nats_password", .type = SET_STRING, .offset = FIELD(nats_password), .secret = true,

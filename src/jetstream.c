@@ -20,10 +20,22 @@
 #include "outboxd/util.h"
 
 static NatsSecurity security;
+static int64_t ping_interval_ms = 10000;
 
 void jsapi_set_security(const NatsSecurity *sec)
 {
     security = *sec;
+}
+
+void jsapi_set_ping_interval(int64_t ms)
+{
+    if (ms > 0)
+        ping_interval_ms = ms;
+}
+
+int64_t jsapi_ping_interval(void)
+{
+    return ping_interval_ms;
 }
 
 /* CRC-16/XMODEM, which NKeys append to their bytes. */
@@ -231,6 +243,10 @@ natsConnection *jsapi_connect_once(const char *urls, char *err, size_t errlen)
         s = natsOptions_SetTimeout(o, 3000);
     if (s == NATS_OK)
         s = natsOptions_SetMaxReconnect(o, 0);
+    if (s == NATS_OK) /* a silent connection is closed, and the request on it fails */
+        s = natsOptions_SetPingInterval(o, ping_interval_ms);
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxPingsOut(o, NATS_MAX_PINGS_OUT);
     if (s == NATS_OK)
         s = natsConnection_Connect(&nc, o);
     natsOptions_Destroy(o);
@@ -455,6 +471,13 @@ int jsapi_own_events_back(natsConnection *nc, const char *stream, uint64_t last_
     return rc;
 }
 
+bool jsapi_stream_at_limits(const StreamInfo *info, uint64_t add_bytes)
+{
+    if (info->max_msgs > 0 && info->messages >= (uint64_t)info->max_msgs)
+        return true;
+    return info->max_bytes > 0 && info->bytes + add_bytes > (uint64_t)info->max_bytes;
+}
+
 bool jsapi_stream_covers(const StreamInfo *info, const char *filter)
 {
     char one[256];
@@ -503,6 +526,9 @@ int jsapi_stream_info(natsConnection *nc, const char *stream, StreamInfo *info, 
     }
     info->last_seq = (uint64_t)json_integer_value(json_object_get(state, "last_seq"));
     info->messages = (uint64_t)json_integer_value(json_object_get(state, "messages"));
+    info->bytes = (uint64_t)json_integer_value(json_object_get(state, "bytes"));
+    info->max_msgs = json_integer_value(json_object_get(config, "max_msgs"));
+    info->max_bytes = json_integer_value(json_object_get(config, "max_bytes"));
     json_decref(reply);
     return 0;
 }

@@ -166,6 +166,7 @@ static bool load_security(const Config *cfg)
         sec.token = nats_token;
     }
     jsapi_set_security(&sec);
+    jsapi_set_ping_interval(cfg->nats_ping_interval_ms);
     return true;
 }
 

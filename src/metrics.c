@@ -39,6 +39,7 @@ static const char *const publish_error_names[PUBERR_COUNT] = {
     [PUBERR_CONNECTION] = "connection",
     [PUBERR_STREAM_FULL] = "stream_full",
     [PUBERR_ORDER] = "order",
+    [PUBERR_NO_RESOURCES] = "no_resources",
 };
 
 static const char *const dead_letter_names[DLR_COUNT] = {
@@ -190,6 +191,11 @@ void metrics_render(const Metrics *m, int64_t now_unix_us, Buf *out)
             "stored but are not in this database's WAL history (a restore): the events after "
             "the slot's position were published again instead of skipped",
             load_u64(&m->anchors_false));
+    counter(out, "outboxd_publish_acks_lost_total",
+            "events found in the stream after their acknowledgement was lost (a one-way "
+            "partition, a replaced connection), taken as stored instead of sent again "
+            "(--strict-order)",
+            load_u64(&m->acks_lost));
 
     metrics_family(out, "outboxd_publish_errors_total", "counter", "failed publishes, by reason");
     for (int r = 0; r < PUBERR_COUNT; r++)

@@ -9,6 +9,18 @@
  * Every PGresult is cleared on every path; only the simple query protocol is used (the
  * extended protocol is refused on replication connections), so literals and identifiers are
  * quoted with libpq's escaping functions.
+ *
+ * Silent connections. A NAT entry, a load balancer's idle timeout or a partition can leave a
+ * connection open with nothing arriving and no FIN; a blocking libpq call then waits for ever.
+ * So every connection gets TCP keepalives, tcp_user_timeout and connect_timeout (placed before
+ * the user's connection string, so a keyword set there wins), and in the relay (after
+ * pgstream_set_receive_timeout) every statement is sent without blocking and waited for with
+ * a deadline: one that passes drops the connection (the socket is shut down, so every later
+ * call on it fails at once) and the caller's reconnect path takes over. The plain sessions also
+ * get statement_timeout, so the server gives up on a statement the relay stopped waiting for.
+ * The waits that are long by nature (creating a slot waits for every running transaction, the
+ * backfill's FETCHes) keep their tick instead of a deadline. The CopyBoth stream's own silence
+ * is the relay's to judge (pgstream_liveness()), like PostgreSQL's wal_receiver_timeout.
  */
 #include "outboxd/pgstream.h"
 
@@ -18,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include <libpq-fe.h>
 
@@ -28,6 +41,8 @@
 struct PgStream {
     PGconn *conn;
     char *copybuf; /* the last message from PQgetCopyData, freed on the next read */
+    int64_t query_timeout_us; /* 0: statements are waited for without a bound */
+    char dropped[160];        /* why the connection was dropped (a deadline passed), or "" */
 };
 
 static const char session_options[] = "-c datestyle=ISO -c intervalstyle=postgres "
@@ -49,19 +64,78 @@ static void set_pg_error(char *err, size_t errlen, const char *prefix, const cha
 }
 
 static const char *process_password;
+static int64_t receive_timeout_ms;
+/* The longest wait for a statement of a plain session in the relay (see connect_mode). */
+#define PLAIN_QUERY_MS 10000
 
 void pgstream_set_password(const char *password)
 {
     process_password = password;
 }
 
+void pgstream_set_receive_timeout(int64_t ms)
+{
+    receive_timeout_ms = ms > 0 ? ms : 0;
+}
+
+/* The connection's error: why outboxd dropped it, or libpq's message. */
+static const char *conn_error(const PgStream *s)
+{
+    return s->dropped[0] ? s->dropped : PQerrorMessage(s->conn);
+}
+
 static int connect_mode(PgStream **out, const char *conninfo, bool replication, char *err,
                         size_t errlen)
 {
-    /* Later keywords override what the expanded connection string (dbname) says. */
-    const char *keys[7] = {"dbname", "client_encoding", "options", "fallback_application_name"};
-    const char *vals[7] = {conninfo, "UTF8", session_options, "outboxd"};
-    int n = 4;
+    /*
+     * PQconnectdbParams takes the keywords in order and keeps the last value of each; dbname
+     * (expanded: the whole connection string) sets everything it names at its place. So the
+     * network defaults go before it, where the user's connection string overrides them, and
+     * the session settings that fix how values are rendered after it, where nothing does.
+     * Keepalives find a peer that vanished while the connection is idle (idle 10 s, then 3
+     * probes 5 s apart) and keep NAT entries fresh; tcp_user_timeout ends a connection whose
+     * sent data stays unacknowledged (a write that would block for ever otherwise).
+     */
+    char user_timeout[24], statement[64], options[sizeof(session_options) + 64];
+    snprintf(user_timeout, sizeof(user_timeout), "%lld",
+             (long long)(receive_timeout_ms ? receive_timeout_ms : 60000));
+    snprintf(options, sizeof(options), "%s", session_options);
+    /* The plain sessions' queries run between the relay's status updates (the WAL position,
+     * bookmarks): they get at most PLAIN_QUERY_MS, so one stuck query cannot hold the updates
+     * back until the server's wal_sender_timeout. */
+    int64_t query_ms = receive_timeout_ms;
+    if (!replication && query_ms > PLAIN_QUERY_MS)
+        query_ms = PLAIN_QUERY_MS;
+    if (!replication && query_ms) {
+        /* Not on the replication connection: START_REPLICATION runs for as long as it streams,
+         * and creating a slot waits for every running transaction. */
+        snprintf(statement, sizeof(statement), " -c statement_timeout=%lld", (long long)query_ms);
+        snprintf(options, sizeof(options), "%s%s", session_options, statement);
+    }
+    const char *keys[16], *vals[16];
+    int n = 0;
+    if (!getenv("PGCONNECT_TIMEOUT")) { /* libpq's own variable wins over our default */
+        keys[n] = "connect_timeout";
+        vals[n++] = "10";
+    }
+    keys[n] = "keepalives";
+    vals[n++] = "1";
+    keys[n] = "keepalives_idle";
+    vals[n++] = "10";
+    keys[n] = "keepalives_interval";
+    vals[n++] = "5";
+    keys[n] = "keepalives_count";
+    vals[n++] = "3";
+    keys[n] = "tcp_user_timeout";
+    vals[n++] = user_timeout;
+    keys[n] = "dbname";
+    vals[n++] = conninfo;
+    keys[n] = "client_encoding";
+    vals[n++] = "UTF8";
+    keys[n] = "options";
+    vals[n++] = options;
+    keys[n] = "fallback_application_name";
+    vals[n++] = "outboxd";
     if (replication) {
         keys[n] = "replication";
         vals[n++] = "database";
@@ -89,6 +163,7 @@ static int connect_mode(PgStream **out, const char *conninfo, bool replication, 
     }
     PgStream *s = xcalloc(1, sizeof(*s));
     s->conn = conn;
+    s->query_timeout_us = query_ms * 1000;
     *out = s;
     return 0;
 }
@@ -118,12 +193,33 @@ int pgstream_socket(const PgStream *s)
     return PQsocket(s->conn);
 }
 
+static PGresult *exec_waiting(PgStream *s, const char *sql, bool (*tick)(void *), void *arg);
+
+static inline int64_t min_i64(int64_t a, int64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* A tick for the statements that wait by nature (creating a slot waits for every running
+ * transaction): no deadline. */
+static bool keep_waiting(void *arg)
+{
+    (void)arg;
+    return true;
+}
+
+/* Runs sql like PQexec, within the connection's deadline (see the top of the file). */
+static PGresult *exec_bounded(PgStream *s, const char *sql)
+{
+    return exec_waiting(s, sql, NULL, NULL);
+}
+
 /* Runs a query that returns tuples. Returns the result or NULL with err set. */
 static PGresult *query(PgStream *s, const char *sql, char *err, size_t errlen)
 {
-    PGresult *res = PQexec(s->conn, sql);
+    PGresult *res = exec_bounded(s, sql);
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        set_pg_error(err, errlen, "could not query PostgreSQL", PQerrorMessage(s->conn));
+        set_pg_error(err, errlen, "could not query PostgreSQL", conn_error(s));
         PQclear(res);
         return NULL;
     }
@@ -139,14 +235,14 @@ static void result_error(PgStream *s, const PGresult *res, const char *what, cha
         const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         snprintf(sqlstate, 6, "%s", code ? code : "");
     }
-    set_pg_error(err, errlen, what, PQerrorMessage(s->conn));
+    set_pg_error(err, errlen, what, conn_error(s));
 }
 
 /* Runs a command. Returns 0, or -1 with err set; *sqlstate (if given) gets the error code. */
 static int command(PgStream *s, const char *sql, const char *what, char *sqlstate, char *err,
                    size_t errlen)
 {
-    PGresult *res = PQexec(s->conn, sql);
+    PGresult *res = exec_bounded(s, sql);
     ExecStatusType st = PQresultStatus(res);
     int rc = 0;
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
@@ -158,25 +254,44 @@ static int command(PgStream *s, const char *sql, const char *what, char *sqlstat
 }
 
 /*
- * Runs sql like PQexec, but without blocking for more than 200 ms at a time: tick(arg) is
- * called between the waits (liveness stays reported while the server works), and when it
- * returns false the statement is cancelled (its result is then the server's error). Returns
+ * Runs sql like PQexec, but without blocking for more than 200 ms at a time. With tick,
+ * tick(arg) is called between the waits (liveness stays reported while the server works), and
+ * when it returns false the statement is cancelled (its result is then the server's error).
+ * Without tick the connection's deadline applies (none when its query timeout is 0): when it
+ * passes, the connection is dropped (its socket shut down; no cancel request: libpq 15's
+ * PQcancel connects without a timeout, and a server that does not answer within the deadline
+ * is not reachable anyway) and the result is NULL, with the reason in conn_error(). Returns
  * the last result, as PQexec does (NULL only when out of memory or the connection is gone).
  */
 static PGresult *exec_waiting(PgStream *s, const char *sql, bool (*tick)(void *), void *arg)
 {
-    if (!tick)
+    if (s->dropped[0])
+        return NULL;
+    if (!tick && s->query_timeout_us == 0)
         return PQexec(s->conn, sql);
+    int64_t deadline = tick ? INT64_MAX : now_mono_us() + s->query_timeout_us;
     if (!PQsendQuery(s->conn, sql))
         return NULL;
     bool cancelled = false;
     while (PQisBusy(s->conn)) {
+        int64_t now = now_mono_us();
+        if (now >= deadline) {
+            snprintf(s->dropped, sizeof(s->dropped),
+                     "PostgreSQL did not answer within %lld ms (a silent connection?); dropped "
+                     "the connection",
+                     (long long)(s->query_timeout_us / 1000));
+            shutdown(PQsocket(s->conn), SHUT_RDWR);
+            PQconsumeInput(s->conn);
+            for (PGresult *r; (r = PQgetResult(s->conn));)
+                PQclear(r);
+            return NULL;
+        }
         struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
-        if (poll_until(&pfd, 1, now_mono_us() + 200000) < 0 && errno != EINTR)
+        if (poll_until(&pfd, 1, min_i64(deadline, now + 200000)) < 0 && errno != EINTR)
             break;
         if (!PQconsumeInput(s->conn))
             break;
-        if (!cancelled && !tick(arg)) {
+        if (tick && !cancelled && !tick(arg)) {
             PGcancel *c = PQgetCancel(s->conn);
             char why[256];
             if (c) {
@@ -195,6 +310,11 @@ static PGresult *exec_waiting(PgStream *s, const char *sql, bool (*tick)(void *)
         }
         PQclear(last);
         last = res;
+        /* In COPY state PQgetResult keeps answering with the COPY result: stop there, as
+         * PQexec does (START_REPLICATION) */
+        ExecStatusType st = PQresultStatus(res);
+        if (st == PGRES_COPY_BOTH || st == PGRES_COPY_IN || st == PGRES_COPY_OUT)
+            break;
     }
     return last;
 }
@@ -760,7 +880,13 @@ static int setup_slot(PgStream *s, const PgSetup *setup, bool *created, char *er
         buf_puts(&sql, setup->failover && PQserverVersion(s->conn) >= 170000
                            ? " (SNAPSHOT 'nothing', FAILOVER)"
                            : " (SNAPSHOT 'nothing')");
-        made = command(s, sql.data, "could not create replication slot", sqlstate, err, errlen);
+        PGresult *res2 = exec_waiting(s, sql.data, keep_waiting, NULL);
+        made = 0;
+        if (PQresultStatus(res2) != PGRES_COMMAND_OK && PQresultStatus(res2) != PGRES_TUPLES_OK) {
+            result_error(s, res2, "could not create replication slot", sqlstate, err, errlen);
+            made = -1;
+        }
+        PQclear(res2);
     }
     if (made < 0) {
         if (strcmp(sqlstate, "42710") != 0) /* created meanwhile by another relay: fine */
@@ -885,10 +1011,10 @@ int pgstream_start(PgStream *s, const char *slot, const char *publication, bool 
     buf_deinit(&ident);
     buf_puts(&sql, messages ? "\"', messages 'true')" : "\"')");
 
-    PGresult *res = PQexec(s->conn, sql.data);
+    PGresult *res = exec_bounded(s, sql.data);
     if (PQresultStatus(res) != PGRES_COPY_BOTH) {
         const char *code = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-        set_pg_error(err, errlen, "could not start replication", PQerrorMessage(s->conn));
+        set_pg_error(err, errlen, "could not start replication", conn_error(s));
         const char *detail = PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL);
         if (code && strcmp(code, "55006") == 0) /* object_in_use: the slot is active */
             rc = PGSTREAM_SLOT_BUSY;
@@ -950,6 +1076,72 @@ int pgstream_consume(PgStream *s, char *err, size_t errlen)
         return -1;
     }
     return 0;
+}
+
+bool pgstream_readable(const PgStream *s)
+{
+    struct pollfd pfd = {.fd = PQsocket(s->conn), .events = POLLIN};
+    return pfd.fd >= 0 && poll(&pfd, 1, 0) > 0;
+}
+
+PgLiveness pgstream_liveness(int64_t now, int64_t last_received, int64_t asked, int64_t timeout)
+{
+    if (timeout <= 0 || now - last_received < timeout / 2)
+        return PG_LIVE;
+    if (asked < last_received)
+        return PG_ASK_REPLY;
+    if (now - last_received >= timeout && now - asked >= timeout / 2)
+        return PG_SILENT;
+    return PG_LIVE;
+}
+
+int64_t pgstream_liveness_deadline(int64_t last_received, int64_t asked, int64_t timeout)
+{
+    if (timeout <= 0)
+        return INT64_MAX;
+    if (asked < last_received)
+        return last_received + timeout / 2;
+    int64_t a = last_received + timeout, b = asked + timeout / 2;
+    return a > b ? a : b;
+}
+
+int pgstream_session_id(PgStream *s, int *pid, char *started, size_t startedlen, char *err,
+                        size_t errlen)
+{
+    PGresult *res = query(s, "SELECT backend_start::text FROM pg_catalog.pg_stat_activity "
+                             "WHERE pid = pg_catalog.pg_backend_pid()",
+                          err, errlen);
+    if (!res)
+        return -1;
+    int rc = -1;
+    if (PQntuples(res) == 1 && !PQgetisnull(res, 0, 0)) {
+        *pid = PQbackendPID(s->conn);
+        snprintf(started, startedlen, "%s", PQgetvalue(res, 0, 0));
+        rc = 0;
+    } else {
+        snprintf(err, errlen, "could not read this session's start from pg_stat_activity");
+    }
+    PQclear(res);
+    return rc;
+}
+
+int pgstream_terminate_session(PgStream *s, int pid, const char *started, bool *ended,
+                               char *err, size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    buf_printf(&sql, "SELECT pg_catalog.pg_terminate_backend(pid, 2000) FROM "
+                     "pg_catalog.pg_stat_activity WHERE pid = %d AND backend_start::text = ",
+               pid);
+    int rc = -1;
+    PGresult *res = NULL;
+    if (put_literal(s, &sql, started, err, errlen) && (res = query(s, sql.data, err, errlen))) {
+        *ended = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "t") == 0;
+        rc = 0;
+    }
+    PQclear(res);
+    buf_deinit(&sql);
+    return rc;
 }
 
 int pgstream_send_status(PgStream *s, uint64_t write_lsn, uint64_t flush_lsn, bool reply,
@@ -1036,7 +1228,7 @@ int pgstream_sql(PgStream *s, const char *sql, const char *what, PgRows **out, c
                  char *err, size_t errlen)
 {
     PQsetNoticeProcessor(s->conn, drop_notice, NULL);
-    PGresult *res = PQexec(s->conn, sql);
+    PGresult *res = exec_bounded(s, sql);
     ExecStatusType st = PQresultStatus(res);
     if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
         result_error(s, res, what, sqlstate, err, errlen);

@@ -45,6 +45,26 @@
  * the relay with a message naming the cause: the loop can never spin without progress. Dead
  * letters are chained like events: they stand in their event's place in the stream.
  *
+ * Lost acknowledgements (strict order). A one-way partition, or a connection that went silent
+ * and was replaced, can lose the answers to events JetStream stored. Resending them relies on
+ * the duplicate window, and an outage longer than the window stored them twice. So before the
+ * chain continues past messages outboxd did not expect (10071 at the head, everything before it
+ * stored), the publisher reads them (recognise_stored): each that carries the Nats-Msg-Id of
+ * the window's next event, in order (a dead letter's own id when one took the event's place),
+ * is that event's acknowledgement at its sequence, however long ago it was stored. Only what is
+ * not the window's is another writer's. While the stream cannot be read nothing is resent past
+ * those messages: the chain keeps refusing, so nothing is stored twice meanwhile.
+ *
+ * Refusals. 10077 is the stream's own limits with discard new: a full stream (max_msgs,
+ * max_bytes) passes once it has room, so it pauses and probes for as long as it takes and is
+ * never a dead letter; but a limit of the event's subject alone (max_msgs_per_subject) may never
+ * clear: refused STORE_REFUSALS_MAX times in a row over at least 10 s while the stream showed
+ * room below its global limits every time, the event becomes a dead letter
+ * (store_refused_for_good). 10047, 10028,
+ * 10002 and 10023 are JetStream's account or servers out of storage or memory: transient,
+ * reason no_resources. A refusal's text belongs to one attempt of one event, so a dead letter
+ * put in an event's place is never read with its event's refusal.
+ *
  * An event whose subject no stream captures gets "no responders", or no answer at all once a
  * stream's subjects were narrowed under a running relay, for ever. After NO_STREAM_GRACE_US of
  * that the publisher asks the server which stream captures the subject; if none does, the
@@ -80,14 +100,31 @@ enum {
     JS_WRONG_LAST_MSG_ID = 10070,
     JS_WRONG_LAST_SEQUENCE = 10071,
     JS_MESSAGE_TOO_LARGE = 10054,
-    JS_MAX_MESSAGES = 10077,      /* the stream is at a limit: transient, never poison */
-    JS_MAX_BYTES = 10047,
-    JS_STORE_FAILED = 10028,      /* insufficient resources */
+    /* "{err}" of the stream's store: with discard new, "maximum messages exceeded", "maximum
+     * bytes exceeded" (a full stream: passes once it has room) or "maximum messages per subject
+     * exceeded" (a limit of the event's subject alone, which may never clear): see
+     * store_refused_for_good() */
+    JS_STREAM_STORE_FAILED = 10077,
+    /* JetStream's account or server is out of resources (not the stream's own limits):
+     * transient, never poison */
+    JS_ACCOUNT_RESOURCES = 10002,  /* resource limits exceeded for account */
+    JS_INSUFFICIENT_RESOURCES = 10023,
+    JS_MEMORY_EXHAUSTED = 10028,   /* insufficient memory resources available */
+    JS_STORAGE_EXHAUSTED = 10047,  /* insufficient storage resources available */
 };
 
 /* After this many breaks of the order chain in a row without the head getting stored, the
  * relay stops: something keeps writing to the stream. */
 #define CHAIN_BREAKS_MAX 8
+/* After this many refusals of the head with 10077 in a row, each while the stream had room
+ * below its own limits, over at least STORE_REFUSALS_SPAN_US, the refusal is for the event
+ * itself: a dead letter. */
+#define STORE_REFUSALS_MAX 5
+#define STORE_REFUSALS_SPAN_US INT64_C(10000000)
+/* A search for the window's own events in the stream (lost acknowledgements) reads at most the
+ * window and this many other messages, within LOST_ACK_SCAN_US. */
+#define LOST_ACK_FOREIGN_MAX 64
+#define LOST_ACK_SCAN_US INT64_C(10000000)
 /* How long the head may get "no responders" before the publisher asks whether any stream
  * captures its subject. */
 #define NO_STREAM_GRACE_US INT64_C(10000000)
@@ -163,8 +200,13 @@ struct Publisher {
     int64_t resume_at;
     int64_t no_resp_since; /* when the head first got "no responders" (0: it did not) */
     uint64_t no_resp_seq;
-    uint64_t err_seq;      /* the event whose refusal err_text describes */
+    uint64_t err_seq;      /* the event (and attempt) whose refusal err_text describes: a */
+    unsigned err_attempt;  /* later attempt (a dead letter in its place) has its own */
     char err_text[160];    /* JetStream's description of that refusal */
+    uint64_t refusal_seq;  /* the head refused with 10077 while the stream had room: */
+    unsigned refusal_attempt; /* which attempt was counted last, */
+    unsigned refusals;     /* and how many times in a row, */
+    int64_t refusals_since; /* since when */
     unsigned failures;   /* consecutive pauses without progress, for the backoff */
     bool last_was_duplicate; /* the newest released event was acknowledged as a duplicate */
     unsigned seen_epoch;
@@ -254,6 +296,7 @@ static void take_reply(Publisher *p, natsMsg *msg)
             if (st == ST_FAILED && info.description[0] &&
                 (p->err_seq < p->head || seq <= p->err_seq)) {
                 p->err_seq = seq;
+                p->err_attempt = attempt;
                 snprintf(p->err_text, sizeof(p->err_text), "%s", info.description);
             }
         }
@@ -368,6 +411,12 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         s = natsOptions_SetTimeout(no, 5000);
     if (s == NATS_OK)
         s = natsOptions_SetMaxReconnect(no, -1);
+    /* A silent connection (a NAT entry or load balancer that dropped it, a partition) gets no
+     * FIN: only unanswered pings reveal it. It is then replaced like a lost one. */
+    if (s == NATS_OK)
+        s = natsOptions_SetPingInterval(no, jsapi_ping_interval());
+    if (s == NATS_OK)
+        s = natsOptions_SetMaxPingsOut(no, NATS_MAX_PINGS_OUT);
     if (s == NATS_OK)
         s = natsOptions_SetCustomReconnectDelay(no, reconnect_delay, p);
     if (s == NATS_OK) /* while disconnected nothing new is published: a small buffer is enough */
@@ -699,10 +748,13 @@ static PublishError error_kind(unsigned code)
     switch (code) {
     case CODE_NO_RESPONDERS:
         return PUBERR_NO_RESPONDERS;
-    case JS_MAX_MESSAGES:
-    case JS_MAX_BYTES:
-    case JS_STORE_FAILED:
+    case JS_STREAM_STORE_FAILED:
         return PUBERR_STREAM_FULL;
+    case JS_ACCOUNT_RESOURCES:
+    case JS_INSUFFICIENT_RESOURCES:
+    case JS_MEMORY_EXHAUSTED:
+    case JS_STORAGE_EXHAUSTED:
+        return PUBERR_NO_RESOURCES;
     case JS_WRONG_LAST_SEQUENCE:
     case JS_WRONG_LAST_MSG_ID:
         return PUBERR_ORDER;
@@ -725,12 +777,21 @@ static void describe_code(unsigned code, char *out, size_t outlen)
         snprintf(out, outlen, "the stream's last message is not the previous event (err_code "
                               "10071)");
         break;
-    case JS_MAX_MESSAGES:
-    case JS_MAX_BYTES:
-    case JS_STORE_FAILED:
-        snprintf(out, outlen, "the stream is full (err_code %u): raise its limits (max_msgs, "
-                              "max_bytes), let consumers catch up on a work-queue stream, or "
-                              "free storage on the servers",
+    case JS_STREAM_STORE_FAILED:
+        snprintf(out, outlen, "the stream is full, or the event's subject at its limit "
+                              "(err_code %u): raise its limits (max_msgs, max_bytes, "
+                              "max_msgs_per_subject), or let consumers catch up on a work-queue "
+                              "stream",
+                 code);
+        break;
+    case JS_ACCOUNT_RESOURCES:
+    case JS_INSUFFICIENT_RESOURCES:
+    case JS_MEMORY_EXHAUSTED:
+    case JS_STORAGE_EXHAUSTED:
+        snprintf(out, outlen, "JetStream has no storage or memory left for the stream's account "
+                              "or on its servers (err_code %u): free storage, or raise the "
+                              "account's or the server's JetStream limits (max_file_store, "
+                              "max_memory_store)",
                  code);
         break;
     default:
@@ -739,14 +800,21 @@ static void describe_code(unsigned code, char *out, size_t outlen)
     }
 }
 
+/* Whether err_text is the refusal of this very attempt of the slot: a dead letter put in its
+ * event's place (a later attempt) must not be read with its event's refusal. */
+static bool has_err_text(const Publisher *p, const Slot *slot)
+{
+    return p->err_text[0] && p->err_seq == slot->seq && p->err_attempt == (slot->attempt & 0xff);
+}
+
 /* describe_code() with JetStream's own text when the head's refusal carried one. */
 static void describe_refusal(const Publisher *p, const Slot *slot, unsigned code, char *out,
                              size_t outlen)
 {
-    char why[200];
+    char why[300];
     describe_code(code, why, sizeof(why));
-    if (p->err_seq == slot->seq && p->err_text[0])
-        snprintf(out, outlen, "%s: \"%s\"", why, p->err_text);
+    if (has_err_text(p, slot))
+        snprintf(out, outlen, "%.299s: \"%.159s\"", why, p->err_text);
     else
         snprintf(out, outlen, "%s", why);
 }
@@ -787,7 +855,7 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
  * no_stream for a subject no stream captures), or stop. */
 static void refuse_head(Publisher *p, Slot *slot, unsigned code)
 {
-    char event[256], why[400];
+    char event[256], why[512];
     EventName name;
     describe_event(&slot->wire, &name, event, sizeof(event));
     if (code == CODE_NO_RESPONDERS)
@@ -826,9 +894,11 @@ static void refuse_head(Publisher *p, Slot *slot, unsigned code)
     outbox_dead_letter(&p->dlq, p->dead_letter_subject, &dl, 0);
     metrics_dead_letter(reason);
     log_warn("dead-lettered %s to %s: %s", event, p->dead_letter_subject, why);
-    /* In the event's place: the events behind it keep their numbers. */
+    /* In the event's place: the events behind it keep their numbers. The event's refusal
+     * stays with it: the dead letter is a new attempt with answers of its own. */
     encode_slot(p, slot, &p->dlq, p->strict, slot->expected);
     slot->dead_letter = true;
+    p->err_text[0] = '\0';
     send_slot(p, slot, slot->attempt + 1, false);
 }
 
@@ -855,10 +925,53 @@ static bool subject_without_stream(Publisher *p, Slot *slot, int64_t now)
            !found;
 }
 
+/*
+ * The head was refused with 10077: the stream's own limits (discard new). A full stream
+ * (max_msgs, max_bytes) passes once consumers or age make room, and must never lose an event
+ * to the dead-letter subject; a limit of the event's subject alone (max_msgs_per_subject) may
+ * never clear, and would stall every event behind it for ever. The rule: the refusal is for
+ * good when the head was refused STORE_REFUSALS_MAX times in a row (one count per attempt,
+ * each after a backoff), over at least STORE_REFUSALS_SPAN_US, and every time the stream's
+ * state showed room below its global limits for it. A refusal while the stream is at them (or
+ * when its state cannot be read) starts the count afresh: a stream that consumers keep just
+ * below its limits cannot pass for one that has room by a few lucky reads.
+ */
+static bool store_refused_for_good(Publisher *p, Slot *slot, int64_t now)
+{
+    if (slot->dead_letter)
+        return false; /* its dead letter refused as well: the usual stall and its message */
+    if (p->refusal_seq != slot->seq) {
+        p->refusal_seq = slot->seq;
+        p->refusals = 0;
+    } else if (p->refusal_attempt == slot->attempt) {
+        return false; /* this attempt was counted */
+    }
+    p->refusal_attempt = slot->attempt;
+    StreamInfo info;
+    char err[256];
+    if (jsapi_stream_info(p->nc, p->stream, &info, err, sizeof(err)) < 0 ||
+        jsapi_stream_at_limits(&info, slot->bytes)) {
+        p->refusals = 0;
+        return false;
+    }
+    if (p->refusals++ == 0)
+        p->refusals_since = now;
+    if (p->refusals < STORE_REFUSALS_MAX || now - p->refusals_since < STORE_REFUSALS_SPAN_US)
+        return false;
+    char event[256];
+    EventName name;
+    describe_event(&slot->wire, &name, event, sizeof(event));
+    log_warn("stream %s refused %s %u times in a row while it had room below its own limits "
+             "(%" PRIu64 " messages, %" PRIu64 " bytes): a limit of the event's subject "
+             "(max_msgs_per_subject) that may never clear, not a full stream",
+             p->stream, event, p->refusals, info.messages, info.bytes);
+    return true;
+}
+
 /* Reads N from JetStream's "wrong last sequence: N". */
 static bool wrong_sequence_of(const Publisher *p, const Slot *slot, uint64_t *last)
 {
-    const char *n = p->err_seq == slot->seq ? strstr(p->err_text, "sequence: ") : NULL;
+    const char *n = has_err_text(p, slot) ? strstr(p->err_text, "sequence: ") : NULL;
     if (!n)
         return false;
     char *end;
@@ -883,9 +996,74 @@ static bool stream_last_seq(Publisher *p, uint64_t *last)
     return true;
 }
 
+/* Whether the message the stream holds with Nats-Msg-Id id is the slot's: the event, or the
+ * dead letter that took its place (its own Nats-Msg-Id is in the slot then). */
+static bool slot_is(const Slot *slot, const char *id)
+{
+    char mine[OUTBOX_MAX_EVENT_ID + 16];
+    return wire_header(&slot->wire, OUTBOX_HDR_MSG_ID, mine, sizeof(mine)) &&
+           strcmp(mine, id) == 0;
+}
+
+/*
+ * Lost acknowledgements. The head was refused with 10071 while everything before it is stored,
+ * and the stream's last sequence (last) is past the one outboxd knows: what lies in between may
+ * be the window's own events, stored while their acknowledgements were lost (a one-way
+ * partition, a connection that went silent and was replaced). Reads those messages and takes
+ * each that carries the Nats-Msg-Id of the window's next event (head, head+1, ..., in order) as
+ * that event's acknowledgement at its sequence. With the chain the window's events can only
+ * be stored one right behind the other, so once one matched, the first message that does not
+ * ends the run; before the first match other messages are skipped (another writer, a replayed
+ * copy). Reads at most the window plus LOST_ACK_FOREIGN_MAX messages. Returns how many events
+ * were recognised (their slots are acknowledged now), or -1 when the stream could not be read
+ * (err): then nothing may be resent past those messages, since they may be the window's.
+ */
+static int64_t recognise_stored(Publisher *p, uint64_t last, uint64_t *first_seq, char *err,
+                                size_t errlen)
+{
+    uint64_t limit = p->stream_last + (p->next - p->head) + LOST_ACK_FOREIGN_MAX;
+    if (limit > last)
+        limit = last;
+    JsStoredMsg m = {0};
+    buf_init(&m.hdrs);
+    int64_t found = 0;
+    uint64_t want = p->head;
+    int64_t deadline = now_mono_us() + LOST_ACK_SCAN_US;
+    for (uint64_t at = p->stream_last + 1; at <= limit && want < p->next; at++) {
+        if (now_mono_us() > deadline) {
+            snprintf(err, errlen, "reading messages %" PRIu64 " to %" PRIu64 " took longer than "
+                     "%" PRId64 " s", p->stream_last + 1, limit, LOST_ACK_SCAN_US / 1000000);
+            found = -1;
+            break;
+        }
+        int rc = jsapi_msg_get(p->nc, p->stream, at, NULL, 2000, &m, err, errlen);
+        if (rc < 0) {
+            found = -1;
+            break;
+        }
+        char id[OUTBOX_MAX_EVENT_ID + 16];
+        Slot *slot = &p->ring[want & p->mask];
+        if (rc == 0 && jsapi_header_value(m.hdrs.data, OUTBOX_HDR_MSG_ID, id, sizeof(id)) &&
+            slot->sent && slot_is(slot, id)) {
+            if (found == 0)
+                *first_seq = at;
+            /* Stored at this sequence: acknowledged, as if its PubAck had arrived. */
+            slot->stream_seq = at;
+            atomic_store(&slot->state, state_word(slot->seq, slot->attempt, 0, ST_ACKED));
+            want++;
+            found++;
+        } else if (found > 0) {
+            break; /* the window's run ended */
+        }
+    }
+    buf_deinit(&m.hdrs);
+    return found;
+}
+
 /* The head was refused with 10071 while everything before it is released: the stream's last
- * sequence is not the one outboxd knew. Continue the chain from the stream's, or stop when it
- * keeps breaking without progress. */
+ * sequence is not the one outboxd knew. Takes the window's own events stored meanwhile as
+ * acknowledged (recognise_stored); otherwise continues the chain from the stream's, or stops
+ * when it keeps breaking without progress. */
 static void continue_chain(Publisher *p, Slot *slot, int64_t now)
 {
     uint64_t last;
@@ -893,6 +1071,31 @@ static void continue_chain(Publisher *p, Slot *slot, int64_t now)
         pause_publishing(p, now, PUBERR_ORDER, "the order chain broke and the stream's last "
                                                "sequence could not be read");
         return;
+    }
+    if (last > p->stream_last) {
+        char err[256];
+        uint64_t first = 0;
+        int64_t found = recognise_stored(p, last, &first, err, sizeof(err));
+        if (found < 0) {
+            char why[640];
+            snprintf(why, sizeof(why), "the order chain broke and stream %.200s could not be "
+                     "read to tell outboxd's own events from others: %.255s", p->stream, err);
+            pause_publishing(p, now, PUBERR_ORDER, why);
+            return;
+        }
+        if (found > 0) {
+            atomic_fetch_add_explicit(&metrics.acks_lost, (uint64_t)found, memory_order_relaxed);
+            log_warn("stream %s already holds %" PRId64 " events of the window at sequences %"
+                     PRIu64 " to %" PRIu64 " whose acknowledgements were lost; they count as "
+                     "stored and are not sent again",
+                     p->stream, found, first, first + (uint64_t)found - 1);
+            /* The broker answers: the rest of the window goes out at once, behind them. */
+            p->failures = 0;
+            p->paused = true;
+            p->probing = false;
+            p->resume_at = now;
+            return;
+        }
     }
     if (++p->chain_breaks > CHAIN_BREAKS_MAX) {
         p->fatal = true;
@@ -1043,7 +1246,11 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
             refuse_head(p, slot, code);
             break;
         }
-        char event[256], why[400], line[700];
+        if (code == JS_STREAM_STORE_FAILED && store_refused_for_good(p, slot, now)) {
+            refuse_head(p, slot, code);
+            break;
+        }
+        char event[256], why[512], line[800];
         EventName name;
         describe_event(&slot->wire, &name, event, sizeof(event));
         describe_refusal(p, slot, code, why, sizeof(why));

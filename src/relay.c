@@ -17,6 +17,17 @@
  * confirmed LSN is therefore also kept in a JetStream key-value bucket (the checkpoint, keyed by
  * system id and slot), and streaming starts from the later of the two.
  *
+ * Silent connections: a NAT entry, a load balancer's idle timeout or a partition can leave the
+ * replication connection open with nothing arriving and no FIN. stream() judges it the way
+ * PostgreSQL's walreceiver does with wal_receiver_timeout (--pg-receive-timeout): after half
+ * the timeout without a message it asks the server for a reply (a status update with reply
+ * requested, which the walsender answers at once), and when nothing arrived by the end (and the
+ * request had half the timeout to be answered) it drops the connection and the reconnect path
+ * below takes over. While the publish window is full the relay does not read the socket; bytes
+ * waiting there count as a live connection. The walsender of the dropped connection may hold
+ * the slot until its own wal_sender_timeout; session_acquire_slot ends it when it can prove it
+ * is this relay's previous session.
+ *
  * Failures: a lost PostgreSQL connection ends the session; the relay lets every published
  * event be acknowledged, reconnects with backoff, and resumes from the confirmed LSN, skipping
  * the rows of a half-received transaction that are already stored. NATS failures are handled
@@ -522,6 +533,36 @@ static void summary(Relay *r, int64_t now, const PublisherStatus *st)
     r->next_summary = now + SUMMARY_US;
 }
 
+/* Judges whether the replication connection went silent (see the top of the file); -1 when it
+ * did, or the reply request could not be sent (logged). */
+static int check_silence(Relay *r, int64_t now)
+{
+    int64_t timeout = r->cfg->pg_receive_timeout_ms * 1000;
+    switch (pgstream_liveness(now, r->last_received, r->reply_asked, timeout)) {
+    case PG_LIVE:
+        return 0;
+    case PG_ASK_REPLY:
+        r->reply_asked = now;
+        log_debug("nothing from PostgreSQL for %" PRId64 " ms: asking for a reply",
+                  (now - r->last_received) / 1000);
+        return relay_send_status(r, true);
+    case PG_SILENT:
+        break;
+    }
+    if (pgstream_readable(r->pg)) { /* bytes wait unread (the window is full): alive */
+        r->last_received = now;
+        return 0;
+    }
+    log_warn("nothing from PostgreSQL for %" PRId64 " ms, not even the reply asked for %" PRId64
+             " ms ago: the replication connection is silent (a NAT entry or load balancer "
+             "that dropped it, or a network partition); dropping it (--pg-receive-timeout)",
+             (now - r->last_received) / 1000, (now - r->reply_asked) / 1000);
+    /* The monitoring session most likely went the same way: open it afresh when needed. */
+    pgstream_free(r->monitor);
+    r->monitor = NULL;
+    return -1;
+}
+
 /* Streams until stop, a lost connection or a fatal failure. */
 static StreamEnd stream(Relay *r)
 {
@@ -546,6 +587,7 @@ static StreamEnd stream(Relay *r)
                 drained = true;
                 break;
             }
+            r->last_received = now_mono_us();
             int rc = handle_copy(r, buf, len, &reply);
             if (rc < 0)
                 return rc == -2 ? STREAM_ANCHOR_FALSE : STREAM_FATAL;
@@ -558,6 +600,8 @@ static StreamEnd stream(Relay *r)
             if (relay_send_status(r, false) < 0)
                 return STREAM_PG_LOST;
         }
+        if (check_silence(r, now) < 0)
+            return STREAM_PG_LOST;
         checkpoint_async(r, now);
         monitor_wal(r, now);
         if (r->bookmarks && r->monitor &&
@@ -576,6 +620,8 @@ static StreamEnd stream(Relay *r)
             continue;
         int64_t deadline = min64(min64(r->next_status, r->next_monitor),
                                  publisher_next_deadline(r->pub));
+        deadline = min64(deadline, pgstream_liveness_deadline(r->last_received, r->reply_asked,
+                                                              r->cfg->pg_receive_timeout_ms * 1000));
         bool pg_ready;
         if (relay_wait_for_work(r, want_pg, deadline, &pg_ready) < 0)
             return STREAM_FATAL;
@@ -692,6 +738,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     r.msg = xmalloc(sizeof(PgoMessage));
     r.next_summary = now_mono_us() + SUMMARY_US;
     srand((unsigned)now_unix_us());
+    pgstream_set_receive_timeout(cfg->pg_receive_timeout_ms);
 
     if (outbox_mapper_from_config(&r.mapper, cfg, r.err, sizeof(r.err)) < 0) {
         log_error("%s", r.err);

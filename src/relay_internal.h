@@ -104,6 +104,12 @@ typedef struct Relay {
     char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
     int64_t streaming_since;     /* when the open session started streaming */
+    /* silent connections (see stream() in relay.c) */
+    int64_t last_received;       /* when the replication connection last brought a message */
+    int64_t reply_asked;         /* when a reply was last asked for (0: not this session) */
+    int stream_pid;              /* the server process of this run's last streaming session */
+    char stream_started[64];     /* ... its backend_start, and the system it ran on: a slot */
+    char stream_system[32];      /* held by exactly that process is this relay's own */
     unsigned reconnect_attempt;  /* failed sessions since the last stable one (the backoff) */
     /* timers */
     int64_t status_interval_us;

@@ -10,7 +10,9 @@
  * connection the relay lets every published event be acknowledged before it reconnects, so
  * this run's own anchor is exact. A connection that leads to another database system (the
  * address now names another cluster) stops the relay: its slot and checkpoint belong to the
- * old one.
+ * old one. A connection the relay dropped because it went silent leaves its walsender holding
+ * the slot until the server's wal_sender_timeout; the relay ends that process itself when it
+ * can prove it is its own previous session (end_own_session).
  */
 #include <inttypes.h>
 #include <stdio.h>
@@ -336,6 +338,33 @@ static void report_slot_lost(Relay *r, uint64_t slot_confirmed)
 }
 
 /*
+ * The slot is held by server process pid. If that is this relay's own previous session (the
+ * same process, started at the same time, on the same system: a connection that went silent,
+ * whose walsender keeps the slot until its wal_sender_timeout), ends it. True when it ended and
+ * the slot may be free now. A refusal (the role may not signal it) only means waiting.
+ */
+static bool end_own_session(Relay *r, int pid)
+{
+    if (pid != r->stream_pid || !r->stream_started[0] ||
+        strcmp(r->stream_system, r->sys.system_id) != 0)
+        return false;
+    log_warn("replication slot \"%s\" is still held by PID %d, this relay's previous session "
+             "(its connection went silent; the server would end it only at wal_sender_timeout): "
+             "ending it with pg_terminate_backend",
+             r->cfg->slot, pid);
+    bool ended = false;
+    int rc = pgstream_terminate_session(r->pg, pid, r->stream_started, &ended, r->err,
+                                        sizeof(r->err));
+    r->stream_pid = 0; /* one attempt: it either ended or it cannot be ended by us */
+    r->stream_started[0] = '\0';
+    if (rc < 0)
+        log_warn("could not end it (%s); waiting until PostgreSQL does", r->err);
+    else if (!ended)
+        log_info("PID %d is gone or did not exit in time; waiting for the slot", pid);
+    return rc == 0 && ended;
+}
+
+/*
  * Takes the slot: waits as a standby while another session holds it, then starts streaming.
  * Returns 0 when streaming, 1 on stop, -1 when the connection failed.
  */
@@ -357,11 +386,18 @@ int session_acquire_slot(Relay *r)
             return SESSION_SLOT_LOST;
         }
         int rc = 0;
+        if (info.active_pid != 0 && end_own_session(r, info.active_pid))
+            continue;
         if (info.active_pid == 0) {
             uint64_t start = info.confirmed;
             start_position(r, start);
             if (backfill_unfinished(r))
                 return SESSION_BACKFILL_UNFINISHED;
+            int pid = 0;
+            char started[sizeof(r->stream_started)] = "";
+            if (pgstream_session_id(r->pg, &pid, started, sizeof(started), r->err,
+                                    sizeof(r->err)) < 0)
+                log_debug("%s", r->err); /* only a later take-over is slower without it */
             rc = pgstream_start(r->pg, r->cfg->slot, r->cfg->publication, r->cfg->messages, start,
                                 r->err,
                                 sizeof(r->err));
@@ -377,6 +413,11 @@ int session_acquire_slot(Relay *r)
                 r->checkpointed = r->confirmed;
                 r->in_txn = false;
                 r->next_status = now_mono_us();
+                r->last_received = r->next_status;
+                r->reply_asked = 0;
+                r->stream_pid = pid;
+                snprintf(r->stream_started, sizeof(r->stream_started), "%s", started);
+                snprintf(r->stream_system, sizeof(r->stream_system), "%s", r->sys.system_id);
                 log_info("streaming from slot \"%s\" at " LSN_FMT " to stream \"%s\"",
                          r->cfg->slot, LSN_ARGS(start), r->stream.name);
                 notify_systemd("READY=1\nSTATUS=streaming");

@@ -79,6 +79,7 @@ typedef struct Config {
     /* replication */
     int64_t status_interval_ms;   /* standby status update period */
     int64_t shutdown_timeout_ms;  /* on SIGTERM, how long to wait for outstanding acks */
+    int64_t pg_receive_timeout_ms; /* a connection silent this long is dropped (0: never) */
     /* failures */
     bool strict_order;          /* chain publishes with Nats-Expected-Last-Sequence */
     char *on_poison;            /* "dead-letter" or "stop" */
@@ -93,6 +94,7 @@ typedef struct Config {
     bool backfill;              /* publish the rows already in the outbox when the slot is made */
     /* connection security (secrets come from files or the environment) */
     char *pg_password_file;
+    int64_t nats_ping_interval_ms; /* a NATS connection is dead after 2 unanswered pings */
     char *nats_user;
     char *nats_password;
     char *nats_password_file;

@@ -27,7 +27,15 @@ typedef struct StreamInfo {
     uint64_t messages;
     uint64_t last_seq;
     char subjects[2048];   /* its subjects, space-separated */
+    uint64_t bytes;        /* what it stores now */
+    int64_t max_msgs;      /* its limits; -1 (or 0) when unlimited */
+    int64_t max_bytes;
 } StreamInfo;
+
+/* Whether the stream, in the state info shows, is at its own global limits for one more
+ * message of add_bytes (messages at max_msgs, or bytes past max_bytes): a full stream, whose
+ * refusal ("maximum messages/bytes exceeded", 10077) passes once it has room again. */
+bool jsapi_stream_at_limits(const StreamInfo *info, uint64_t add_bytes);
 
 /* True when one of the stream's subjects captures every subject filter (a subject, or a
  * filter with wildcards) can be. */
@@ -71,6 +79,14 @@ typedef struct NatsSecurity {
 /* The security every NATS connection of this process uses (set once at start, before any
  * connection; NULL fields stay unused). The strings must outlive the process's connections. */
 void jsapi_set_security(const NatsSecurity *sec);
+
+/* How often every NATS connection of this process pings the server (set once at start):
+ * after NATS_MAX_PINGS_OUT unanswered pings nats.c declares the connection stale and closes
+ * (or, for the publisher's, replaces) it, so a silent connection lasts at most about three
+ * intervals. nats.c alone pings every 2 minutes. */
+#define NATS_MAX_PINGS_OUT 2
+void jsapi_set_ping_interval(int64_t ms);
+int64_t jsapi_ping_interval(void);
 
 /* Applies the process's security to o. Returns 0, or -1 with the reason in err. */
 int jsapi_apply_security(natsOptions *o, char *err, size_t errlen);

@@ -24,6 +24,8 @@ typedef enum PublishError {
     PUBERR_STREAM_FULL,   /* "stream_full": the stream is at a limit (messages, bytes) */
     PUBERR_ORDER,         /* "order": the stream's last sequence is not what the order chain
                            * expected (another writer, a restored stream) */
+    PUBERR_NO_RESOURCES,  /* "no_resources": JetStream's account or server has no storage or
+                           * memory left (10047, 10028, 10002, 10023) */
     PUBERR_COUNT
 } PublishError;
 
@@ -48,6 +50,7 @@ extern const double metrics_latency_bounds[METRICS_LATENCY_BUCKETS];
 typedef struct Metrics {
     _Atomic uint64_t events_published;  /* acked and stored (duplicates not included) */
     _Atomic uint64_t events_duplicate;  /* acked as duplicate by JetStream */
+    _Atomic uint64_t acks_lost;         /* events found stored whose acknowledgement was lost */
     _Atomic uint64_t events_id_reused;  /* first sends acked as duplicate: a row re-used an
                                          * earlier event's event_id, JetStream kept the earlier */
     _Atomic uint64_t events_skipped_stored; /* events the stream held already, not sent again

@@ -87,6 +87,12 @@ typedef struct PgSetup {
  * connection string says. Set once at start; the string must outlive the connections. */
 void pgstream_set_password(const char *password);
 
+/* Bounds every wait on PostgreSQL of this process's later connections (the relay sets it once
+ * at start; 0, the default, leaves statements unbounded, as the one-shot commands want): a
+ * statement unanswered for ms (10 s at most on a plain session) drops its connection, and
+ * tcp_user_timeout is ms. */
+void pgstream_set_receive_timeout(int64_t ms);
+
 /*
  * Connects with replication=database and the session settings that fix how values are
  * rendered (UTF8, ISO dates, UTC, hex bytea, exact floats). Returns 0, or
@@ -183,6 +189,33 @@ int pgstream_read(PgStream *s, const char **buf, size_t *len, char *err, size_t 
 int pgstream_consume(PgStream *s, char *err, size_t errlen);
 
 int pgstream_socket(const PgStream *s);
+
+/* True when the socket has bytes (or an end) that libpq has not read yet. */
+bool pgstream_readable(const PgStream *s);
+
+/*
+ * Whether a replication connection is silent, the way PostgreSQL's walreceiver judges it with
+ * wal_receiver_timeout: once half of timeout passed since the last message (last_received),
+ * ask the server for a reply (a status update with reply requested; the walsender answers at
+ * once with a keepalive); once timeout passed with nothing received and the server had half of
+ * it to answer that request (asked: when it was sent, 0 or older than last_received when none
+ * since), the connection is silent. All times in µs; timeout <= 0 never judges.
+ */
+typedef enum PgLiveness { PG_LIVE, PG_ASK_REPLY, PG_SILENT } PgLiveness;
+PgLiveness pgstream_liveness(int64_t now, int64_t last_received, int64_t asked, int64_t timeout);
+/* When pgstream_liveness() has something to say next (INT64_MAX: never). */
+int64_t pgstream_liveness_deadline(int64_t last_received, int64_t asked, int64_t timeout);
+
+/* The server process of this connection (PQbackendPID) and when it started (pg_stat_activity's
+ * backend_start, as text), read before START_REPLICATION: what names this session later. */
+int pgstream_session_id(PgStream *s, int *pid, char *started, size_t startedlen, char *err,
+                        size_t errlen);
+
+/* Ends the server process pid if it still is the one that started at started
+ * (pg_terminate_backend, waiting up to 2 s for it to exit). *ended tells whether it did.
+ * Returns -1 with err when the server refused (the role may not signal that process). */
+int pgstream_terminate_session(PgStream *s, int pid, const char *started, bool *ended,
+                               char *err, size_t errlen);
 
 /* Sends a standby status update and flushes it. */
 int pgstream_send_status(PgStream *s, uint64_t write_lsn, uint64_t flush_lsn, bool reply,

@@ -12,8 +12,10 @@
  * When a publish fails for a reason that can pass (a timeout, a lost connection, no responders
  * while a stream elects a leader, a broken order chain), the publisher pauses: no new events are
  * taken, and after a backoff every unacknowledged event is sent again, oldest first, with the
- * same Nats-Msg-Id (go-back-N). An event the stream refuses for good is replaced in place by a
- * dead letter, or reported as fatal when no dead-letter subject is configured.
+ * same Nats-Msg-Id (go-back-N); with strict order, events found stored whose acknowledgements
+ * were lost count as stored and are not sent again (see publisher.c). An event the stream
+ * refuses for good is replaced in place by a dead letter, or reported as fatal when no
+ * dead-letter subject is configured.
  *
  * Return codes: 0 success, -1 error (err says what), PUBLISH_CHECK_FAILED for a failed start-up
  * check, PUBLISH_UNPUBLISHABLE for an event that can never be published as it is.
@@ -80,7 +82,7 @@ bool publisher_has_room(const Publisher *p);
 
 /*
  * Publishes ev and writes its sequence number into *seq. A dead letter (dead_letter true) is
- * not chained into the stream order. Returns PUBLISH_UNPUBLISHABLE, without publishing, when
+ * chained like an event with strict order: it stands in its event's place. Returns PUBLISH_UNPUBLISHABLE, without publishing, when
  * ev is larger than the server's max_payload; -1 only for errors outside the event.
  */
 int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uint64_t *seq,

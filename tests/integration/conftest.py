@@ -268,6 +268,7 @@ class Ctx:
         self.stream = "OUTBOX"
         self.relays = []
         self.writers = []
+        self.proxies = []
         self.slots = {self.slot}
         self.publications = {self.publication}
         self.tables = set()
@@ -323,6 +324,12 @@ class Ctx:
         self.writers.append(w)
         return w
 
+    def proxy(self, target_port):
+        """A harness.TcpProxy to target_port, stopped when the test ends."""
+        p = harness.TcpProxy(target_port)
+        self.proxies.append(p)
+        return p
+
     def create_probe(self, name=None):
         """A test_decoding slot that records every transaction from now on (dropped afterwards)."""
         name = name or f"probe_{self.tag}"
@@ -339,6 +346,8 @@ class Ctx:
                 r.kill()
         for w in self.writers:
             w.close()
+        for p in self.proxies:
+            p.stop()
         if self.pg.running:
             for s in sorted(self.slots):
                 try:

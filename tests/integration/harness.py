@@ -655,6 +655,189 @@ def multi_host_dsn(*servers, **params):
     return " ".join(f"{k}={v}" for k, v in kv.items())
 
 
+# ---- a TCP proxy that can go silent --------------------------------------------------------------
+
+_proxies = set()
+_proxies_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_leftover_proxies():
+    with _proxies_lock:
+        proxies = list(_proxies)
+    for p in proxies:
+        p.stop()
+
+
+class _ProxyPair:
+    """One proxied connection: the client's socket, the server's, a pump thread per direction."""
+
+    def __init__(self, proxy, client, server):
+        self.proxy = proxy
+        self.client, self.server = client, server
+        self.silent = {"c2s": False, "s2c": False}
+        self.held = {"c2s": bytearray(), "s2c": bytearray()}
+        self.lock = threading.Lock()
+        self.closed = False
+        self.threads = [threading.Thread(target=self._pump, args=(client, server, "c2s"),
+                                         name=f"proxy-{proxy.port}-c2s", daemon=True),
+                        threading.Thread(target=self._pump, args=(server, client, "s2c"),
+                                         name=f"proxy-{proxy.port}-s2c", daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _pump(self, src, dst, way):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                data = b""
+            with self.lock:
+                silent = self.silent[way]
+                if data and silent:
+                    self.held[way] += data  # what a partition delays: TCP would resend it later
+                    continue
+            if not data:
+                # An end (FIN) crosses only a direction that is not silent.
+                if not silent:
+                    try:
+                        dst.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def set_silent(self, c2s, s2c):
+        with self.lock:
+            flush = []
+            for way, on in (("c2s", c2s), ("s2c", s2c)):
+                if self.silent[way] and not on and self.held[way]:
+                    flush.append((way, bytes(self.held[way])))
+                    self.held[way].clear()
+                self.silent[way] = on
+            for way, data in flush:
+                try:
+                    (self.server if way == "c2s" else self.client).sendall(data)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        for sock in (self.client, self.server):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def join(self, timeout=5):
+        for t in self.threads:
+            t.join(timeout)
+
+
+class TcpProxy:
+    """A TCP forwarder on 127.0.0.1:<free port> to target_port, for network failures a test
+    cannot make with the servers alone: silence() makes the connections open so far carry
+    nothing more without closing them — both ways, or server to client only (a one-way
+    partition) — as a NAT entry or a load balancer that dropped them would, or a partition:
+    nothing arrives, and no FIN (an end crosses only a direction that is not silent). What a
+    silent direction receives is held, as TCP would keep resending it; unsilence() delivers it
+    and lets bytes flow again. Connections made after silence() flow normally (a new NAT entry).
+    close_all() closes every connection; stop() also closes the listener and joins every thread.
+    Started proxies are stopped at the end of the test (Ctx.cleanup) and at interpreter exit."""
+
+    def __init__(self, target_port, target_host="127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.pairs = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._accepter = threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True)
+        self._accepter.start()
+        with _proxies_lock:
+            _proxies.add(self)
+
+    @property
+    def url(self):
+        return f"nats://127.0.0.1:{self.port}"
+
+    def dsn(self, pg):
+        """pg's conninfo, through this proxy."""
+        return pg.dsn.replace(f"port={pg.port}", f"port={self.port}")
+
+    def _accept(self):
+        while not self._stopped:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                if self._stopped:
+                    client.close()
+                    server.close()
+                    return
+                self.pairs = [p for p in self.pairs if not p.closed]
+                self.pairs.append(_ProxyPair(self, client, server))
+
+    @property
+    def connections(self):
+        with self._lock:
+            return len([p for p in self.pairs if not p.closed])
+
+    def silence(self, direction="both"):
+        """The connections open now carry nothing more: direction "both", or "s2c" (server to
+        client only; the client's bytes still reach the server)."""
+        assert direction in ("both", "s2c"), direction
+        with self._lock:
+            pairs = list(self.pairs)
+        for p in pairs:
+            p.set_silent(c2s=direction == "both", s2c=True)
+        return len(pairs)
+
+    def unsilence(self):
+        with self._lock:
+            pairs = list(self.pairs)
+        for p in pairs:
+            p.set_silent(c2s=False, s2c=False)
+
+    def close_all(self):
+        with self._lock:
+            pairs, self.pairs = list(self.pairs), []
+        for p in pairs:
+            p.close()
+        for p in pairs:
+            p.join()
+
+    def stop(self):
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._accepter.join(5)
+        self.close_all()
+        with _proxies_lock:
+            _proxies.discard(self)
+
+
 # ---- NATS ---------------------------------------------------------------------------------------
 
 

@@ -117,6 +117,8 @@ static void test_defaults(void)
     CHECK(cfg.ack_timeout_ms == 10000);
     CHECK(cfg.status_interval_ms == 10000);
     CHECK(cfg.shutdown_timeout_ms == 5000);
+    CHECK(cfg.pg_receive_timeout_ms == 60000);
+    CHECK(cfg.nats_ping_interval_ms == 10000);
     CHECK_STR(cfg.log_level, "info");
     CHECK_STR(cfg.log_format, "text");
     CHECK(cfg.strict_order == true);
@@ -164,7 +166,8 @@ static void test_env_and_flags(void)
                 "--log-format", "json", "--status-interval=1h", "--shutdown-timeout=0",
                 "--nats-url", "nats://a:1,nats://b:2", "--table=app.events",
                 "--publication", "pub", "--subject", "ev.{type}", "--slot=second",
-                "--create", (char *)NULL) == 0);
+                "--create", "--pg-receive-timeout=0", "--nats-ping-interval=1500ms",
+                (char *)NULL) == 0);
     CHECK_STR(err, "");
     CHECK_STR(cfg.pg_url, "host=/tmp dbname=x");
     CHECK_STR(cfg.slot, "second");
@@ -172,6 +175,8 @@ static void test_env_and_flags(void)
     CHECK(cfg.ack_timeout_ms == 500);
     CHECK(cfg.status_interval_ms == 3600000);
     CHECK(cfg.shutdown_timeout_ms == 0);
+    CHECK(cfg.pg_receive_timeout_ms == 0); /* 0 turns the receive timeout off */
+    CHECK(cfg.nats_ping_interval_ms == 1500);
     CHECK_STR(cfg.log_format, "json");
     CHECK_STR(cfg.nats_url, "nats://a:1,nats://b:2");
     CHECK_STR(cfg.t.table, "app.events");

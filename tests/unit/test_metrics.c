@@ -20,6 +20,7 @@ static const struct {
     {"outboxd_events_id_reused_total", "counter"},
     {"outboxd_events_already_stored_total", "counter"},
     {"outboxd_anchors_false_total", "counter"},
+    {"outboxd_publish_acks_lost_total", "counter"},
     {"outboxd_publish_errors_total", "counter"},
     {"outboxd_publish_retries_total", "counter"},
     {"outboxd_messages_refused_total", "counter"},
@@ -273,6 +274,7 @@ static void test_names(void)
     CHECK_STR(metrics_publish_error_name(PUBERR_NO_RESPONDERS), "no_responders");
     CHECK_STR(metrics_publish_error_name(PUBERR_REJECTED), "rejected");
     CHECK_STR(metrics_publish_error_name(PUBERR_CONNECTION), "connection");
+    CHECK_STR(metrics_publish_error_name(PUBERR_NO_RESOURCES), "no_resources");
     CHECK_STR(metrics_publish_error_name(PUBERR_COUNT), "unknown");
     CHECK_STR(metrics_dead_letter_name(DLR_INVALID_EVENT_ID), "invalid_event_id");
     CHECK_STR(metrics_dead_letter_name(DLR_NULL_PAYLOAD), "null_payload");
