@@ -623,7 +623,6 @@ typedef struct Run {
     natsConnection *nc;
     char stream[256];
     char dl_stream[256];
-    char consumer[128];
     uint64_t last_seq;
     JsStoredMsg got; /* scratch for fetch() */
     Buf sql;
@@ -855,26 +854,28 @@ static bool ack_meta(const char *reply, uint64_t *seq, int64_t *stored_us, uint6
     return *seq > 0;
 }
 
-static int create_consumer(Run *r)
+/* An ephemeral headers-only consumer of stream from from_us (Unix µs; INT64_MIN: its start). */
+static int create_consumer(natsConnection *nc, const char *stream, int64_t from_us, char *name_out,
+                           size_t namelen, char *err, size_t errlen)
 {
     json_t *config = json_pack("{s:s,s:b,s:b,s:I}", "ack_policy", "none", "headers_only", 1,
                                "mem_storage", 1, "inactive_threshold",
                                (json_int_t)INT64_C(60000000000));
-    if (r->range.since != INT64_MIN) {
+    if (from_us != INT64_MIN) {
         char when[32];
-        pg_time_format_rfc3339(r->range.since - AUDIT_MARGIN_US - PG_EPOCH_OFFSET_US, when);
+        pg_time_format_rfc3339(from_us - PG_EPOCH_OFFSET_US, when);
         json_object_set_new(config, "deliver_policy", json_string("by_start_time"));
         json_object_set_new(config, "opt_start_time", json_string(when));
     } else {
         json_object_set_new(config, "deliver_policy", json_string("all"));
     }
-    json_t *req = json_pack("{s:s,s:o}", "stream_name", r->stream, "config", config);
+    json_t *req = json_pack("{s:s,s:o}", "stream_name", stream, "config", config);
     char *body = json_dumps(req, JSON_COMPACT);
     json_decref(req);
     char subject[320];
-    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.CREATE.%s", r->stream);
+    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.CREATE.%s", stream);
     bool no_responders;
-    json_t *reply = jsapi_request(r->nc, subject, body, &no_responders, r->err, sizeof(r->err));
+    json_t *reply = jsapi_request(nc, subject, body, &no_responders, err, errlen);
     free(body);
     if (!reply)
         return -1;
@@ -882,50 +883,47 @@ static int create_consumer(Run *r)
     json_t *error = json_object_get(reply, "error");
     int rc = 0;
     if (error || !name) {
-        snprintf(r->err, sizeof(r->err), "could not create a consumer to read stream %s: %s",
-                 r->stream,
+        snprintf(err, errlen, "could not create a consumer to read stream %s: %s", stream,
                  json_string_value(json_object_get(error, "description")) ?: "unexpected reply");
         rc = -1;
     } else {
-        snprintf(r->consumer, sizeof(r->consumer), "%s", name);
+        snprintf(name_out, namelen, "%s", name);
     }
     json_decref(reply);
     return rc;
 }
 
-static void delete_consumer(Run *r)
+static void delete_consumer(natsConnection *nc, const char *stream, const char *consumer)
 {
-    if (!r->consumer[0] || !r->nc)
-        return;
     char subject[512], err[256];
-    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.DELETE.%s.%s", r->stream, r->consumer);
+    snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.DELETE.%s.%s", stream, consumer);
     bool no_responders;
-    json_decref(jsapi_request_within(r->nc, subject, "", 2000, &no_responders, err, sizeof(err)));
-    r->consumer[0] = '\0';
+    json_decref(jsapi_request_within(nc, subject, "", 2000, &no_responders, err, sizeof(err)));
 }
 
-/* Reads every message from the range's start (less the margin) on, headers only, in pull
- * batches, until the stream's last message when the audit began (or nothing more is there). */
-static int read_stream(Run *r)
+int audit_read_stream(Audit *a, natsConnection *nc, const char *stream, int64_t from_us,
+                      uint64_t last_seq, void (*tick)(void *arg, uint64_t read), void *arg,
+                      char *err, size_t errlen)
 {
-    if (r->last_seq == 0)
+    if (last_seq == 0)
         return 0;
-    if (create_consumer(r) < 0)
+    char consumer[128];
+    if (create_consumer(nc, stream, from_us, consumer, sizeof(consumer), err, errlen) < 0)
         return -1;
     natsSubscription *sub = NULL;
     char inbox[160], next[512];
-    snprintf(inbox, sizeof(inbox), "_INBOX.outboxd-audit.%s", r->consumer);
-    snprintf(next, sizeof(next), "$JS.API.CONSUMER.MSG.NEXT.%s.%s", r->stream, r->consumer);
+    snprintf(inbox, sizeof(inbox), "_INBOX.outboxd-audit.%s", consumer);
+    snprintf(next, sizeof(next), "$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, consumer);
     char body[64];
     snprintf(body, sizeof(body), "{\"batch\":%d,\"no_wait\":true}", PULL_BATCH);
-    natsStatus s = natsConnection_SubscribeSync(&sub, r->nc, inbox);
+    natsStatus s = natsConnection_SubscribeSync(&sub, nc, inbox);
     if (s == NATS_OK)
         s = natsSubscription_SetPendingLimits(sub, -1, -1);
     int rc = 0;
     bool done = false;
     uint64_t read = 0;
     while (s == NATS_OK && !done) {
-        s = natsConnection_PublishRequestString(r->nc, next, inbox, body);
+        s = natsConnection_PublishRequestString(nc, next, inbox, body);
         int got = 0;
         while (s == NATS_OK && got < PULL_BATCH) {
             natsMsg *msg = NULL;
@@ -946,25 +944,39 @@ static int read_stream(Run *r)
             AuditHeaders h;
             msg_headers(msg, &h);
             AuditMsg m;
-            audit_msg_from_headers(&m, seq, stored, &h, &r->range);
-            audit_add_msg(r->audit, &m);
+            audit_msg_from_headers(&m, seq, stored, &h, &a->range);
+            audit_add_msg(a, &m);
             natsMsg_Destroy(msg);
-            if (seq >= r->last_seq || pending == 0) {
+            if (seq >= last_seq || pending == 0) {
                 done = true;
                 break;
             }
         }
-        progress(r, "%" PRIu64 " stream messages read (to sequence %" PRIu64 ")", read,
-                 r->last_seq);
+        if (tick)
+            tick(arg, read);
     }
     if (s != NATS_OK) {
-        snprintf(r->err, sizeof(r->err), "could not read stream %s: %s", r->stream,
-                 natsStatus_GetText(s));
+        snprintf(err, errlen, "could not read stream %s: %s", stream, natsStatus_GetText(s));
         rc = -1;
     }
     natsSubscription_Destroy(sub);
-    delete_consumer(r);
+    delete_consumer(nc, stream, consumer);
     return rc;
+}
+
+static void stream_progress(void *arg, uint64_t read)
+{
+    Run *r = arg;
+    progress(r, "%" PRIu64 " stream messages read (to sequence %" PRIu64 ")", read, r->last_seq);
+}
+
+/* Reads every message from the range's start (less the margin) on, headers only, in pull
+ * batches, until the stream's last message when the audit began (or nothing more is there). */
+static int read_stream(Run *r)
+{
+    int64_t from = r->range.since != INT64_MIN ? r->range.since - AUDIT_MARGIN_US : INT64_MIN;
+    return audit_read_stream(r->audit, r->nc, r->stream, from, r->last_seq, stream_progress, r,
+                             r->err, sizeof(r->err));
 }
 
 /* AuditFetch: the event id the message at seq stands for. */
@@ -1133,7 +1145,6 @@ int audit_run(const Config *cfg, const AuditOptions *opts)
 fail:
     fprintf(stderr, "outboxd: %s\n", r.err);
 done:
-    delete_consumer(&r);
     if (r.pg) {
         char err[128];
         pgstream_sql(r.pg, "ROLLBACK", "could not end the snapshot", NULL, NULL, err, sizeof(err));

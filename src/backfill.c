@@ -26,6 +26,10 @@
  * streamed transaction (those commit at or after the slot's position), so the skip rule
  * (anchor.c) never mistakes one for the other.
  *
+ * A recovery (recovery.h) is a backfill too: of the rows committed since its cut (the
+ * checkpoint's "backfill.since"), each published unless the stream holds its event since the
+ * cut less --recovery-margin (read into an audit's stream side before the first row, b->seen).
+ *
  * Owned: one relay backfills, the one holding a session advisory lock named after the slot on
  * its replication connection. Another relay that finds the backfill unfinished stands by
  * until the lock is free (PostgreSQL frees it when the owner's session ends, also when it is
@@ -41,9 +45,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "outboxd/audit.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
+#include "outboxd/recovery.h"
 #include "relay_internal.h"
 
 /* A relation id no table has, for rows read with SQL rather than decoded from the WAL. */
@@ -83,6 +89,7 @@ struct BackfillRun {
     char **held;
     size_t nheld;
     uint64_t skipped;       /* rows found in the stream, not published again */
+    Audit *seen;            /* a recovery: what the stream holds since its cut */
     uint64_t base_rows;     /* rows stored before this run */
     int64_t started_us;
 };
@@ -112,6 +119,7 @@ void backfill_free(Relay *r)
     for (size_t i = 0; i < b->nheld; i++)
         free(b->held[i]);
     free(b->held);
+    audit_free(b->seen);
     free(b->ring);
     free(b);
     r->bfrun = NULL;
@@ -271,7 +279,8 @@ static int backfill_row(void *arg, size_t table, const char *key, int ncols,
         snprintf(err, errlen, "the backfill was interrupted");
         return -1;
     }
-    if (held(b, id, idlen, r->backfill.position - 1, r->txn_rows)) {
+    if (held(b, id, idlen, r->backfill.position - 1, r->txn_rows) ||
+        (b->seen && id && audit_row(b->seen, id, idlen, true) != AUDIT_ROW_MISSING)) {
         /* Published before the relay that ran this backfill stopped, after its last
          * checkpoint write: stored already. */
         b->skipped++;
@@ -310,6 +319,8 @@ static bool backfill_tick(void *arg)
     return !*r->stop;
 }
 
+static int load_seen(Relay *r);
+
 /* The slot exists: record its position and snapshot before the first row is published, so
  * that whoever continues this backfill reads the same rows. */
 static int backfill_started(void *arg, char *err, size_t errlen)
@@ -319,15 +330,27 @@ static int backfill_started(void *arg, char *err, size_t errlen)
     if (bf->count_only)
         return 0;
     CheckpointBackfill *c = &r->cp.backfill;
+    char since[sizeof(c->since)];
+    snprintf(since, sizeof(since), "%s", c->since);
     *c = (CheckpointBackfill){.active = true, .position = bf->position};
     snprintf(c->snapshot, sizeof(c->snapshot), "%s", bf->snapshot);
+    snprintf(c->since, sizeof(c->since), "%s", since);
     if (relay_checkpoint_put(r) < 0) {
         snprintf(err, errlen, "could not record the backfill's snapshot in the checkpoint");
         return -1;
     }
-    log_info("backfill: slot \"%s\" starts at " LSN_FMT " (snapshot %.60s); publishing the rows "
-             "of %s that are older",
-             r->cfg->slot, LSN_ARGS(bf->position), bf->snapshot, r->tables);
+    if (c->since[0])
+        log_info("recovery: slot \"%s\" starts at " LSN_FMT "; publishing the rows of %s "
+                 "committed since %s that the stream lacks",
+                 r->cfg->slot, LSN_ARGS(bf->position), r->tables, c->since);
+    else
+        log_info("backfill: slot \"%s\" starts at " LSN_FMT " (snapshot %.60s); publishing the "
+                 "rows of %s that are older",
+                 r->cfg->slot, LSN_ARGS(bf->position), bf->snapshot, r->tables);
+    if (c->since[0] && load_seen(r) < 0) {
+        snprintf(err, errlen, "could not read what the stream holds since the recovery's cut");
+        return -1;
+    }
     set_phase(BACKFILL_PHASE_RUNNING);
     r->backfilling = true;
     r->bfrun->started_us = now_mono_us();
@@ -397,11 +420,90 @@ static int unlock(Relay *r)
     return 0;
 }
 
+/* A recovery reads only what committed since its cut, whatever --backfill says. */
+static void set_since(Relay *r)
+{
+    PgBackfill *bf = &r->backfill;
+    const CheckpointBackfill *c = &r->cp.backfill;
+    bf->since = c->since[0] ? c->since : NULL;
+    bf->since_margin_ms = r->cfg->recovery_margin_ms;
+    if (bf->since)
+        bf->count_only = false;
+}
+
+/* Reads what the stream holds since the recovery's cut less the margin into b->seen. */
+static int load_seen(Relay *r)
+{
+    BackfillRun *b = r->bfrun;
+    int64_t cut;
+    if (!time_parse_rfc3339(r->cp.backfill.since, strlen(r->cp.backfill.since), &cut)) {
+        log_error("recovery: the checkpoint's cut \"%s\" is not a time", r->cp.backfill.since);
+        return -1;
+    }
+    natsConnection *nc = jsapi_connect_once(r->cfg->nats_url, r->err, sizeof(r->err));
+    if (!nc) {
+        log_error("recovery: %s", r->err);
+        return -1;
+    }
+    StreamInfo info;
+    int rc = jsapi_stream_info(nc, r->stream.name, &info, r->err, sizeof(r->err));
+    if (rc == 0) {
+        audit_new(&b->seen, &(AuditRange){.since = INT64_MIN, .until = INT64_MAX});
+        rc = audit_read_stream(b->seen, nc, r->stream.name, cut - r->cfg->recovery_margin_ms * 1000,
+                               info.last_seq, NULL, NULL, r->err, sizeof(r->err));
+    }
+    natsConnection_Destroy(nc);
+    if (rc < 0) {
+        log_error("recovery: %s", r->err);
+        return -1;
+    }
+    audit_stream_done(b->seen);
+    log_info("recovery: stream \"%s\" holds %" PRIu64 " messages since %s less %" PRId64 " s",
+             r->stream.name, audit_report(b->seen)->messages, r->cp.backfill.since,
+             r->cfg->recovery_margin_ms / 1000);
+    return 0;
+}
+
+int backfill_recover(Relay *r, const char *why)
+{
+    natsConnection *nc = jsapi_connect_once(r->cfg->nats_url, r->err, sizeof(r->err));
+    if (!nc) {
+        log_error("recovery: %s", r->err);
+        return -1;
+    }
+    RecoveryCut cut;
+    int rc = recovery_cut(nc, r->stream.name, r->source, &r->cp, &cut, r->err, sizeof(r->err));
+    natsConnection_Destroy(nc);
+    if (rc < 0) {
+        log_error("recovery: %s", r->err);
+        return -1;
+    }
+    if (rc == 0) {
+        log_error("recovery: %s, but neither the stream nor the checkpoint names a transaction "
+                  "this relay published: nothing says where to start; run outboxd slot drop "
+                  "--yes, then start outboxd for a full backfill",
+                  why);
+        return -1;
+    }
+    recovery_plan(&r->cp, &cut);
+    if (relay_checkpoint_put(r) < 0)
+        return -1;
+    log_warn("recovery (--slot-recovery=auto): %s; the last transaction relayed committed at %s "
+             "(%s): making a new slot and publishing the rows committed since then that the "
+             "stream lacks, in commit order",
+             why, r->cp.backfill.since, cut.from);
+    return 0;
+}
+
 /* Records a new backfill as unfinished before its slot exists: if the relay dies after
  * creating the slot, the next one still knows the rows before it are owed. */
 static int begin_fresh(Relay *r, PgSetup *setup)
 {
+    char since[sizeof(r->cp.backfill.since)];
+    snprintf(since, sizeof(since), "%s", r->cp.backfill.since);
     r->cp.backfill = (CheckpointBackfill){.active = true};
+    snprintf(r->cp.backfill.since, sizeof(r->cp.backfill.since), "%s", since);
+    set_since(r);
     if (relay_checkpoint_put(r) < 0)
         return -1;
     r->bfrun->fresh = true;
@@ -462,10 +564,15 @@ int backfill_prepare(Relay *r, PgSetup *setup)
     if (!slot.exists) {
         if (!cfg->create)
             return unlock(r); /* the set-up reports the missing slot */
-        log_warn("backfill: the slot of the unfinished backfill (%" PRIu64 " rows stored) is "
-                 "gone; backfilling again in a new slot's snapshot (rows the stream holds "
-                 "already are dropped as duplicates only within its duplicate window)",
-                 c->rows);
+        if (c->since[0])
+            log_info("recovery: making slot \"%s\" anew, then publishing the rows committed "
+                     "since %s that the stream lacks",
+                     cfg->slot, c->since);
+        else
+            log_warn("backfill: the slot of the unfinished backfill (%" PRIu64 " rows stored) "
+                     "is gone; backfilling again in a new slot's snapshot (rows the stream holds "
+                     "already are dropped as duplicates only within its duplicate window)",
+                     c->rows);
         return begin_fresh(r, setup);
     }
     if (c->snapshot[0] == '\0') {
@@ -488,6 +595,7 @@ int backfill_prepare(Relay *r, PgSetup *setup)
         return begin_fresh(r, setup);
     }
     r->bfrun->resume = true;
+    set_since(r);
     return 0;
 }
 
@@ -588,7 +696,7 @@ static int resume(Relay *r, PgSetup *setup)
     r->txn_rows = (uint32_t)c->rows; /* ordinals number on from the rows stored */
     atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
     set_phase(BACKFILL_PHASE_RUNNING);
-    if (read_held(r) < 0)
+    if (read_held(r) < 0 || (c->since[0] && load_seen(r) < 0))
         return -1;
     /* bf->after points into r->cp, which the progress moves on: read it from a copy. */
     char after[sizeof(c->after)];
@@ -647,7 +755,13 @@ static int finish_backfill(Relay *r)
         return -1;
     r->backfilling = false;
     double secs = (double)(now_mono_us() - b->started_us) / 1e6;
-    if (b->resume)
+    if (r->cp.backfill.since[0])
+        log_info("recovery: published %" PRIu64 " rows of %s committed since %s that the "
+                 "stream lacked; %" PRIu64 " more were in it already; rows deleted from the "
+                 "outbox since then cannot be recovered, in %.1f s",
+                 b->stored - b->skipped - b->base_rows, r->tables, r->cp.backfill.since,
+                 b->skipped, secs);
+    else if (b->resume)
         log_info("backfill: published the rows that were in %s before the slot existed: "
                  "%" PRIu64 " in all, resumed after %" PRIu64 " stored earlier; this run read "
                  "%" PRIu64 " rows, %" PRIu64 " of them found in the stream already, in %.1f s",

@@ -50,6 +50,8 @@ void checkpoint_encode(const Checkpoint *c, Buf *out)
         json_object_set_new(b, "table", json_string(c->backfill.table));
         json_object_set_new(b, "after", json_string(c->backfill.after));
         json_object_set_new(b, "rows", json_integer((json_int_t)c->backfill.rows));
+        if (c->backfill.since[0])
+            json_object_set_new(b, "since", json_string(c->backfill.since));
         json_object_set_new(o, "backfill", b);
     }
     char *s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
@@ -187,6 +189,15 @@ int checkpoint_decode(const char *value, size_t len, Checkpoint *out, char *err,
                         errlen, &bad);
         if (!bad && (v = member(b, "rows", JSON_INTEGER, "backfill.", err, errlen, &bad)))
             c.backfill.rows = (uint64_t)json_integer_value(v);
+        int64_t since;
+        if (!bad)
+            read_string(b, "since", "backfill.", c.backfill.since, sizeof(c.backfill.since), err,
+                        errlen, &bad);
+        if (!bad && c.backfill.since[0] && !parse_time(c.backfill.since, &since)) {
+            snprintf(err, errlen, "the checkpoint's backfill.since \"%.40s\" is not an RFC 3339 "
+                                  "time", c.backfill.since);
+            bad = true;
+        }
     }
     json_decref(o);
     if (bad)

@@ -71,6 +71,7 @@ static StringCheck check_nonempty, check_slot, check_name63, check_subject, chec
 static const char *const log_levels[] = {"debug", "info", "warn", "error", NULL};
 static const char *const log_formats[] = {"text", "json", NULL};
 static const char *const poison_actions[] = {"dead-letter", "stop", NULL};
+static const char *const recovery_modes[] = {"manual", "auto", NULL};
 static const char *const layouts[] = {"outboxd", "debezium", NULL};
 static const char *const body_modes[] = {"payload", "envelope", NULL};
 
@@ -256,6 +257,15 @@ static const Setting settings[] = {
     {.key = "backfill", .type = SET_BOOL, .offset = FIELD(backfill), .def = "true",
      .placeholder = "BOOL",
      .help = "when outboxd creates the slot, publish the rows already in the outbox once"},
+    {.key = "slot_recovery", .type = SET_CHOICE, .offset = FIELD(slot_recovery),
+     .def = "manual", .choices = recovery_modes, .placeholder = "MODE",
+     .help = "when the slot is lost, or missing after a failover: stop with the runbook "
+             "(manual), or recover by itself (auto: a new slot, then the rows committed since "
+             "the last relayed transaction that the stream lacks, in commit order)"},
+    {.key = "recovery_margin", .type = SET_DURATION, .offset = FIELD(recovery_margin_ms),
+     .def = "10m", .min = 0, .max = 7 * 24 * HOUR, .placeholder = "DURATION",
+     .help = "a recovery also reads the rows that started this long before its cut, and the "
+             "stream this long before it: the longest transaction plus the clocks' skew"},
     {.key = "pg_password_file", .type = SET_STRING, .offset = FIELD(pg_password_file),
      .check = check_nonempty, .placeholder = "FILE",
      .help = "file holding the PostgreSQL password (instead of putting it in --pg-url)"},

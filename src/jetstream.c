@@ -478,6 +478,23 @@ bool jsapi_stream_at_limits(const StreamInfo *info, uint64_t add_bytes)
     return info->max_bytes > 0 && info->bytes + add_bytes > (uint64_t)info->max_bytes;
 }
 
+static bool first_event(void *arg, const JsOwnEvent *ev)
+{
+    *(JsOwnEvent *)arg = *ev;
+    return false;
+}
+
+int jsapi_last_own_event(natsConnection *nc, const char *stream, uint64_t last_seq,
+                         const char *source, unsigned max_foreign, JsOwnEvent *last, char *err,
+                         size_t errlen)
+{
+    last->seq = 0;
+    if (jsapi_own_events_back(nc, stream, last_seq, source, max_foreign, first_event, last, err,
+                              errlen) < 0)
+        return -1;
+    return last->seq != 0;
+}
+
 bool jsapi_stream_covers(const StreamInfo *info, const char *filter)
 {
     char one[256];

@@ -10,6 +10,7 @@
  *   outboxd slot list [--json] | create | advance (--to LSN | --past-commit LSN) [--yes]
  *                | drop [--with-bookmarks | --bookmarks-only] [--yes]   [settings]
  *   outboxd rewind --to TIME|LSN [--yes] [settings]
+ *   outboxd recover [--yes] [settings]
  *   outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run] [settings]
  *   outboxd audit [--since TIME] [--until TIME] [--json] [--wait DURATION] [settings]
  *   outboxd --help | --version
@@ -83,6 +84,11 @@ static void usage(FILE *out)
                  "                             put the slot back to a bookmark so that the\n"
                  "                             transactions committed at or after the target are\n"
                  "                             published again (the relay must be stopped)\n"
+                 "  outboxd recover [--yes] [settings]\n"
+                 "                             after a lost slot, or one missing after a\n"
+                 "                             failover: the next start publishes the rows\n"
+                 "                             committed since the last relayed transaction\n"
+                 "                             that the stream lacks, in commit order\n"
                  "  outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run]\n"
                  "                [settings]\n"
                  "                             delete outbox rows whose occurred_at is older\n"
@@ -467,6 +473,26 @@ static int cmd_rewind(int argc, char **argv)
     return with_config(nrest, rest, run_rewind, &opts);
 }
 
+static int run_recover(const Config *cfg, void *arg)
+{
+    return recover_run(cfg, arg);
+}
+
+static int cmd_recover(int argc, char **argv)
+{
+    RecoverOptions opts = {0};
+    char *rest[argc + 1];
+    int nrest = 0;
+    for (int i = 0; i < argc; i++) {
+        if (strcmp(argv[i], "--yes") == 0)
+            opts.yes = true;
+        else
+            rest[nrest++] = argv[i];
+    }
+    rest[nrest] = NULL;
+    return with_config(nrest, rest, run_recover, &opts);
+}
+
 static int run_prune(const Config *cfg, void *arg)
 {
     return prune_run(cfg, arg);
@@ -584,6 +610,8 @@ int main(int argc, char **argv)
         return cmd_slot(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "rewind") == 0)
         return cmd_rewind(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "recover") == 0)
+        return cmd_recover(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "prune") == 0)
         return cmd_prune(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "audit") == 0)

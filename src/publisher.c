@@ -1317,12 +1317,6 @@ void publisher_rearm(Publisher *p)
  * (replayed copies, say) before it gives up. */
 #define POSITION_LOOKBACK 256
 
-static bool first_event(void *arg, const JsOwnEvent *ev)
-{
-    *(JsOwnEvent *)arg = *ev;
-    return false;
-}
-
 int publisher_stream_position(Publisher *p, const char *source, JsOwnEvent *last, char *err,
                               size_t errlen)
 {
@@ -1333,11 +1327,8 @@ int publisher_stream_position(Publisher *p, const char *source, JsOwnEvent *last
         p->stream_last = p->expect_next = info.last_seq;
     if (info.messages == 0)
         return 0;
-    last->seq = 0;
-    if (jsapi_own_events_back(p->nc, p->stream, info.last_seq, source, POSITION_LOOKBACK,
-                              first_event, last, err, errlen) < 0)
-        return -1;
-    return last->seq != 0;
+    return jsapi_last_own_event(p->nc, p->stream, info.last_seq, source, POSITION_LOOKBACK, last,
+                                err, errlen);
 }
 
 /* ---- the durable checkpoint ------------------------------------------------------------------ */

@@ -776,18 +776,19 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
         const char *why = "lost the replication connection";
         rc = session_acquire_slot(&r);
         if (rc == SESSION_SLOT_LOST) {
-            end = STREAM_SLOT_LOST;
-            break;
-        }
-        if (rc == SESSION_FATAL) {
+            if (session_recover_lost(&r) < 0) {
+                end = STREAM_SLOT_LOST;
+                break;
+            }
+            why = "recovering the lost slot";
+        } else if (rc == SESSION_FATAL) {
             end = STREAM_FATAL;
             break;
-        }
-        if (rc > 0)
-            break;
-        if (rc == SESSION_BACKFILL_UNFINISHED)
+        } else if (rc == SESSION_BACKFILL_UNFINISHED) {
             why = "a backfill is unfinished";
-        if (rc == 0) {
+        } else if (rc == 1) { /* stopped */
+            break;
+        } else if (rc == 0) {
             atomic_store(&metrics.pg_connected, 1);
             if (r.confirmed > r.reported)
                 relay_send_status(&r, false);
@@ -804,9 +805,12 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
             /* PostgreSQL ends the session of a slot it invalidates: stop now rather than wait
              * for every event in flight (NATS may be what held the slot back). */
             if (session_slot_lost(&r)) {
-                end = STREAM_SLOT_LOST;
                 r.streaming = false;
-                break;
+                if (session_recover_lost(&r) < 0) {
+                    end = STREAM_SLOT_LOST;
+                    break;
+                }
+                why = "recovering the lost slot";
             }
         }
         log_warn("%s; letting outstanding events be acknowledged, then reconnecting", why);

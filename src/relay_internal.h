@@ -172,6 +172,10 @@ int session_acquire_slot(Relay *r);
 bool session_slot_lost(Relay *r);
 /* Marks the relay not ready with a lost slot and logs the diagnosis and how to recover. */
 void session_report_slot_lost(Relay *r);
+/* With --slot-recovery=auto: drops the lost slot and records a recovery (backfill_recover);
+ * the relay then reconnects and recovers. -1 when it cannot or must not (logged): the relay
+ * stops with the runbook. */
+int session_recover_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);
@@ -196,6 +200,11 @@ int backfill_finish(Relay *r, PgSetup *setup, bool created);
 /* Before streaming: true (logged) when the checkpoint says a backfill is unfinished, which
  * streaming must not overtake: reconnect, and session_connect takes the backfill over. */
 bool backfill_unfinished(Relay *r);
+/* The slot is lost, or missing after a failover (why says which), and --slot-recovery=auto:
+ * records a recovery from the last transaction relayed in the checkpoint (recovery.h), so
+ * that the next session_connect makes the slot and publishes what the stream lacks. -1 when
+ * it cannot (logged). */
+int backfill_recover(Relay *r, const char *why);
 /* Frees what a backfill that did not get to backfill_finish left. */
 void backfill_free(Relay *r);
 

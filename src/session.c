@@ -66,8 +66,15 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
     if (info.exists)
         return 0;
     /* This run may have confirmed more than the stored checkpoint says (session_load_checkpoint keeps
-     * the later commit time): name the latest, so the runbook's replay starts no earlier. */
+     * the later commit time): name the latest, so the runbook's recovery starts no earlier. */
     uint64_t lsn = stored->lsn > r->confirmed ? stored->lsn : r->confirmed;
+    if (r->cfg->slot_recovery[0] == 'a') {
+        char why[256];
+        snprintf(why, sizeof(why), "replication slot \"%s\" does not exist on this server, but "
+                 "the checkpoint says outboxd streamed from it up to " LSN_FMT " (a failover to a "
+                 "standby without the slot)", r->cfg->slot, LSN_ARGS(lsn));
+        return backfill_recover(r, why) == 0 ? 0 : SESSION_FATAL;
+    }
     char when[32] = "(unknown)";
     if (r->cp.commit_time)
         pg_time_format_rfc3339(r->cp.commit_time, when);
@@ -75,12 +82,13 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
               "from it up to " LSN_FMT " (timeline %u, last transaction committed at %s): after a "
               "failover to a standby without the slot, a new slot would skip every event "
               "committed on this server since then. Choose: (1) to publish them, run outboxd "
-              "slot create, then outboxd replay --since %s (the rows still in the table; "
-              "JetStream drops what it holds inside its duplicate window), then start outboxd; "
-              "or (2) to accept the gap, run outboxd slot create and start outboxd. On "
-              "PostgreSQL 17 and later, failover slots (--failover-slot, sync_replication_slots "
-              "on the standby) keep the slot through a failover: see outboxd doctor",
-              r->cfg->slot, LSN_ARGS(lsn), stored->timeline, when, when);
+              "recover --yes, then start outboxd: it makes the slot and publishes the rows "
+              "committed since then that the stream lacks, in commit order, nothing twice (or "
+              "run with --slot-recovery=auto to do that by itself); or (2) to accept the gap, "
+              "run outboxd slot create and start outboxd. On PostgreSQL 17 and later, failover "
+              "slots (--failover-slot, sync_replication_slots on the standby) keep the slot "
+              "through a failover: see outboxd doctor",
+              r->cfg->slot, LSN_ARGS(lsn), stored->timeline, when);
     return SESSION_FATAL;
 }
 
@@ -452,6 +460,33 @@ int session_acquire_slot(Relay *r)
         relay_nap(r, STANDBY_POLL_US);
     }
     return 1;
+}
+
+int session_recover_lost(Relay *r)
+{
+    if (r->cfg->slot_recovery[0] != 'a')
+        return -1;
+    /* PostgreSQL ends the session holding a slot it invalidates: wait for that, then drop it. */
+    for (int tries = 0; !*r->stop; tries++) {
+        PgStream *pg = r->pg ? r->pg : r->monitor;
+        if (!pg && pgstream_connect_plain(&r->monitor, r->cfg->pg_url, r->err,
+                                          sizeof(r->err)) != 0) {
+            log_error("recovery: %s", r->err);
+            return -1;
+        }
+        pg = r->pg ? r->pg : r->monitor;
+        if (pgstream_drop_slot(pg, r->cfg->slot, r->err, sizeof(r->err)) == 0)
+            break;
+        if (tries == 20) {
+            log_error("recovery: could not drop the lost slot: %s", r->err);
+            return -1;
+        }
+        relay_nap(r, 250000);
+    }
+    if (*r->stop || backfill_recover(r, "the replication slot is lost") < 0)
+        return -1;
+    atomic_store(&metrics.slot_lost, 0);
+    return 0;
 }
 
 bool session_slot_lost(Relay *r)

@@ -1,6 +1,6 @@
 /*
- * slot.c - `outboxd slot ...` and `outboxd rewind`: the relay's slot and its bookmarks, handled
- * from outside while the relay is stopped.
+ * slot.c - `outboxd slot ...`, `outboxd rewind` and `outboxd recover`: the relay's slot and its
+ * bookmarks, handled from outside while the relay is stopped.
  *
  * What a slot allows (PostgreSQL 15): it never moves backwards; pg_replication_slot_advance
  * moves it forward, and a transaction whose commit LSN lies below the slot's position is never
@@ -36,6 +36,7 @@
 #include "outboxd/outbox.h"
 #include "outboxd/pgoutput.h"
 #include "outboxd/pgstream.h"
+#include "outboxd/recovery.h"
 #include "outboxd/relay.h"
 #include "outboxd/util.h"
 
@@ -616,12 +617,13 @@ void slot_lost_detail(const char *slot, char *out, size_t outlen)
 void slot_lost_fix(const char *slot, char *out, size_t outlen)
 {
     snprintf(out, outlen,
-             "drop it with outboxd slot drop --slot=%s --yes (same --pg-url), then start outboxd: "
-             "it creates a new slot and backfills the rows still in the outbox (--backfill); "
-             "events committed after the checkpoint's commit time whose rows were deleted since "
-             "were not relayed and must be recovered from the application; raise "
-             "max_slot_wal_keep_size or alert on outboxd_replication_lag_bytes so it does not "
-             "happen again",
+             "run outboxd recover --slot=%s --yes (same --pg-url), then start outboxd: it makes "
+             "a new slot and publishes the rows committed since the last relayed transaction "
+             "that the stream lacks, in commit order, nothing twice (--slot-recovery=auto does "
+             "this by itself; outboxd slot drop --yes instead starts afresh with a full "
+             "backfill); events committed since then whose rows were deleted were not relayed "
+             "and must be recovered from the application; raise max_slot_wal_keep_size or alert "
+             "on outboxd_replication_lag_bytes so it does not happen again",
              slot);
 }
 
@@ -1101,6 +1103,106 @@ int rewind_run(const Config *cfg, const RewindOptions *opts)
 done:
     checkpoint_close(&ck);
     slots_free(&all);
+    pgstream_free(pg);
+    return code;
+}
+
+/* ---- recover ------------------------------------------------------------------------------- */
+
+int recover_run(const Config *cfg, const RecoverOptions *opts)
+{
+    PgStream *pg = connect_plain(cfg);
+    if (!pg)
+        return EXIT_OUTBOXD_CHECK;
+    SlotCheckpoint ck;
+    int code = EXIT_OUTBOXD_FAILURE;
+    char err[1024], stream[256];
+    if (checkpoint_open(cfg, &ck) < 0) {
+        pgstream_free(pg);
+        return EXIT_OUTBOXD_CHECK;
+    }
+    PgSlotInfo slot;
+    if (pgstream_slot_info(pg, cfg->slot, &slot, err, sizeof(err)) < 0) {
+        fail("%s", err);
+        goto done;
+    }
+    bool lost = slot.exists && strcmp(slot.wal_status, "lost") == 0;
+    if (slot.exists && !lost) {
+        fail("replication slot \"%s\" exists and is not lost (wal_status %s): the relay resumes "
+             "from it, there is nothing to recover",
+             cfg->slot, slot.wal_status[0] ? slot.wal_status : "unknown");
+        goto done;
+    }
+    if (lost && slot.active_pid) {
+        fail("replication slot \"%s\" is lost but still held by PID %d: stop that session (the "
+             "relay) first",
+             cfg->slot, slot.active_pid);
+        goto done;
+    }
+    if (!ck.kv) {
+        fail("there is no checkpoint bucket \"%s\": outboxd never relayed to this NATS; start "
+             "outboxd instead (a new slot backfills the rows in the outbox)",
+             cfg->checkpoint_bucket);
+        goto done;
+    }
+    Buf filter;
+    buf_init(&filter);
+    relay_subject_filter(cfg, &filter);
+    bool found = false;
+    int rc = jsapi_find_stream(ck.nc, filter.data, stream, sizeof(stream), &found, err,
+                               sizeof(err));
+    if (rc == 0 && !found)
+        snprintf(err, sizeof(err), "no JetStream stream captures %s", filter.data);
+    buf_deinit(&filter);
+    if (rc < 0 || !found) {
+        fail("%s", err);
+        code = EXIT_OUTBOXD_CHECK;
+        goto done;
+    }
+    /* The checkpoint's key is "<system id>.<slot>"; the events' source "<system id>/<slot>". */
+    char source[ANCHOR_SOURCE_MAX];
+    snprintf(source, sizeof(source), "%.*s/%s", (int)strcspn(ck.key, "."), ck.key, cfg->slot);
+    RecoveryCut cut;
+    rc = recovery_cut(ck.nc, stream, source, &ck.cp, &cut, err, sizeof(err));
+    if (rc < 0) {
+        fail("%s", err);
+        goto done;
+    }
+    if (rc == 0) {
+        fail("neither stream %s nor the checkpoint names a transaction relayed from slot \"%s\": "
+             "nothing says where a recovery would start; drop the slot (outboxd slot drop "
+             "--yes) and start outboxd for a full backfill",
+             stream, cfg->slot);
+        goto done;
+    }
+    char when[32];
+    pg_time_format_rfc3339(cut.commit_time, when);
+    printf("slot \"%s\": %s\n", cfg->slot,
+           lost ? "lost (wal_status lost: PostgreSQL removed WAL it still needed)"
+                : "missing (after a failover to a standby without it, or dropped)");
+    printf("last transaction relayed: committed at %s (%s)\n", when, cut.from);
+    printf("%s: %srecord a recovery from then in the checkpoint (bucket \"%s\", key %s); the "
+           "next start of outboxd makes slot \"%s\" anew and publishes the rows committed since "
+           "%s that stream %s lacks (read from the stream, not the duplicate window), in commit "
+           "order; rows deleted from the outbox since then cannot be recovered\n",
+           opts->yes ? "doing" : "would", lost ? "drop the lost slot, then " : "",
+           cfg->checkpoint_bucket, ck.key, cfg->slot, when, stream);
+    if (!opts->yes) {
+        printf("run again with --yes to do it\n");
+        code = EXIT_OUTBOXD_USAGE;
+        goto done;
+    }
+    if (lost && pgstream_drop_slot(pg, cfg->slot, err, sizeof(err)) < 0) {
+        fail("%s", err);
+        goto done;
+    }
+    recovery_plan(&ck.cp, &cut);
+    if (checkpoint_put(cfg, &ck, ck.cp.lsn) < 0)
+        goto done;
+    printf("recorded: start outboxd now; it logs \"recovery: published N rows ...\" when done\n");
+    code = EXIT_OUTBOXD_OK;
+done:
+    checkpoint_close(&ck);
     pgstream_free(pg);
     return code;
 }

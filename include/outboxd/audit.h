@@ -31,6 +31,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <nats/nats.h>
+
 #include "outboxd/config.h"
 #include "outboxd/outbox.h"
 
@@ -127,6 +129,17 @@ void audit_free(Audit *a);
 
 /* The stream side, one message at a time in sequence order. Checks the order as it goes. */
 void audit_add_msg(Audit *a, const AuditMsg *m);
+
+/*
+ * Reads the stream side of a: the messages of stream stored since from_us (Unix µs; INT64_MIN
+ * from its start) up to sequence last_seq, headers only, through an ephemeral pull consumer,
+ * into audit_add_msg(). tick (may be NULL) is told the count read after each batch. Returns 0,
+ * or -1 with the reason in err. A recovery uses it to learn what the stream holds since its
+ * cut, then audit_row() for each row it considers.
+ */
+int audit_read_stream(Audit *a, natsConnection *nc, const char *stream, int64_t from_us,
+                      uint64_t last_seq, void (*tick)(void *arg, uint64_t read), void *arg,
+                      char *err, size_t errlen);
 
 /* The stream side is complete: sorts it and finds the duplicate candidates. */
 void audit_stream_done(Audit *a);

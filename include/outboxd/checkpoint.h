@@ -19,7 +19,8 @@
  * for a gap's runbook after a failover), "backfill" present while a first-start
  * backfill is unfinished: "table" and "after" are its keyset progress (every row of the tables
 before "table", and of "table" every row whose event id sorts at or before "after", is stored;
-both "" before the first), "snapshot" the slot's snapshot that a resumed backfill reads in.
+both "" before the first), "snapshot" the slot's snapshot that a resumed backfill reads in,
+"since" present for a recovery (only the rows committed since then, see backfill.c).
 Readers ignore members they do not know, so later releases add
  * members without a new version; "version" goes up only for a change an older outboxd would
  * misread, and outboxd refuses a checkpoint of a higher version than its own. A bare LSN
@@ -45,6 +46,9 @@ typedef struct CheckpointBackfill {
     char table[192];    /* keyset progress: the table "after" belongs to ("" at start) */
     char after[512];    /* keyset progress: the last key whose row is stored ("" at start) */
     uint64_t rows;      /* rows stored so far */
+    char since[40];     /* a recovery: only the rows committed since this RFC 3339 time, the
+                         * last transaction relayed before the slot was lost ("" for a
+                         * first-start backfill: every row) */
 } CheckpointBackfill;
 
 typedef struct Checkpoint {

@@ -92,6 +92,8 @@ typedef struct Config {
     int64_t bookmark_every_ms;  /* copy the slot this often (0: no bookmarks) */
     int64_t bookmark_keep_ms;   /* drop bookmarks older than this */
     bool backfill;              /* publish the rows already in the outbox when the slot is made */
+    char *slot_recovery;        /* "manual" or "auto": what a lost or missing slot does */
+    int64_t recovery_margin_ms; /* how far before its cut a recovery reads */
     /* connection security (secrets come from files or the environment) */
     char *pg_password_file;
     int64_t nats_ping_interval_ms; /* a NATS connection is dead after 2 unanswered pings */

@@ -63,6 +63,12 @@ int jsapi_own_events_back(natsConnection *nc, const char *stream, uint64_t last_
                           const char *source, unsigned max_foreign, JsOwnVisit *visit, void *arg,
                           char *err, size_t errlen);
 
+/* The newest event of source by that look-back: 1 with it in *last, 0 when there is none, -1
+ * with the reason in err. */
+int jsapi_last_own_event(natsConnection *nc, const char *stream, uint64_t last_seq,
+                         const char *source, unsigned max_foreign, JsOwnEvent *last, char *err,
+                         size_t errlen);
+
 /* How outboxd authenticates to NATS and protects the connection. Every field may be NULL. */
 typedef struct NatsSecurity {
     const char *user;

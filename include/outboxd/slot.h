@@ -1,6 +1,6 @@
 /*
- * slot.h - `outboxd slot list|create|drop|advance` and `outboxd rewind`: administering the
- * relay's replication slot and its bookmarks while the relay is stopped.
+ * slot.h - `outboxd slot list|create|drop|advance`, `outboxd rewind` and `outboxd recover`:
+ * administering the relay's replication slot and its bookmarks while the relay is stopped.
  *
  * Every command that changes a slot refuses while a session holds it (a running relay) and,
  * without yes, only prints what it would do and returns 2. Exit codes: 0 done (or nothing to
@@ -33,7 +33,7 @@ typedef struct SlotOptions {
  * (as the relay does at its first start). drop: the slot (and with with_bookmarks its
  * bookmarks; with bookmarks_only just those). advance: moves the slot forward with
  * pg_replication_slot_advance, printing the range and how many transactions and outbox rows it
- * skips, and raises the checkpoint with it.
+ * skips, and writes a database checkpoint so the advance survives a crash.
  */
 int slot_run(const Config *cfg, const SlotOptions *opts);
 
@@ -49,6 +49,18 @@ typedef struct RewindOptions {
  * stopped.
  */
 int rewind_run(const Config *cfg, const RewindOptions *opts);
+
+typedef struct RecoverOptions {
+    bool yes;
+} RecoverOptions;
+
+/*
+ * After the slot was lost, or went missing in a failover: drops a lost slot and records a
+ * recovery in the checkpoint (recovery.h), so that the next start makes the slot anew and
+ * publishes the rows committed since the last transaction relayed that the stream lacks, in
+ * commit order. Refuses while the slot exists and is not lost, or a session holds it.
+ */
+int recover_run(const Config *cfg, const RecoverOptions *opts);
 
 /*
  * A lost slot (wal_status "lost": PostgreSQL removed WAL the slot still needed, after

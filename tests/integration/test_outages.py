@@ -242,3 +242,67 @@ def test_a_failure_after_every_connect_backs_off(ctx, pg, js):
     assert attempts <= 20, f"{attempts} reconnects in {span:.0f} s: the backoff restarts after each connect"
     assert max(delays) >= 1000, f"the backoff never grew: {delays}"
     assert cpu < CPU_LIMIT * span
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["manual", "auto"])
+def test_a_lost_slot_is_recovered_in_commit_order_with_nothing_twice(servers, js, mode):
+    """Events committed while no relay ran are gone from the WAL with the lost slot; older ones
+    are in the stream, past its duplicate window. The recovery (`outboxd recover --yes`, or
+    --slot-recovery=auto) publishes exactly the first, in commit order."""
+    ctx = servers(f"recover-{mode}", extra_conf={"track_commit_timestamp": "on"})
+    ctx.setup(dupe_window=1)
+    relay = ctx.start_relay()
+    w = ctx.writer(seed=45)
+    w.write(random_sizes(100, 1, 5, w.rng))
+    js.wait_count(ctx.stream, 100, 60)
+    assert relay.stop() == 0
+    t_published = time.monotonic()
+    # Committed while no relay runs, by four writers at once, with random ids.
+    writers = [ctx.writer(seed=450 + k) for k in range(4)]
+    for wk in writers:
+        wk.start_background(random_sizes(25, 1, 3, wk.rng))
+    for wk in writers:
+        wk.wait(60)
+    unrelayed = [e for wk in writers for e in wk.event_ids]
+    with SmallWalKeep(ctx.pg, ctx.tag) as keep:
+        keep.lose(ctx.slot)
+        # The older events must lie outside the duplicate window (1 s): nothing but the
+        # recovery's own reading of the stream may keep them from being stored twice.
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - t_published)))
+        t0 = time.monotonic()
+        if mode == "manual":
+            rc, out, err = outboxd("recover", *common_args(ctx))
+            assert rc == 2 and "lost" in out and "run again with --yes" in out, out + err
+            assert ctx.pg.slot(ctx.slot) is not None, "the plan changed something"
+            rc, out, err = outboxd("recover", "--yes", *common_args(ctx))
+            assert rc == 0, out + err
+            print("\n" + out.strip())
+            relay.start()
+        else:
+            relay = ctx.relay("--slot-recovery=auto").start()
+        js.wait_count(ctx.stream, 100 + len(unrelayed), 60, "the recovered events")
+        relay.wait_streaming(timeout=60)
+    report(f"lost slot, recovery ({mode}) to the last recovered event", f"{time.monotonic() - t0:.2f} s")
+    msgs = js.dump(ctx.stream)
+    got = [m["headers"]["Nats-Msg-Id"] for m in msgs]
+    assert len(got) == len(set(got)), f"{len(got) - len(set(got))} events stored twice"
+    assert got[:100] == w.event_ids and set(got[100:]) == set(unrelayed)
+    commit = dict(ctx.pg.sql(f"SELECT event_id::text, pg_xact_commit_timestamp(xmin) FROM {ctx.table}"))
+    times = [commit[e] for e in got[100:]]
+    assert times == sorted(times), "the recovered events are not in commit order"
+    for wk in writers:
+        mine = [e for e in got[100:] if e in set(wk.event_ids)]
+        assert mine == wk.event_ids, "a writer's events are out of its order"
+    log = relay.logs()
+    m = re.search(r"recovery: published (\d+) rows .* (\d+) more were in it already", log)
+    assert m and int(m.group(1)) == len(unrelayed), log[-3000:]
+    report(f"recovery ({mode}): rows published / found in the stream", f"{m.group(1)} / {m.group(2)}")
+    if mode == "auto":
+        assert "recovery (--slot-recovery=auto)" in log
+    # The stream goes on, and the audit finds every row once, in order.
+    new = w.insert_txn(n=3)
+    js.wait_count(ctx.stream, len(got) + 3, 30, "events after the recovery")
+    assert js.msg_ids(ctx.stream)[-3:] == new
+    rc, out, err = outboxd("audit", *common_args(ctx))
+    assert rc == 0, out + err

@@ -20,6 +20,7 @@ static void test_round_trip(void)
     strcpy(in.backfill.snapshot, "757:760:757,758");
     strcpy(in.backfill.after, "018f0c1e-\"quoted\"");
     strcpy(in.backfill.table, "public.outbox");
+    strcpy(in.backfill.since, "2026-12-03T17:26:18.123456Z");
     Buf b;
     buf_init(&b);
     checkpoint_encode(&in, &b);
@@ -37,6 +38,7 @@ static void test_round_trip(void)
     CHECK_STR(out.backfill.snapshot, "757:760:757,758");
     CHECK_STR(out.backfill.after, in.backfill.after);
     CHECK_STR(out.backfill.table, "public.outbox");
+    CHECK_STR(out.backfill.since, in.backfill.since);
 
     /* Without a backfill the member is absent, and reads back inactive. */
     in.backfill.active = false;
@@ -82,6 +84,8 @@ static void test_wrong(void)
          "backfill.rows is not an integer"},
         {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{\"position\":\"0/1\",\"table\":2}}",
          "backfill.table is not a string"},
+        {"{\"version\":1,\"lsn\":\"0/1\",\"backfill\":{\"position\":\"0/1\",\"since\":\"x\"}}",
+         "backfill.since \"x\" is not an RFC 3339 time"},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         Checkpoint c = {.lsn = 77};

@@ -119,6 +119,8 @@ static void test_defaults(void)
     CHECK(cfg.shutdown_timeout_ms == 5000);
     CHECK(cfg.pg_receive_timeout_ms == 60000);
     CHECK(cfg.nats_ping_interval_ms == 10000);
+    CHECK_STR(cfg.slot_recovery, "manual");
+    CHECK(cfg.recovery_margin_ms == 600000);
     CHECK_STR(cfg.log_level, "info");
     CHECK_STR(cfg.log_format, "text");
     CHECK(cfg.strict_order == true);
