@@ -405,6 +405,8 @@ def test_failover_to_a_standby_without_the_slot_stops_with_the_runbook_which_clo
     assert rc == 2 and "run again with --yes" in out and "missing" in out, out
     cp = checkpoint(js, ctx.slot)
     assert f"committed at {cp['commit_time']}" in out or "the stream's last event" in out, out
+    # Written on the relay's exit from the new primary: its position was reached on timeline 1.
+    assert cp["timeline"] == 1, cp
     rc, out = outboxd(ctx, standby, "recover", "--yes")
     assert rc == 0, f"the runbook's `outboxd recover --yes` failed with exit code {rc}: {out}"
     relay.start()
