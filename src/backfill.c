@@ -103,7 +103,7 @@ static void lock_key(const Relay *r, char *out, size_t outlen)
 
 static void beat(void)
 {
-    atomic_store_explicit(&metrics.heartbeat_mono_us, now_mono_us(), memory_order_relaxed);
+    metrics_beat(now_mono_us());
 }
 
 static void set_phase(int phase)
@@ -179,7 +179,7 @@ static int progress_poll(Relay *r, bool force)
     BackfillRun *b = r->bfrun;
     PublisherStatus st;
     int64_t now = now_mono_us();
-    atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+    metrics_beat(now);
     if (relay_poll_acks(r, now, &st) < 0)
         return -1;
     progress_release(r, st.first_unacked);

@@ -223,29 +223,6 @@ struct Publisher {
 
 /* ---- small helpers ------------------------------------------------------------------------- */
 
-/* xorshift64*: jitter needs no more, and each thread keeps its own state. */
-static uint64_t random_u64(void)
-{
-    static _Thread_local uint64_t x;
-    if (x == 0)
-        x = (uint64_t)now_mono_us() * UINT64_C(0x9E3779B97F4A7C15) | 1;
-    x ^= x >> 12;
-    x ^= x << 25;
-    x ^= x >> 27;
-    return x * UINT64_C(0x2545F4914F6CDD1D);
-}
-
-/* Full jitter: a uniform delay in [0, min(max, base * 2^attempt)]. */
-static int64_t backoff_us(int64_t base, int64_t max, unsigned attempt)
-{
-    int64_t cap = base;
-    for (unsigned i = 0; i < attempt && cap < max; i++)
-        cap *= 2;
-    if (cap > max)
-        cap = max;
-    return (int64_t)(random_u64() % (uint64_t)(cap + 1));
-}
-
 static int nats_fail(char *err, size_t errlen, const char *what, natsStatus s)
 {
     const char *last = nats_GetLastError(NULL);
@@ -360,7 +337,7 @@ static void on_closed(natsConnection *nc, void *closure)
 static int64_t reconnect_delay(natsConnection *nc, int attempts, void *closure)
 {
     Publisher *p = closure;
-    return backoff_us(p->retry_min_us, p->retry_max_us, (unsigned)(attempts > 0 ? attempts - 1 : 0)) /
+    return backoff_jitter_us(p->retry_min_us, p->retry_max_us, (unsigned)(attempts > 0 ? attempts - 1 : 0)) /
            1000;
 }
 
@@ -840,7 +817,7 @@ static void pause_publishing(Publisher *p, int64_t now, PublishError kind, const
     if (p->paused)
         return;
     metrics_publish_error(kind);
-    int64_t delay = backoff_us(p->retry_min_us, p->retry_max_us, p->failures);
+    int64_t delay = backoff_jitter_us(p->retry_min_us, p->retry_max_us, p->failures);
     p->failures++;
     p->paused = true;
     p->probing = false;

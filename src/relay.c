@@ -593,7 +593,7 @@ static StreamEnd stream(Relay *r)
                 return rc == -2 ? STREAM_ANCHOR_FALSE : STREAM_FATAL;
         }
         int64_t now = now_mono_us();
-        atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+        metrics_beat(now);
         if (relay_poll_acks(r, now, &st) < 0)
             return STREAM_FATAL;
         if (reply || now >= r->next_status) {
@@ -642,7 +642,7 @@ size_t relay_drain(Relay *r, int64_t deadline, bool until_stop)
     PublisherStatus st;
     for (;;) {
         int64_t now = now_mono_us();
-        atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+        metrics_beat(now);
         if (relay_poll_acks(r, now, &st) < 0 || st.inflight == 0 || now >= deadline)
             return st.inflight;
         if (until_stop && *r->stop)
@@ -664,7 +664,7 @@ void relay_nap(Relay *r, int64_t us)
     while (!*r->stop && now_mono_us() < until) {
         bool pg_ready;
         PublisherStatus st;
-        atomic_store_explicit(&metrics.heartbeat_mono_us, now_mono_us(), memory_order_relaxed);
+        metrics_beat(now_mono_us());
         relay_poll_acks(r, now_mono_us(), &st);
         relay_wait_for_work(r, false, min64(until, publisher_next_deadline(r->pub)), &pg_ready);
     }
@@ -737,7 +737,6 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     outbox_event_init(&r.dlq);
     r.msg = xmalloc(sizeof(PgoMessage));
     r.next_summary = now_mono_us() + SUMMARY_US;
-    srand((unsigned)now_unix_us());
     pgstream_set_receive_timeout(cfg->pg_receive_timeout_ms);
 
     if (outbox_mapper_from_config(&r.mapper, cfg, r.err, sizeof(r.err)) < 0) {

@@ -25,17 +25,6 @@
 #include "outboxd/slot.h"
 #include "relay_internal.h"
 
-/* Full-jitter backoff for reconnects, as for publishing. */
-static int64_t reconnect_delay_us(const Config *cfg, unsigned attempt)
-{
-    int64_t cap = cfg->retry_min_ms * 1000;
-    for (unsigned i = 0; i < attempt && cap < cfg->retry_max_ms * 1000; i++)
-        cap *= 2;
-    if (cap > cfg->retry_max_ms * 1000)
-        cap = cfg->retry_max_ms * 1000;
-    return (int64_t)((uint64_t)rand() % (uint64_t)(cap + 1));
-}
-
 int session_load_checkpoint(Relay *r, Checkpoint *stored)
 {
     if (publisher_checkpoint_get(r->pub, r->checkpoint_key, stored, r->err, sizeof(r->err)) < 0)
@@ -520,7 +509,8 @@ bool session_slot_lost(Relay *r)
 int session_reconnect(Relay *r)
 {
     while (!*r->stop) {
-        int64_t delay = reconnect_delay_us(r->cfg, r->reconnect_attempt);
+        int64_t delay = backoff_jitter_us(r->cfg->retry_min_ms * 1000, r->cfg->retry_max_ms * 1000,
+                                          r->reconnect_attempt);
         if (r->reconnect_attempt < 64)
             r->reconnect_attempt++;
         log_info("reconnecting to PostgreSQL in %" PRId64 " ms", delay / 1000);

@@ -227,6 +227,28 @@ int64_t now_unix_us(void)
     return clock_us(CLOCK_REALTIME);
 }
 
+/* xorshift64*: jitter needs no more, and each thread keeps its own state. */
+static uint64_t random_u64(void)
+{
+    static _Thread_local uint64_t x;
+    if (x == 0)
+        x = (uint64_t)now_mono_us() * UINT64_C(0x9E3779B97F4A7C15) | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    return x * UINT64_C(0x2545F4914F6CDD1D);
+}
+
+int64_t backoff_jitter_us(int64_t base_us, int64_t max_us, unsigned attempt)
+{
+    int64_t cap = base_us;
+    for (unsigned i = 0; i < attempt && cap < max_us; i++)
+        cap *= 2;
+    if (cap > max_us)
+        cap = max_us;
+    return (int64_t)(random_u64() % (uint64_t)(cap + 1));
+}
+
 /* One half of an LSN: 1 to 8 hex digits, nothing else (sscanf's %X would take a sign, spaces
  * and any number of digits, and a malformed position could then read as FFFFFFFF/...). */
 static const char *lsn_half(const char *s, unsigned *out)

@@ -89,6 +89,12 @@ enum {
 /* The process's metrics. */
 extern Metrics metrics;
 
+/* The relay loop took a turn (now: CLOCK_MONOTONIC µs): what /healthz's liveness reads. */
+static inline void metrics_beat(int64_t now)
+{
+    atomic_store_explicit(&metrics.heartbeat_mono_us, now, memory_order_relaxed);
+}
+
 void metrics_publish_error(PublishError reason);
 void metrics_dead_letter(DeadLetterReason reason);
 /* Records one commit-to-ack latency in microseconds. */

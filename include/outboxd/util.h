@@ -71,6 +71,10 @@ int64_t now_unix_us(void);
  * stream can carry any 64-bit value). */
 int64_t pg_time_to_unix_us(int64_t pg_us);
 
+/* Full jitter: a uniform delay in [0, min(max_us, base_us * 2^attempt)] (µs). Each thread
+ * draws from its own generator. Every retry in outboxd backs off with it. */
+int64_t backoff_jitter_us(int64_t base_us, int64_t max_us, unsigned attempt);
+
 /* Parses "X/X" (each half 1 to 8 hex digits) into an LSN. Returns false on anything else. */
 bool lsn_parse(const char *s, uint64_t *out);
 /* Formats an LSN as "X/X" into out (at least 18 bytes); returns out. */
