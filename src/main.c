@@ -579,6 +579,11 @@ static int cmd_audit(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    /* Before libpq or nats.c initialise OpenSSL: no OpenSSL cleanup at exit. nats.c (3.x, up
+     * to its issue #904) frees libssl's compression-method stack in its own exit handler, and
+     * OpenSSL's handler then freed it again: a crash at exit (SIGSEGV instead of the exit code)
+     * whenever PostgreSQL and NATS both used TLS. The process is ending; nothing is lost. */
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
     const char *cmd = argc > 1 ? argv[1] : NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
