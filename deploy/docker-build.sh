@@ -9,6 +9,9 @@
 #   --prefix DIR       installation prefix (default /usr/local): the binary lands in DESTDIR/DIR/bin
 #   --build-dir DIR    meson build directory (default: a temporary one, removed at the end)
 #   --src DIR          source tree (default: the folder above this script)
+#   --image-root DIR   then fill DIR with the container image's whole root filesystem: the
+#                      installed binary, the libraries it loads, the CA bundle, passwd/group
+#                      (deploy/image-root; DIR must be empty or missing)
 #
 # Without --deps-installed it installs the build dependencies first (as root, with apt-get; it
 # never cleans apt's lists, so it is safe on a developer's machine). It then configures the
@@ -16,15 +19,17 @@
 # run), compiles only the daemon, and installs it stripped under DESTDIR.
 #
 # In the Dockerfile:  docker-build.sh --deps-only                      (a cached layer)
-#                     docker-build.sh --deps-installed /staging         (after the sources)
+#                     docker-build.sh --deps-installed --image-root /rootfs /staging
+#                                                                       (after the sources)
 set -euo pipefail
 
+# ca-certificates: the CA bundle --image-root copies into the image.
 build_deps=(build-essential meson ninja-build pkg-config python3
-            libpq-dev libnats-dev libjansson-dev libmicrohttpd-dev)
+            libpq-dev libnats-dev libjansson-dev libmicrohttpd-dev ca-certificates)
 pc_modules=(libpq libnats jansson libmicrohttpd)
 
 usage() {  # exit code
-    sed -n '5,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit "${1:-2}"
 }
 
@@ -35,6 +40,7 @@ prefix=/usr/local
 build_dir=
 src="$(cd "$(dirname "$0")/.." && pwd)"
 destdir=
+image_root=
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,6 +52,8 @@ while [ $# -gt 0 ]; do
         --build-dir=*) build_dir=${1#*=} ;;
         --src) src=${2:?--src needs a value}; shift ;;
         --src=*) src=${1#*=} ;;
+        --image-root) image_root=${2:?--image-root needs a value}; shift ;;
+        --image-root=*) image_root=${1#*=} ;;
         -h|--help) usage 0 ;;
         -*) echo "docker-build.sh: unknown option $1" >&2; usage ;;
         *) [ -z "$destdir" ] || usage; destdir=$1 ;;
@@ -81,6 +89,12 @@ missing=()
 for tool in meson ninja pkg-config cc python3; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+if [ -n "$image_root" ]; then
+    for tool in readelf ldd; do
+        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+    done
+    [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=("/etc/ssl/certs/ca-certificates.crt")
+fi
 if command -v pkg-config >/dev/null 2>&1; then
     for m in "${pc_modules[@]}"; do
         pkg-config --exists "$m" || missing+=("pkg-config module $m")
@@ -106,3 +120,9 @@ meson setup "${setup_args[@]}" "$build_dir" "$src" --prefix "$prefix"
 meson compile -C "$build_dir" outboxd outboxd.1 outboxd.service
 meson install -C "$build_dir" --no-rebuild --strip --destdir "$destdir"
 "$destdir$prefix/bin/outboxd" --version
+
+# The runtime image's root: the daemon (at $prefix/bin, as installed) and what it loads.
+if [ -n "$image_root" ]; then
+    python3 "$src/deploy/image-root" --as "$prefix/bin/outboxd" "$destdir$prefix/bin/outboxd" \
+        "$image_root"
+fi

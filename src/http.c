@@ -164,13 +164,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 
 /* Address parsing and binding */
 
-/*
- * Splits addr into host and port: "host:port", ":port", "port", "[v6]:port". *host is "" for
- * every address; *bracketed says the host was written in brackets. Returns false on anything
- * else, including a port outside 1..65535 and an unbracketed IPv6 address.
- */
-static bool split_addr(const char *addr, char *host, size_t hostlen, bool *bracketed,
-                       char port[static 6])
+/* Also used by `outboxd health` (health.c), to ask the listener this code opened. */
+bool http_split_addr(const char *addr, char *host, size_t hostlen, bool *bracketed,
+                     char port[static 6])
 {
     const char *p;
     size_t n;
@@ -252,7 +248,7 @@ static int open_listener(const char *addr, char *where, size_t wherelen, char *e
 {
     char host[256], port[6];
     bool bracketed;
-    if (!split_addr(addr, host, sizeof host, &bracketed, port)) {
+    if (!http_split_addr(addr, host, sizeof host, &bracketed, port)) {
         snprintf(err, errlen, "invalid --http-addr '%s': expected host:port, :port or port", addr);
         return -1;
     }

@@ -13,13 +13,17 @@
  *   outboxd recover [--yes] [settings]
  *   outboxd prune --older-than AGE [--batch N] [--wait DURATION] [--dry-run] [settings]
  *   outboxd audit [--since TIME] [--until TIME] [--json] [--wait DURATION] [settings]
+ *   outboxd health [--ready] [--timeout DURATION] [settings]
  *   outboxd --help | --version
  *
  * Signal handlers only set a flag; the relay's loop notices it within one wait.
  */
 #include <jansson.h>
 #include <libpq-fe.h>
+#include <microhttpd.h>
 #include <nats/nats.h>
+#include <openssl/crypto.h>
+#include <openssl/opensslv.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +31,7 @@
 
 #include "outboxd/audit.h"
 #include "outboxd/config.h"
+#include "outboxd/health.h"
 #include "outboxd/jetstream.h"
 #include "outboxd/log.h"
 #include "outboxd/pgstream.h"
@@ -101,6 +106,12 @@ static void usage(FILE *out)
                  "                             the stream: rows missing, events stored twice\n"
                  "                             (replay copies apart), events out of commit\n"
                  "                             order; changes nothing; exit 1 on any of them\n"
+                 "  outboxd health [--ready] [--timeout DURATION] [settings]\n"
+                 "                             ask the running relay's HTTP listener (--http-addr;\n"
+                 "                             a wildcard address on the loopback address) for\n"
+                 "                             /healthz, or /readyz with --ready, within --timeout\n"
+                 "                             (3s); print the answer, exit 0 on 200, 1 otherwise:\n"
+                 "                             a probe for images without a shell or curl\n"
                  "  outboxd --help             this text\n"
                  "  outboxd --version          versions of outboxd and its libraries\n\n"
                  "Settings (flag > environment > settings file > default):\n",
@@ -111,11 +122,20 @@ static void usage(FILE *out)
                  "says what to fix).\n");
 }
 
+/* outboxd's version, then the libraries it runs with, as loaded (not as built against). */
 static void version(void)
 {
     int pq = PQlibVersion();
-    printf("outboxd %s\nlibpq %d.%d\nnats.c %s\njansson %s\n", OUTBOXD_VERSION, pq / 10000,
-           pq % 10000, nats_GetVersion(), JANSSON_VERSION);
+    printf("outboxd %s\n", OUTBOXD_VERSION);
+    printf("  libpq          %d.%d\n", pq / 10000, pq % 10000);
+    printf("  nats.c         %s\n", nats_GetVersion());
+    printf("  jansson        %s\n", jansson_version_str());
+    printf("  libmicrohttpd  %s\n", MHD_get_version());
+#if OPENSSL_VERSION_MAJOR >= 3
+    printf("  OpenSSL        %s\n", OpenSSL_version(OPENSSL_VERSION_STRING));
+#else
+    printf("  OpenSSL        %s\n", OpenSSL_version(OPENSSL_VERSION));
+#endif
 }
 
 /* Secrets read from files, kept for the life of the process. */
@@ -585,6 +605,11 @@ static int cmd_audit(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    /* Before libpq or nats.c initialise OpenSSL: no OpenSSL cleanup at exit. nats.c (3.x, up
+     * to its issue #904) frees libssl's compression-method stack in its own exit handler, and
+     * OpenSSL's handler then freed it again: a crash at exit (SIGSEGV instead of the exit code)
+     * whenever PostgreSQL and NATS both used TLS. The process is ending; nothing is lost. */
+    OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, NULL);
     const char *cmd = argc > 1 ? argv[1] : NULL;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
@@ -616,6 +641,8 @@ int main(int argc, char **argv)
         return cmd_prune(argc - 2, argv + 2);
     if (cmd && strcmp(cmd, "audit") == 0)
         return cmd_audit(argc - 2, argv + 2);
+    if (cmd && strcmp(cmd, "health") == 0)
+        return health_main(argc - 2, argv + 2);
     if (!cmd || strncmp(cmd, "-", 1) == 0)
         return cmd_run(argc - 1, argv + 1);
     fprintf(stderr, "outboxd: unknown command \"%s\" (see outboxd --help)\n", cmd);

@@ -172,6 +172,11 @@ def run(binary):
         assert dep["nats-setup"]["condition"] == "service_completed_successfully"
         assert o.get("stop_grace_period"), "no stop_grace_period"
 
+    @check("compose: outboxd's healthcheck is `outboxd health` in exec form (the image has no shell)")
+    def _():
+        test = svcs["outboxd"]["healthcheck"]["test"]
+        assert test == ["CMD", "/usr/local/bin/outboxd", "health"], test
+
     @check("compose: outboxd's OUTBOXD_* variables are all settings (unknown ones exit 2)")
     def _():
         env = svcs["outboxd"]["environment"]
@@ -397,24 +402,43 @@ def run(binary):
         word, _, rest = line.partition(" ")
         instr.append((word.upper(), rest.strip()))
 
-    @check("Dockerfile: both stages FROM debian:bookworm-slim")
+    @check("Dockerfile: build stage FROM debian:bookworm-slim, runtime stage FROM scratch")
     def _():
-        froms = [r.split()[0] for w, r in instr if w == "FROM"]
+        froms = [r.split() for w, r in instr if w == "FROM"]
         assert len(froms) == 2, froms
-        assert all(f == "debian:bookworm-slim" for f in froms), froms
+        assert froms[0][0] == "debian:bookworm-slim" and froms[0][-1] == "build", froms[0]
+        assert froms[1] == ["scratch"], froms[1]
 
-    @check("Dockerfile: non-root USER 10001, EXPOSE 9847, HEALTHCHECK on /healthz, ENTRYPOINT/CMD")
+    @check("Dockerfile: non-root USER 10001, EXPOSE 9847, HEALTHCHECK `outboxd health` (exec form), ENTRYPOINT/CMD")
     def _():
         users = [r for w, r in instr if w == "USER"]
         assert users and users[-1].split(":")[0] == "10001", users
         assert ("EXPOSE", "9847") in instr
         hc = [r for w, r in instr if w == "HEALTHCHECK"]
-        assert len(hc) == 1 and "outboxd-healthcheck" in hc[0] and "/healthz" in hc[0], hc
-        assert ("ENTRYPOINT", '["outboxd"]') in instr
+        assert len(hc) == 1, hc
+        # No shell in the image: only the exec form (a JSON array) can run.
+        cmd = hc[0].split(" CMD ", 1)[1].strip() if " CMD " in hc[0] else ""
+        assert cmd == '["/usr/local/bin/outboxd", "health"]', hc
+        assert ("ENTRYPOINT", '["/usr/local/bin/outboxd"]') in instr
         assert ("CMD", '["run"]') in instr
-        assert any(w == "RUN" and "docker-build.sh" in r for w, r in instr), "build stage must use docker-build.sh"
-        # the user has no login shell
-        assert "--shell /usr/sbin/nologin" in logical
+        runs = [r for w, r in instr if w == "RUN"]
+        assert any("docker-build.sh" in r and "--image-root" in r for r in runs), \
+            "the build stage must make the image's root with docker-build.sh --image-root"
+
+    @check("Dockerfile: the runtime stage is one COPY of the build stage's image root, no RUN")
+    def _():
+        stage, runtime = 0, []
+        for w, r in instr:
+            if w == "FROM":
+                stage += 1
+            elif stage == 2:
+                runtime.append((w, r))
+        assert not [r for w, r in runtime if w in ("RUN", "ADD")], runtime
+        copies = [r for w, r in runtime if w == "COPY"]
+        assert len(copies) == 1 and copies[0].split()[0] == "--from=build", copies
+        src = copies[0].split()[1].rstrip("/")
+        assert any(w == "RUN" and "--image-root " + src in r for w, r in instr), \
+            f"COPY {src}: not the folder docker-build.sh --image-root fills"
 
     @check("Dockerfile: every COPY source exists and passes Dockerfile.dockerignore")
     def _():
@@ -431,41 +455,27 @@ def run(binary):
                 assert any(src == a or src.startswith(a + "/") for a in allowed), \
                     f"COPY {src} is excluded by Dockerfile.dockerignore"
 
-    # runtime stage packages vs. the binary's libraries
-    runtime_pkgs = []
-    stage = 0
-    for w, r in instr:
-        if w == "FROM":
-            stage += 1
-        elif w == "RUN" and stage == 2 and "apt-get install" in r:
-            after = r.split("apt-get install", 1)[1].split("&&")[0]
-            runtime_pkgs += [t for t in after.split() if not t.startswith("-")]
-
-    @check(f"Dockerfile: runtime packages ({' '.join(runtime_pkgs)}) exist and provide the binary's libraries")
+    @check("image-root: finds every library the binary needs (DT_NEEDED, recursively, as ldd), "
+           "the loader and the CA bundle")
     def _():
-        assert runtime_pkgs, "no apt-get install in the runtime stage"
-        dev = [p for p in runtime_pkgs if p.endswith("-dev") or p in ("build-essential", "meson", "curl")]
-        assert not dev, f"build-only packages in the runtime stage: {dev}"
-        for p in runtime_pkgs:
-            r = subprocess.run(["apt-cache", "show", "--no-all-versions", p], capture_output=True, text=True)
-            assert r.returncode == 0 and "Package: " + p in r.stdout, f"{p}: not in the archive"
+        r = subprocess.run([sys.executable, str(DEPLOY / "image-root"), "--dry-run", "--as",
+                            "/usr/local/bin/outboxd", binary, "/nonexistent"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, (r.stderr or r.stdout)[-600:]
+        listed = {os.path.basename(line.split()[-1]) for line in r.stdout.splitlines()
+                  if line.startswith("  ")}
+        listed |= {os.path.basename(line.split(" -> ")[0].split()[-1]) for line in r.stdout.splitlines()
+                   if " -> " in line}
         needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]",
                             subprocess.run(["readelf", "-d", binary], capture_output=True, text=True,
                                            check=True).stdout)
-        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
-        paths = dict(re.findall(r"^\s*(\S+) => (\S+)", ldd, re.M))
-        for lib in needed:
-            if lib.startswith(("libc.so", "ld-linux", "libm.so", "libpthread")):
-                continue  # libc6: in every Debian image
-            path = paths.get(lib)
-            assert path, f"{lib}: not resolved by ldd"
-            owners = set()
-            for cand in (path, "/usr" + path if path.startswith("/lib") else path):
-                r = subprocess.run(["dpkg", "-S", cand], capture_output=True, text=True)
-                if r.returncode == 0:
-                    owners |= {ln.split(":")[0] for ln in r.stdout.splitlines()}
-            assert owners, f"{lib} ({path}) belongs to no package"
-            assert owners & set(runtime_pkgs), f"{lib} comes from {sorted(owners)}, not installed in the image"
+        missing = [n for n in needed if n not in listed]
+        assert not missing, f"not in the image: {missing}"
+        assert "ca-certificates.crt" in listed and "outboxd" in listed, r.stdout[-600:]
+        interp = re.search(r"\[Requesting program interpreter: (.+?)\]",
+                           subprocess.run(["readelf", "-l", binary], capture_output=True,
+                                          text=True, check=True).stdout).group(1)
+        assert os.path.basename(interp) in listed, f"loader {interp} missing"
 
 
 def metric_checks():

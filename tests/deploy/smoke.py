@@ -6,7 +6,8 @@ deploy/compose.yaml sets them up: scripts/outbox.sql, then deploy/postgres-init.
 least-privilege role and the publication), then the OUTBOX stream on outbox.> with a 2-minute
 duplicate window. Then two relays with compose's environment, as the role `outboxd`:
 
-  - the first streams: deploy/outboxd-healthcheck says 200 on /healthz and /readyz, an outbox row
+  - the first streams: `outboxd health` (the image's HEALTHCHECK) says 200 on /healthz and, with
+    --ready, on /readyz; an outbox row
     reaches the stream, the checkpoint bucket KV_outboxd exists;
   - the second is a standby: /healthz 200 but /readyz 503 "standby" (why deploy/kubernetes probes
     readiness on /healthz);
@@ -52,10 +53,15 @@ def clean_env(extra):
     return env
 
 
+OUTBOXD = None   # the binary under test (--bin)
+
+
 def healthcheck(addr, path):
-    """(exit code, output) of deploy/outboxd-healthcheck PATH against addr."""
-    r = subprocess.run(["bash", str(DEPLOY / "outboxd-healthcheck"), path], capture_output=True,
-                       text=True, timeout=15, env=clean_env({"HEALTHCHECK_ADDR": addr}))
+    """(exit code, output) of `outboxd health` (--ready for /readyz) against the listener on
+    addr, given as the relay's own setting OUTBOXD_HTTP_ADDR."""
+    argv = [OUTBOXD, "health"] + (["--ready"] if path == "/readyz" else [])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=15,
+                       env=clean_env({"OUTBOXD_HTTP_ADDR": addr}))
     return r.returncode, (r.stdout + r.stderr).strip()
 
 
@@ -223,6 +229,8 @@ def main():
     ap.add_argument("--tmp", required=True)
     ap.add_argument("--strace", action="store_true")
     a = ap.parse_args()
+    global OUTBOXD
+    OUTBOXD = a.bin
 
     os.environ["OUTBOXD_JSTOOL"] = a.jstool
     import harness as h  # noqa: E402
@@ -297,9 +305,9 @@ def main():
         rc_h, out_h = healthcheck(addr_a, "/healthz")
         rc_r, out_r = healthcheck(addr_a, "/readyz")
         if rc_h == 0 and rc_r == 0 and "200" in out_h and "ready" in out_r:
-            report("PASS", "outboxd-healthcheck: /healthz and /readyz 200 on the streaming relay")
+            report("PASS", "outboxd health: /healthz and (--ready) /readyz 200 on the streaming relay")
         else:
-            report("FAIL", "outboxd-healthcheck on the streaming relay", f"{rc_h} {out_h!r}; {rc_r} {out_r!r}")
+            report("FAIL", "outboxd health on the streaming relay", f"{rc_h} {out_h!r}; {rc_r} {out_r!r}")
 
         def insert(n):
             pg.sql("INSERT INTO public.outbox (event_id, aggregate_type, aggregate_id, event_type, "
