@@ -73,15 +73,16 @@ typedef struct Progress {
 } Progress;
 
 struct BackfillRun {
+    PgBackfill read;        /* what pgstream reads the rows with, and what it found */
+    size_t relation_table;  /* the table the mapper's backfill relation stands for, +1 */
     bool locked;  /* this relay's session holds the backfill lock */
     bool fresh;   /* the set-up creates the slot and backfills in its snapshot */
     bool resume;  /* backfill_finish continues an interrupted backfill */
-    Progress *ring;
-    size_t cap, head, tail; /* cap a power of two */
+    Ring progress;          /* of Progress, in the order published */
     size_t id_table;        /* the table id_col is for, +1 */
     int id_col;             /* the event id's column in its rows */
-    uint64_t stored;        /* rows stored (as the checkpoint counts them) */
-    uint64_t put_rows;      /* stored at the last checkpoint write */
+    uint64_t rows_stored;   /* rows stored (as the checkpoint counts them) */
+    uint64_t rows_put;      /* rows_stored at the last checkpoint write */
     int64_t next_put;
     uint64_t since_poll;
     /* a resumed backfill: the event ids (and dead letters) the stream holds after the last key
@@ -113,16 +114,16 @@ static void set_phase(int phase)
 
 void backfill_free(Relay *r)
 {
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     if (!b)
         return;
     for (size_t i = 0; i < b->nheld; i++)
         free(b->held[i]);
     free(b->held);
     audit_free(b->seen);
-    free(b->ring);
+    ring_free(&b->progress);
     free(b);
-    r->bfrun = NULL;
+    r->backfill = NULL;
     r->backfilling = false;
 }
 
@@ -131,18 +132,7 @@ void backfill_free(Relay *r)
 static void progress_push(BackfillRun *b, uint64_t seq_limit, size_t table, const char *key,
                           size_t keylen)
 {
-    if (b->tail - b->head == b->cap) {
-        size_t ncap = b->cap ? b->cap * 2 : 1024;
-        Progress *nv = xmalloc(ncap * sizeof(Progress));
-        for (size_t i = b->head; i < b->tail; i++)
-            nv[i - b->head] = b->ring[i & (b->cap - 1)];
-        free(b->ring);
-        b->tail -= b->head;
-        b->head = 0;
-        b->ring = nv;
-        b->cap = ncap;
-    }
-    Progress *p = &b->ring[b->tail++ & (b->cap - 1)];
+    Progress *p = ring_push(&b->progress, sizeof(Progress));
     p->seq_limit = seq_limit;
     p->table = table;
     if (keylen > OUTBOX_MAX_EVENT_ID)
@@ -154,29 +144,27 @@ static void progress_push(BackfillRun *b, uint64_t seq_limit, size_t table, cons
 /* Moves the checkpoint's keyset past every row whose events are all acknowledged. */
 static void progress_release(Relay *r, uint64_t first_unacked)
 {
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     CheckpointBackfill *c = &r->cp.backfill;
+    /* A popped element stays where it is until the next push. */
     const Progress *last = NULL;
-    while (b->head < b->tail) {
-        const Progress *p = &b->ring[b->head & (b->cap - 1)];
-        if (p->seq_limit > first_unacked)
-            break;
+    for (const Progress *p; (p = ring_front(&b->progress)) && p->seq_limit <= first_unacked;
+         ring_pop(&b->progress)) {
         last = p;
-        b->head++;
-        b->stored++;
+        b->rows_stored++;
     }
     if (!last)
         return;
     snprintf(c->table, sizeof(c->table), "%s", outbox_mapper_qualified(r->mapper, last->table));
     snprintf(c->after, sizeof(c->after), "%s", last->key);
-    c->rows = b->stored;
-    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+    c->rows = b->rows_stored;
+    atomic_store_explicit(&metrics.backfill_rows, b->rows_stored, memory_order_relaxed);
 }
 
 /* Takes in acknowledgements and writes the progress when it is due; -1 on failure (logged). */
 static int progress_poll(Relay *r, bool force)
 {
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     PublisherStatus st;
     int64_t now = now_mono_us();
     metrics_beat(now);
@@ -184,12 +172,12 @@ static int progress_poll(Relay *r, bool force)
         return -1;
     progress_release(r, st.first_unacked);
     b->since_poll = 0;
-    if (b->stored == b->put_rows ||
-        (!force && now < b->next_put && b->stored - b->put_rows < BACKFILL_PUT_ROWS))
+    if (b->rows_stored == b->rows_put ||
+        (!force && now < b->next_put && b->rows_stored - b->rows_put < BACKFILL_PUT_ROWS))
         return 0;
     if (relay_checkpoint_put(r) < 0)
         return -1;
-    b->put_rows = b->stored;
+    b->rows_put = b->rows_stored;
     b->next_put = now + BACKFILL_PUT_US;
     return 0;
 }
@@ -245,13 +233,13 @@ static int backfill_row(void *arg, size_t table, const char *key, int ncols,
                         const char *const *values, const int *lens, char *err, size_t errlen)
 {
     Relay *r = arg;
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     PgoMessage *m = r->msg;
     /* Backfilled events carry the slot's starting point minus one as their commit LSN: they
      * committed before it, and every streamed transaction commits at or after it. */
-    r->txn.commit_lsn = r->backfill.position - 1;
+    r->txn.commit_lsn = r->backfill->read.position - 1;
     r->txn.timeline = r->sys.timeline;
-    if (r->backfill_table != table + 1) {
+    if (r->backfill->relation_table != table + 1) {
         m->kind = PGO_RELATION;
         m->u.relation.relid = BACKFILL_RELID;
         m->u.relation.nspname = outbox_mapper_schema(r->mapper, table);
@@ -263,7 +251,7 @@ static int backfill_row(void *arg, size_t table, const char *key, int ncols,
         }
         if (outbox_mapper_relation(r->mapper, m, err, errlen) < 0)
             return -1;
-        r->backfill_table = table + 1;
+        r->backfill->relation_table = table + 1;
     }
     if (b->id_table != table + 1) {
         const char *col = outbox_mapper_role_column(r->mapper, table, ROLE_EVENT_ID);
@@ -279,7 +267,7 @@ static int backfill_row(void *arg, size_t table, const char *key, int ncols,
         snprintf(err, errlen, "the backfill was interrupted");
         return -1;
     }
-    if (held(b, id, idlen, r->backfill.position - 1, r->txn_rows) ||
+    if (held(b, id, idlen, r->backfill->read.position - 1, r->txn_rows) ||
         (b->seen && id && audit_row(b->seen, id, idlen, true) != AUDIT_ROW_MISSING)) {
         /* Published before the relay that ran this backfill stopped, after its last
          * checkpoint write: stored already. */
@@ -312,7 +300,7 @@ static int backfill_row(void *arg, size_t table, const char *key, int ncols,
 static bool backfill_tick(void *arg)
 {
     Relay *r = arg;
-    if (r->bfrun && r->backfilling)
+    if (r->backfill && r->backfilling)
         progress_poll(r, false);
     else
         beat();
@@ -326,7 +314,7 @@ static int load_seen(Relay *r);
 static int backfill_started(void *arg, char *err, size_t errlen)
 {
     Relay *r = arg;
-    PgBackfill *bf = &r->backfill;
+    PgBackfill *bf = &r->backfill->read;
     if (bf->count_only)
         return 0;
     CheckpointBackfill *c = &r->cp.backfill;
@@ -353,8 +341,8 @@ static int backfill_started(void *arg, char *err, size_t errlen)
     }
     set_phase(BACKFILL_PHASE_RUNNING);
     r->backfilling = true;
-    r->bfrun->started_us = now_mono_us();
-    r->bfrun->next_put = now_mono_us() + BACKFILL_PUT_US;
+    r->backfill->started_us = now_mono_us();
+    r->backfill->next_put = now_mono_us() + BACKFILL_PUT_US;
     return 0;
 }
 
@@ -363,8 +351,8 @@ static int backfill_started(void *arg, char *err, size_t errlen)
 /* Re-reads the checkpoint's backfill state (another relay may have moved it on). */
 static int reload(Relay *r)
 {
-    Checkpoint stored;
-    if (session_load_checkpoint(r, &stored) < 0) {
+    Checkpoint saved;
+    if (session_load_checkpoint(r, &saved) < 0) {
         log_error("%s", r->err);
         return -1;
     }
@@ -384,7 +372,7 @@ static int take_lock(Relay *r)
             return -1;
         }
         if (got) {
-            r->bfrun->locked = true;
+            r->backfill->locked = true;
             if (standby) {
                 atomic_store(&metrics.standby, 0);
                 set_phase(BACKFILL_PHASE_NONE);
@@ -410,9 +398,9 @@ static int unlock(Relay *r)
 {
     char name[160];
     lock_key(r, name, sizeof(name));
-    if (!r->bfrun->locked)
+    if (!r->backfill->locked)
         return 0;
-    r->bfrun->locked = false;
+    r->backfill->locked = false;
     if (pgstream_unlock(r->pg, name, r->err, sizeof(r->err)) < 0) {
         log_error("%s", r->err);
         return -1;
@@ -423,7 +411,7 @@ static int unlock(Relay *r)
 /* A recovery reads only what committed since its cut, whatever --backfill says. */
 static void set_since(Relay *r)
 {
-    PgBackfill *bf = &r->backfill;
+    PgBackfill *bf = &r->backfill->read;
     const CheckpointBackfill *c = &r->cp.backfill;
     bf->since = c->since[0] ? c->since : NULL;
     bf->since_margin_ms = r->cfg->recovery_margin_ms;
@@ -434,7 +422,7 @@ static void set_since(Relay *r)
 /* Reads what the stream holds since the recovery's cut less the margin into b->seen. */
 static int load_seen(Relay *r)
 {
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     int64_t cut;
     if (!time_parse_rfc3339(r->cp.backfill.since, strlen(r->cp.backfill.since), &cut)) {
         log_error("recovery: the checkpoint's cut \"%s\" is not a time", r->cp.backfill.since);
@@ -506,8 +494,8 @@ static int begin_fresh(Relay *r, PgSetup *setup)
     set_since(r);
     if (relay_checkpoint_put(r) < 0)
         return -1;
-    r->bfrun->fresh = true;
-    setup->backfill = &r->backfill;
+    r->backfill->fresh = true;
+    setup->backfill = &r->backfill->read;
     set_phase(BACKFILL_PHASE_SLOT);
     return 0;
 }
@@ -515,9 +503,9 @@ static int begin_fresh(Relay *r, PgSetup *setup)
 int backfill_prepare(Relay *r, PgSetup *setup)
 {
     const Config *cfg = r->cfg;
-    PgBackfill *bf = &r->backfill;
     backfill_free(r);
-    r->bfrun = xcalloc(1, sizeof(BackfillRun));
+    r->backfill = xcalloc(1, sizeof(BackfillRun));
+    PgBackfill *bf = &r->backfill->read;
     *bf = (PgBackfill){.on_row = backfill_row,
                        .tick = backfill_tick,
                        .on_start = backfill_started,
@@ -526,7 +514,6 @@ int backfill_prepare(Relay *r, PgSetup *setup)
     setup->backfill = NULL;
     r->txn = (OutboxTxn){.commit_lsn = 0, .commit_time = now_unix_us() - PG_EPOCH_OFFSET_US};
     r->txn_rows = 0;
-    r->backfill_table = 0;
 
     /* The slot first, then the checkpoint: an owner records its backfill before it creates
      * the slot, so a slot seen here has its backfill in the checkpoint read after. */
@@ -594,7 +581,7 @@ int backfill_prepare(Relay *r, PgSetup *setup)
         }
         return begin_fresh(r, setup);
     }
-    r->bfrun->resume = true;
+    r->backfill->resume = true;
     set_since(r);
     return 0;
 }
@@ -643,7 +630,7 @@ static bool held_event(void *arg, const JsOwnEvent *ev)
  */
 static int read_held(Relay *r)
 {
-    BackfillRun *b = r->bfrun;
+    BackfillRun *b = r->backfill;
     natsConnection *nc = jsapi_connect_once(r->cfg->nats_url, r->err, sizeof(r->err));
     if (!nc) {
         log_error("backfill: %s", r->err);
@@ -677,8 +664,8 @@ done:
 /* Continues the backfill the checkpoint describes, after its last key, in its snapshot. */
 static int resume(Relay *r, PgSetup *setup)
 {
-    BackfillRun *b = r->bfrun;
-    PgBackfill *bf = &r->backfill;
+    BackfillRun *b = r->backfill;
+    PgBackfill *bf = &r->backfill->read;
     const CheckpointBackfill *c = &r->cp.backfill;
     size_t first = 0;
     if (c->table[0]) {
@@ -692,9 +679,9 @@ static int resume(Relay *r, PgSetup *setup)
             return -1;
         }
     }
-    b->base_rows = b->stored = b->put_rows = c->rows;
+    b->base_rows = b->rows_stored = b->rows_put = c->rows;
     r->txn_rows = (uint32_t)c->rows; /* ordinals number on from the rows stored */
-    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+    atomic_store_explicit(&metrics.backfill_rows, b->rows_stored, memory_order_relaxed);
     set_phase(BACKFILL_PHASE_RUNNING);
     if (read_held(r) < 0 || (c->since[0] && load_seen(r) < 0))
         return -1;
@@ -744,8 +731,8 @@ static int resume(Relay *r, PgSetup *setup)
  * checkpoint and release the lock. */
 static int finish_backfill(Relay *r)
 {
-    BackfillRun *b = r->bfrun;
-    const PgBackfill *bf = &r->backfill;
+    BackfillRun *b = r->backfill;
+    const PgBackfill *bf = &r->backfill->read;
     if (relay_drain(r, INT64_MAX, true) != 0 || *r->stop)
         return -1;
     if (progress_poll(r, true) < 0)
@@ -759,13 +746,13 @@ static int finish_backfill(Relay *r)
         log_info("recovery: published %" PRIu64 " rows of %s committed since %s that the "
                  "stream lacked; %" PRIu64 " more were in it already; rows deleted from the "
                  "outbox since then cannot be recovered, in %.1f s",
-                 b->stored - b->skipped - b->base_rows, r->tables, r->cp.backfill.since,
+                 b->rows_stored - b->skipped - b->base_rows, r->tables, r->cp.backfill.since,
                  b->skipped, secs);
     else if (b->resume)
         log_info("backfill: published the rows that were in %s before the slot existed: "
                  "%" PRIu64 " in all, resumed after %" PRIu64 " stored earlier; this run read "
                  "%" PRIu64 " rows, %" PRIu64 " of them found in the stream already, in %.1f s",
-                 r->tables, b->stored, b->base_rows, bf->rows, b->skipped, secs);
+                 r->tables, b->rows_stored, b->base_rows, bf->rows, b->skipped, secs);
     else
         log_info("backfill: published the %" PRIu64 " rows that were in %s before the slot "
                  "existed, in %.1f s",
@@ -777,15 +764,15 @@ static int finish_backfill(Relay *r)
                  "(occurred_at), then transaction id: commit order for each writer's "
                  "transactions, not between concurrent ones; turn track_commit_timestamp on "
                  "for exact commit order");
-    atomic_store_explicit(&metrics.backfill_rows, b->stored, memory_order_relaxed);
+    atomic_store_explicit(&metrics.backfill_rows, b->rows_stored, memory_order_relaxed);
     set_phase(BACKFILL_PHASE_NONE);
     return unlock(r);
 }
 
 int backfill_finish(Relay *r, PgSetup *setup, bool created)
 {
-    PgBackfill *bf = &r->backfill;
-    BackfillRun *b = r->bfrun;
+    PgBackfill *bf = &r->backfill->read;
+    BackfillRun *b = r->backfill;
     int rc = 0;
     if (created && bf->count_only && bf->rows > 0)
         log_info("backfill off: the %" PRIu64 " rows already in %s are not published "

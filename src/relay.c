@@ -53,52 +53,35 @@
 #include "outboxd/notify.h"
 #include "relay_internal.h"
 
-static void marks_push(Marks *m, uint64_t lsn, uint64_t seq_limit, int64_t commit_time,
+static void marks_push(Ring *m, uint64_t lsn, uint64_t seq_limit, int64_t commit_time,
                        uint64_t commit_lsn)
 {
-    if (m->tail > m->head) {
-        Mark *last = &m->v[(m->tail - 1) & (m->cap - 1)];
-        if (last->seq_limit == seq_limit) { /* nothing published in between: one mark */
-            if (lsn > last->lsn)
-                last->lsn = lsn;
-            if (commit_time) {
-                last->commit_time = commit_time;
-                last->commit_lsn = commit_lsn;
-            }
-            return;
+    Mark *last = ring_back(m);
+    if (last && last->seq_limit == seq_limit) { /* nothing published in between: one mark */
+        if (lsn > last->lsn)
+            last->lsn = lsn;
+        if (commit_time) {
+            last->commit_time = commit_time;
+            last->commit_lsn = commit_lsn;
         }
+        return;
     }
-    if (m->tail - m->head == m->cap) {
-        size_t ncap = m->cap ? m->cap * 2 : 1024;
-        Mark *nv = xmalloc(ncap * sizeof(Mark));
-        for (size_t i = m->head; i < m->tail; i++)
-            nv[i - m->head] = m->v[i & (m->cap - 1)];
-        free(m->v);
-        m->tail -= m->head;
-        m->head = 0;
-        m->v = nv;
-        m->cap = ncap;
-    }
-    m->v[m->tail++ & (m->cap - 1)] = (Mark){lsn, seq_limit, commit_time, commit_lsn};
+    *(Mark *)ring_push(m, sizeof(Mark)) = (Mark){lsn, seq_limit, commit_time, commit_lsn};
 }
 
 /* Pops every mark that the acknowledged prefix covers; returns the newest such LSN or 0, and
  * moves the checkpoint's last confirmed transaction (commit time and LSN) on to the newest
  * among them. */
-static uint64_t marks_release(Marks *m, uint64_t first_unacked, Checkpoint *cp)
+static uint64_t marks_release(Ring *m, uint64_t first_unacked, Checkpoint *cp)
 {
     uint64_t lsn = 0;
-    while (m->head < m->tail) {
-        Mark *front = &m->v[m->head & (m->cap - 1)];
-        if (front->seq_limit > first_unacked)
-            break;
+    for (Mark *front; (front = ring_front(m)) && front->seq_limit <= first_unacked; ring_pop(m)) {
         if (front->lsn > lsn)
             lsn = front->lsn;
         if (front->commit_lsn && front->commit_lsn >= cp->commit_lsn) {
             cp->commit_time = front->commit_time;
             cp->commit_lsn = front->commit_lsn;
         }
-        m->head++;
     }
     return lsn;
 }
@@ -874,7 +857,7 @@ done:
     outbox_mapper_free(r.mapper);
     outbox_event_deinit(&r.ev);
     outbox_event_deinit(&r.dlq);
-    free(r.marks.v);
+    ring_free(&r.marks);
     backfill_free(&r);
     free(r.msg);
     return code;

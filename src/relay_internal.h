@@ -39,11 +39,6 @@ typedef struct Mark {
     uint64_t commit_lsn; /* that transaction's commit LSN */
 } Mark;
 
-typedef struct Marks {
-    Mark *v;
-    size_t cap; /* a power of two */
-    size_t head, tail;
-} Marks;
 
 typedef enum StreamEnd {
     STREAM_STOPPED,
@@ -68,7 +63,7 @@ typedef struct Relay {
     PgoMessage *msg; /* decoder scratch (large: reused for every message) */
     OutboxEvent ev;
     OutboxEvent dlq;
-    Marks marks;
+    Ring marks; /* of Mark, in WAL order */
     PgSystem sys;
     bool have_sys;
     StreamInfo stream;
@@ -98,9 +93,8 @@ typedef struct Relay {
     uint64_t checkpointed;
     char checkpoint_key[128];
     Checkpoint cp; /* the durable progress, as last read or written (see checkpoint.h) */
-    PgBackfill backfill;
-    BackfillRun *bfrun; /* a backfill's progress while one is prepared or runs */
-    size_t backfill_table; /* the table the backfill's relation id stands for, +1 (0: none) */
+    BackfillRun *backfill; /* while a backfill is prepared or runs (backfill.c); its durable
+                            * progress is cp.backfill */
     char tables[512];      /* the outbox tables, "public.a, public.b", for messages */
     bool streaming; /* a START_REPLICATION session is open (status updates may be sent) */
     int64_t streaming_since;     /* when the open session started streaming */
@@ -179,10 +173,10 @@ int session_recover_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);
-/* Reads the stored checkpoint into *stored and takes its backfill state and later commit time
+/* Reads the stored checkpoint into *saved and takes its backfill state and later commit time
  * into r->cp: the relay that held the slot before may have moved both on. -1 when it cannot
  * be read (err says why). */
-int session_load_checkpoint(Relay *r, Checkpoint *stored);
+int session_load_checkpoint(Relay *r, Checkpoint *saved);
 /* After a lost connection: lets every published event be acknowledged, so the session that
  * follows starts exactly after what is stored. */
 void session_end(Relay *r);

@@ -25,14 +25,14 @@
 #include "outboxd/slot.h"
 #include "relay_internal.h"
 
-int session_load_checkpoint(Relay *r, Checkpoint *stored)
+int session_load_checkpoint(Relay *r, Checkpoint *saved)
 {
-    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, stored, r->err, sizeof(r->err)) < 0)
+    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, saved, r->err, sizeof(r->err)) < 0)
         return -1;
-    r->cp.backfill = stored->backfill;
-    if (stored->commit_time > r->cp.commit_time) {
-        r->cp.commit_time = stored->commit_time;
-        r->cp.commit_lsn = stored->commit_lsn;
+    r->cp.backfill = saved->backfill;
+    if (saved->commit_time > r->cp.commit_time) {
+        r->cp.commit_time = saved->commit_time;
+        r->cp.commit_lsn = saved->commit_lsn;
     }
     return 0;
 }
@@ -43,9 +43,9 @@ int session_load_checkpoint(Relay *r, Checkpoint *stored)
  * slots), a new slot would start at the new primary's current position and every event
  * committed there in between would never be published. Not a decision to take alone.
  */
-static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
+static int refuse_missing_slot(Relay *r, const Checkpoint *saved)
 {
-    if (stored->lsn == 0 || stored->backfill.active || !r->cfg->create)
+    if (saved->lsn == 0 || saved->backfill.active || !r->cfg->create)
         return 0;
     PgSlotInfo info;
     if (pgstream_slot_info(r->pg, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
@@ -56,7 +56,7 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
         return 0;
     /* This run may have confirmed more than the stored checkpoint says (session_load_checkpoint keeps
      * the later commit time): name the latest, so the runbook's recovery starts no earlier. */
-    uint64_t lsn = stored->lsn > r->confirmed ? stored->lsn : r->confirmed;
+    uint64_t lsn = saved->lsn > r->confirmed ? saved->lsn : r->confirmed;
     if (r->cfg->slot_recovery[0] == 'a') {
         char why[256];
         snprintf(why, sizeof(why), "replication slot \"%s\" does not exist on this server, but "
@@ -77,7 +77,7 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *stored)
               "run outboxd slot create and start outboxd. On PostgreSQL 17 and later, failover "
               "slots (--failover-slot, sync_replication_slots on the standby) keep the slot "
               "through a failover: see outboxd doctor",
-              r->cfg->slot, LSN_ARGS(lsn), stored->timeline, when);
+              r->cfg->slot, LSN_ARGS(lsn), saved->timeline, when);
     return SESSION_FATAL;
 }
 
@@ -114,13 +114,13 @@ int session_connect(Relay *r)
     snprintf(r->checkpoint_key, sizeof(r->checkpoint_key), "%s.%s", sys.system_id, cfg->slot);
     anchor_source_format(sys.system_id, cfg->slot, r->source);
     outbox_mapper_set_source(r->mapper, r->source);
-    Checkpoint stored;
-    if (session_load_checkpoint(r, &stored) < 0) {
+    Checkpoint saved;
+    if (session_load_checkpoint(r, &saved) < 0) {
         log_error("%s", r->err);
         rc = -1;
         goto fail;
     }
-    if ((rc = refuse_missing_slot(r, &stored)) != 0)
+    if ((rc = refuse_missing_slot(r, &saved)) != 0)
         goto fail;
 
     PgSetup setup = {
@@ -238,7 +238,7 @@ static void consider_anchor(Relay *r, Anchor a, uint64_t start)
  * restart, a reconnect), each as anchor.c's rule lets it. After an anchor proved false in this
  * run only this run's own are used.
  */
-static void choose_anchor(Relay *r, const Checkpoint *stored, uint64_t start)
+static void choose_anchor(Relay *r, const Checkpoint *saved, uint64_t start)
 {
     r->have_anchor = r->proving = false;
     if (r->have_run_stored)
@@ -247,12 +247,12 @@ static void choose_anchor(Relay *r, const Checkpoint *stored, uint64_t start)
         goto chosen;
     /* Its last transaction lies before its position, unless the position was moved back
      * since (outboxd rewind): then it is no anchor. */
-    if (stored->commit_lsn && stored->commit_time && stored->commit_lsn < stored->lsn)
+    if (saved->commit_lsn && saved->commit_time && saved->commit_lsn < saved->lsn)
         consider_anchor(r,
-                        (Anchor){.pos = {.timeline = stored->timeline,
-                                         .lsn = stored->commit_lsn,
+                        (Anchor){.pos = {.timeline = saved->timeline,
+                                         .lsn = saved->commit_lsn,
                                          .index = UINT32_MAX},
-                                 .commit_time = stored->commit_time,
+                                 .commit_time = saved->commit_time,
                                  .from = "the checkpoint"},
                         start);
     if (!r->cfg->strict_order)
@@ -302,12 +302,12 @@ static void start_position(Relay *r, uint64_t slot_confirmed)
 {
     /* Read again at every start: while this relay stood by, the one that held the slot moved
      * it on (and may have finished a backfill). */
-    Checkpoint stored;
-    if (session_load_checkpoint(r, &stored) < 0) {
+    Checkpoint saved;
+    if (session_load_checkpoint(r, &saved) < 0) {
         log_warn("%s; not using the checkpoint", r->err);
-        memset(&stored, 0, sizeof(stored));
+        memset(&saved, 0, sizeof(saved));
     }
-    choose_anchor(r, &stored, slot_confirmed);
+    choose_anchor(r, &saved, slot_confirmed);
 }
 
 /* Marks the relay not ready with a lost slot and logs what happened, how to recover and what

@@ -227,6 +227,45 @@ int64_t now_unix_us(void)
     return clock_us(CLOCK_REALTIME);
 }
 
+void *ring_push(Ring *r, size_t size)
+{
+    if (r->tail - r->head == r->cap) {
+        size_t ncap = r->cap ? r->cap * 2 : 1024;
+        char *nv = xmalloc(ncap * size);
+        for (size_t i = r->head; i < r->tail; i++)
+            memcpy(nv + (i - r->head) * size, r->v + (i & (r->cap - 1)) * size, size);
+        free(r->v);
+        r->tail -= r->head;
+        r->head = 0;
+        r->v = nv;
+        r->cap = ncap;
+    }
+    r->size = size;
+    return r->v + (r->tail++ & (r->cap - 1)) * size;
+}
+
+void *ring_front(const Ring *r)
+{
+    return r->head < r->tail ? r->v + (r->head & (r->cap - 1)) * r->size : NULL;
+}
+
+void *ring_back(const Ring *r)
+{
+    return r->head < r->tail ? r->v + ((r->tail - 1) & (r->cap - 1)) * r->size : NULL;
+}
+
+void ring_pop(Ring *r)
+{
+    if (r->head < r->tail)
+        r->head++;
+}
+
+void ring_free(Ring *r)
+{
+    free(r->v);
+    *r = (Ring){0};
+}
+
 /* xorshift64*: jitter needs no more, and each thread keeps its own state. */
 static uint64_t random_u64(void)
 {

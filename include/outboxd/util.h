@@ -35,6 +35,25 @@ typedef struct Buf {
     size_t cap;
 } Buf;
 
+/* A FIFO of fixed-size elements that doubles when full (a power of two, indices wrap): the
+ * relay's confirmable marks, a backfill's progress. Zero-initialised it is empty; the element
+ * size is set by the first push. */
+typedef struct Ring {
+    char *v;
+    size_t size;       /* of one element */
+    size_t cap;        /* elements, a power of two */
+    size_t head, tail; /* head <= tail; tail - head elements */
+} Ring;
+
+/* Room for one more element at the back (uninitialised), growing the ring when full. */
+void *ring_push(Ring *r, size_t size);
+/* The oldest element, or the newest; NULL when empty. */
+void *ring_front(const Ring *r);
+void *ring_back(const Ring *r);
+/* Drops the oldest element. */
+void ring_pop(Ring *r);
+void ring_free(Ring *r);
+
 void buf_init(Buf *b);
 void buf_deinit(Buf *b);
 void buf_reset(Buf *b);
