@@ -560,6 +560,32 @@ static bool put_snapshot_filter(PgStream *s, Buf *sql, const PgBackfill *bf, uin
     return true;
 }
 
+/* Whether table t has column col (a mapped column may be optional); -1 on error. */
+static int has_column(PgStream *s, const PgSetup *setup, size_t t, const char *col, char *err,
+                      size_t errlen)
+{
+    Buf sql;
+    buf_init(&sql);
+    buf_puts(&sql, "SELECT count(*) FROM pg_catalog.pg_attribute WHERE NOT attisdropped AND "
+                   "attnum > 0 AND attrelid = ");
+    Buf table;
+    buf_init(&table);
+    int rc = -1;
+    if (put_table(s, &table, setup->mapper, t, err, errlen) &&
+        put_literal(s, &sql, table.data, err, errlen)) {
+        buf_puts(&sql, "::regclass AND attname = ");
+        if (put_literal(s, &sql, col, err, errlen)) {
+            PGresult *res = query(s, sql.data, err, errlen);
+            if (res)
+                rc = strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+            PQclear(res);
+        }
+    }
+    buf_deinit(&table);
+    buf_deinit(&sql);
+    return rc;
+}
+
 /* The time that orders table t's rows (the "ts" of the commit-order key): each row's commit
  * time where the server keeps it, else the table's time column (the transaction's start with
  * the default now()), else none. */
@@ -567,6 +593,12 @@ static bool put_order_time(PgStream *s, Buf *sql, const PgSetup *setup, size_t t
                            size_t errlen)
 {
     const char *col = outbox_mapper_role_column(setup->mapper, t, ROLE_OCCURRED_AT);
+    int has = col && !setup->backfill->commit_order ? has_column(s, setup, t, col, err, errlen)
+                                                    : 0;
+    if (has < 0)
+        return false;
+    if (!has)
+        col = NULL;
     if (setup->backfill->commit_order) {
         buf_puts(sql, "pg_catalog.pg_xact_commit_timestamp(t.xmin)");
     } else if (col) {
