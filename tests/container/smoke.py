@@ -364,7 +364,8 @@ def main():
         code, body = h.wait_until(ready, 30, "/readyz to answer 200", interval=0.2,
                                   detail=lambda: http_get(http_port, "/readyz"))
         check("/readyz from the host: 200 ready", code == 200 and "ready" in body, f"{code} {body!r}")
-        # By name, as deploy/README.md writes it: the engine gives the container a default PATH.
+        # By name, as deploy/README.md and docs/deployment.md write it: the engine gives the
+        # container a default PATH.
         rc, out = podman("exec", cid, "outboxd", "health", "--ready")
         check(f"`podman exec CONTAINER outboxd health --ready`: exit 0, {out!r}",
               rc == 0 and out == "200 /readyz: ready", f"exit {rc}: {out}")

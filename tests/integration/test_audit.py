@@ -1,7 +1,8 @@
 """`outboxd audit`: the rows committed in a range against the stream, on real servers: a complete
 stream, events deleted from it, replays (new ids and same ids), a duplicate stored after the
 duplicate window, events stored out of commit order, and a long range (OUTBOXD_AUDIT_ROWS rows,
-100000 by default; 1000000 was measured once, see the README) with its time and peak memory."""
+100000 by default; 1000000 was measured once, see docs/runbooks.md#audit) with its time and
+peak memory."""
 
 import datetime as dt
 import json

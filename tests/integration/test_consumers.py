@@ -1,6 +1,6 @@
 """Consumer lag: /metrics and `outboxd status` report, per durable consumer of the stream, the
 events it has not acknowledged and how long ago the oldest of them was committed; and the
-README's recipe for the consumer side (idempotency per event id) does what it says."""
+recipe for the consumer side in docs/consumers.md (idempotency per event id) does what it says."""
 
 import json
 import subprocess
@@ -182,7 +182,8 @@ def test_the_consumers_setting_limits_the_list_or_turns_it_off_and_status_shows_
     assert 'consumer:   "billing": 4 pending (1 unacknowledged)' in r.stdout, r.stdout
 
 
-# The README's recipe for the consumer side, word for word: a processed-events table written in
+# docs/consumers.md's recipe for the consumer side, word for word (tests/docs/check.py checks that
+# the guide shows RECIPE_TABLE as it is here): a processed-events table written in
 # the same transaction as the effect, keyed by Outbox-Event-Id when present (copies made by
 # `outboxd replay --new-ids`), else Nats-Msg-Id.
 RECIPE_TABLE = """CREATE TABLE processed_events (

@@ -1,7 +1,7 @@
 """Connection security against real servers: PostgreSQL over TLS with a CA and a client
 certificate made here, the password from a file; NATS over TLS with a client certificate and a
 server name, user and password from a file, a token from the environment, an NKey seed; and the
-relay running with exactly the NATS permissions the README lists."""
+relay running with exactly the NATS permissions docs/security.md lists."""
 
 import base64
 import json
@@ -249,7 +249,8 @@ def test_nats_nkey_seed_file(root, request, pg):
         server.kill()
 
 
-# What the README tells operators to grant the relay's NATS user: publish to the outbox and
+# What docs/security.md tells operators to grant the relay's NATS user, word for word
+# (tests/docs/check.py checks that the guide shows it as it is here): publish to the outbox and
 # dead-letter subjects, the checkpoint bucket, and the JetStream API calls outboxd makes;
 # subscribe to its inboxes.
 RELAY_PERMISSIONS = """
