@@ -457,8 +457,8 @@ static void check_failover(Doctor *d)
     if (version < 170000) {
         report(d, "failover", PASS,
                "PostgreSQL %d has no failover slots: after a failover to a standby the slot is "
-               "missing, and outboxd stops with the choices instead of skipping events (README, "
-               "Failover)",
+               "missing, and outboxd stops with the choices instead of skipping events "
+               "(docs/operations.md, \"Failover\")",
                version / 10000);
         return;
     }

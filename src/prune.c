@@ -57,7 +57,7 @@
  *    Tid Scan over the array (checked with EXPLAIN). ONLY keeps inheritance children out;
  *    partitioned tables are refused: ctids are unique only within one partition, so ctid =
  *    ANY(...) over a partitioned table could delete unrelated rows (drop old partitions
- *    instead, README).
+ *    instead, docs/operations.md).
  *    The cutoff C is now() - --older-than, computed once with the fence, so every batch and a
  *    dry run use the same one. Rows are aged by each table's occurred-at column
  *    (--column-occurred-at); every outbox table is pruned behind the one fence.
@@ -142,8 +142,8 @@ static int check_table(PgStream *pg, const char *publication, const char *schema
     } else if (strcmp(kind, "p") == 0) {
         snprintf(err, errlen,
                  "outbox table %s.%s is partitioned: prune deletes by ctid, which is unique "
-                 "only within one partition; drop old partitions instead (README, \"Cleaning "
-                 "up the outbox\")",
+                 "only within one partition; drop old partitions instead (docs/operations.md, "
+                 "\"Cleaning up the outbox\")",
                  schema, table);
     } else if (strcmp(kind, "r") != 0) {
         snprintf(err, errlen, "%s.%s is not a table (relkind %s)", schema, table, kind);

@@ -207,7 +207,7 @@ static void consider_anchor(Relay *r, Anchor a, uint64_t start)
             log_warn("%s holds events of timeline %u up to " LSN_FMT ", past the point where "
                      "that timeline forked (" LSN_FMT ") into this server's timeline %u: "
                      "transactions the old primary committed after the fork and published are "
-                     "not on this server (see \"Failover\" in the README); every transaction of "
+                     "not on this server (see \"Failover\" in docs/operations.md); every transaction of "
                      "this server after the fork is published",
                      a.from, a.pos.timeline, LSN_ARGS(a.pos.lsn), LSN_ARGS(at), r->sys.timeline);
             a.pos = (OutboxPosition){.lsn = at - 1, .index = UINT32_MAX};
