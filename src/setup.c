@@ -13,10 +13,9 @@
  * The stream's subjects: "<first token>.>" when the subject template starts with a literal
  * token that the dead-letter subject shares ("outbox.>" for the defaults, as in the README's
  * quick start), so a later template under the same prefix needs no change to the stream;
- * otherwise the
- * template's filter ("orders.*") plus the dead-letter subject. Its duplicate window is 2 minutes,
- * or --checkpoint-interval + --ack-timeout + 60 s when that is longer (what the relay needs to
- * drop the events it resends after a crash).
+ * otherwise the template's filter ("orders.*") plus the dead-letter subject. Its duplicate
+ * window is 2 minutes, or --checkpoint-interval + --ack-timeout + 60 s when that is longer (what
+ * the relay needs to drop the events it resends after a crash).
  *
  * The slot is not created here: outboxd creates it on its first start, after checking the
  * publication (a slot made before its publication fails for good). Neither URL is printed; a
