@@ -352,7 +352,7 @@ static int backfill_started(void *arg, char *err, size_t errlen)
 static int reload(Relay *r)
 {
     Checkpoint saved;
-    if (session_load_checkpoint(r, &saved) < 0) {
+    if (relay_load_checkpoint(r, &saved) < 0) {
         log_error("%s", r->err);
         return -1;
     }

@@ -1,5 +1,6 @@
 /*
- * relay.c - the pipeline, and when an LSN may be confirmed.
+ * relay.c - the pipeline, and when an LSN may be confirmed: the bottom of the relay's layers
+ * (run.c), holding its state and the primitives the rooms above use.
  *
  * The rule: the relay reports to PostgreSQL as flushed
  *   - the end LSN of a transaction, once JetStream acknowledged every event of it and of every
@@ -14,11 +15,14 @@
  *
  * PostgreSQL 15 does not write a slot's confirmed position to disk when only that position
  * moved, so after a database restart the slot can come back older than what was published. The
- * confirmed LSN is therefore also kept in a JetStream key-value bucket (the checkpoint, keyed by
- * system id and slot), and streaming starts from the later of the two.
+ * confirmed LSN and the last confirmed transaction are therefore also kept in a JetStream
+ * key-value bucket (the checkpoint, keyed by system id and slot). Streaming starts at the
+ * slot's position all the same; what the checkpoint, the stream or this run know to be stored
+ * past it is skipped by the anchor rule (anchor.c), proven when its transaction comes again:
+ * until then next_event() skips and nothing is confirmed.
  *
  * Silent connections: a NAT entry, a load balancer's idle timeout or a partition can leave the
- * replication connection open with nothing arriving and no FIN. stream() judges it the way
+ * replication connection open with nothing arriving and no FIN. relay_stream() judges it the way
  * PostgreSQL's walreceiver does with wal_receiver_timeout (--pg-receive-timeout): after half
  * the timeout without a message it asks the server for a reply (a status update with reply
  * requested, which the walsender answers at once), and when nothing arrived by the end (and the
@@ -29,8 +33,8 @@
  * is this relay's previous session.
  *
  * Failures: a lost PostgreSQL connection ends the session; the relay lets every published
- * event be acknowledged, reconnects with backoff, and resumes from the confirmed LSN, skipping
- * the rows of a half-received transaction that are already stored. NATS failures are handled
+ * event be acknowledged, reconnects with backoff, and resumes at the slot's position, skipping
+ * the events this run saw stored, inside a half-received transaction too. NATS failures are handled
  * inside the publisher (pause, backoff, resend) while this loop keeps PostgreSQL's status
  * updates flowing. A row that can never become an event goes to the dead-letter subject in its
  * place, or stops the relay (--on-poison=stop) without confirming anything past it.
@@ -38,8 +42,6 @@
  * One thread does everything here; nats.c's reader thread queues publish acknowledgements, and
  * the publisher takes them in on this thread in publisher_poll().
  */
-#include "outboxd/relay.h"
-
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -47,7 +49,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "outboxd/consumers.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
 #include "outboxd/notify.h"
@@ -86,52 +87,6 @@ static uint64_t marks_release(Ring *m, uint64_t first_unacked, Checkpoint *cp)
     return lsn;
 }
 
-void relay_template_filter(const char *tmpl, Buf *out)
-{
-    const char *p = tmpl;
-    for (;;) {
-        const char *dot = strchr(p, '.');
-        size_t n = dot ? (size_t)(dot - p) : strlen(p);
-        if (memchr(p, '{', n))
-            buf_putc(out, '*');
-        else
-            buf_append(out, p, n);
-        if (!dot)
-            break;
-        buf_putc(out, '.');
-        p = dot + 1;
-    }
-}
-
-/* Appends tmpl's filter to the space-separated list in out unless it is there already. */
-static void add_filter(const char *tmpl, Buf *out)
-{
-    Buf f;
-    buf_init(&f);
-    relay_template_filter(tmpl, &f);
-    bool seen = false;
-    for (const char *p = out->data; p && *p && !seen;) {
-        size_t n = strcspn(p, " ");
-        seen = n == f.len && memcmp(p, f.data, n) == 0;
-        p += n + (p[n] == ' ');
-    }
-    if (!seen) {
-        if (out->len > 0)
-            buf_putc(out, ' ');
-        buf_append(out, f.data, f.len);
-    }
-    buf_deinit(&f);
-}
-
-void relay_subject_filter(const Config *cfg, Buf *out)
-{
-    for (size_t i = 0; i < cfg->ntables; i++)
-        add_filter(cfg->tables[i].subject, out);
-    if (cfg->messages)
-        add_filter(cfg->t.subject, out);
-}
-
-
 /* ---- confirming ------------------------------------------------------------------------------ */
 
 int relay_send_status(Relay *r, bool reply)
@@ -148,6 +103,18 @@ int relay_send_status(Relay *r, bool reply)
     r->reported = r->confirmed;
     atomic_store_explicit(&metrics.confirmed_lsn, r->confirmed, memory_order_relaxed);
     r->next_status = now_mono_us() + r->status_interval_us;
+    return 0;
+}
+
+int relay_load_checkpoint(Relay *r, Checkpoint *saved)
+{
+    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, saved, r->err, sizeof(r->err)) < 0)
+        return -1;
+    r->cp.backfill = saved->backfill;
+    if (saved->commit_time > r->cp.commit_time) {
+        r->cp.commit_time = saved->commit_time;
+        r->cp.commit_lsn = saved->commit_lsn;
+    }
     return 0;
 }
 
@@ -546,8 +513,7 @@ static int check_silence(Relay *r, int64_t now)
     return -1;
 }
 
-/* Streams until stop, a lost connection or a fatal failure. */
-static StreamEnd stream(Relay *r)
+StreamEnd relay_stream(Relay *r)
 {
     PublisherStatus st;
     while (!*r->stop) {
@@ -652,214 +618,3 @@ void relay_nap(Relay *r, int64_t us)
         relay_wait_for_work(r, false, min64(until, publisher_next_deadline(r->pub)), &pg_ready);
     }
 }
-
-/* ---- start and stop ----------------------------------------------------------------------------- */
-
-static int start_http(Relay *r)
-{
-    if (strcmp(r->cfg->http_addr, "off") == 0)
-        return 0;
-    if (http_start(&r->http, r->cfg->http_addr, &metrics, r->err, sizeof(r->err)) < 0) {
-        log_error("%s (set --http-addr, or --http-addr=off)", r->err);
-        return -1;
-    }
-    log_info("serving /metrics, /healthz and /readyz on %s", r->cfg->http_addr);
-    return 0;
-}
-
-static int start_nats(Relay *r)
-{
-    const Config *cfg = r->cfg;
-    PublisherOptions po = {
-        .urls = cfg->nats_url,
-        .max_inflight = cfg->max_inflight,
-        .max_inflight_bytes = cfg->max_inflight_bytes,
-        .ack_timeout_ms = cfg->ack_timeout_ms,
-        .strict_order = cfg->strict_order,
-        .retry_min_ms = cfg->retry_min_ms,
-        .retry_max_ms = cfg->retry_max_ms,
-        .dead_letter_subject =
-            strcmp(cfg->on_poison, "dead-letter") == 0 ? cfg->dead_letter_subject : NULL,
-        .table = r->tables,
-    };
-    int rc = publisher_new(&r->pub, &po, r->err, sizeof(r->err));
-    if (rc == 0) {
-        Buf filter;
-        buf_init(&filter);
-        relay_subject_filter(cfg, &filter);
-        rc = publisher_bind_stream(r->pub, filter.data, &r->stream, r->err, sizeof(r->err));
-        if (rc == 0)
-            log_info("connected to NATS; stream \"%s\" (%d replicas) captures %s", r->stream.name,
-                     r->stream.replicas, filter.data);
-        buf_deinit(&filter);
-    }
-    if (rc == 0)
-        rc = publisher_checkpoint_open(r->pub, cfg->checkpoint_bucket, r->stream.replicas, r->err,
-                                       sizeof(r->err));
-    if (rc != 0) {
-        log_error("%s", r->err);
-        return rc == PUBLISH_CHECK_FAILED ? EXIT_OUTBOXD_CHECK : EXIT_OUTBOXD_FAILURE;
-    }
-    /* After a crash, events after the last checkpoint are sent again: they must still be in the
-     * stream's duplicate window then, or JetStream stores them twice. */
-    int64_t need = cfg->checkpoint_interval_ms + cfg->ack_timeout_ms + 60000;
-    if (r->stream.duplicate_window_ms < need)
-        log_warn("stream \"%s\" drops duplicates only within %" PRId64 " ms; events resent after "
-                 "a crash may be stored twice: make its duplicate window at least %" PRId64
-                 " ms (checkpoint interval + ack timeout + a minute for the restart)",
-                 r->stream.name, r->stream.duplicate_window_ms, need);
-    return 0;
-}
-
-int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
-{
-    Relay r = {.cfg = cfg, .stop = stop};
-    ConsumerWatch *consumers = NULL;
-    int code = EXIT_OUTBOXD_FAILURE;
-    outbox_event_init(&r.ev);
-    outbox_event_init(&r.dlq);
-    r.msg = xmalloc(sizeof(PgoMessage));
-    r.next_summary = now_mono_us() + SUMMARY_US;
-    pgstream_set_receive_timeout(cfg->pg_receive_timeout_ms);
-
-    if (outbox_mapper_from_config(&r.mapper, cfg, r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
-        code = EXIT_OUTBOXD_USAGE;
-        goto done;
-    }
-    outbox_mapper_describe_tables(r.mapper, r.tables, sizeof(r.tables));
-    if (cfg->bookmark_every_ms > 0 &&
-        bookmarks_new(&r.bookmarks, cfg->slot, cfg->bookmark_every_ms, cfg->bookmark_keep_ms,
-                      r.err, sizeof(r.err)) < 0) {
-        log_error("%s", r.err);
-        code = EXIT_OUTBOXD_USAGE;
-        goto done;
-    }
-    if (start_http(&r) < 0) {
-        code = EXIT_OUTBOXD_CHECK;
-        goto done;
-    }
-    /* NATS first: its checks change nothing, while the PostgreSQL set-up may create a slot
-     * that holds WAL from then on. */
-    if ((code = start_nats(&r)) != 0)
-        goto done;
-    consumers_start(&consumers, cfg, r.stream.name);
-    code = EXIT_OUTBOXD_FAILURE;
-    int rc = session_connect(&r);
-    if (rc != 0) {
-        code = rc == PGSTREAM_CHECK_FAILED ? EXIT_OUTBOXD_CHECK
-               : *stop                     ? EXIT_OUTBOXD_OK /* stopped while standing by */
-                                           : EXIT_OUTBOXD_FAILURE;
-        goto done;
-    }
-
-    StreamEnd end = STREAM_STOPPED;
-    for (;;) {
-        const char *why = "lost the replication connection";
-        rc = session_acquire_slot(&r);
-        if (rc == SESSION_SLOT_LOST) {
-            if (session_recover_lost(&r) < 0) {
-                end = STREAM_SLOT_LOST;
-                break;
-            }
-            why = "recovering the lost slot";
-        } else if (rc == SESSION_FATAL) {
-            end = STREAM_FATAL;
-            break;
-        } else if (rc == SESSION_BACKFILL_UNFINISHED) {
-            why = "a backfill is unfinished";
-        } else if (rc == 1) { /* stopped */
-            break;
-        } else if (rc == 0) {
-            atomic_store(&metrics.pg_connected, 1);
-            if (r.confirmed > r.reported)
-                relay_send_status(&r, false);
-            end = stream(&r);
-            if (end == STREAM_ANCHOR_FALSE) {
-                /* Start from the slot again, publishing what the false anchor skipped; the
-                 * checkpoint no longer names its transaction. */
-                session_distrust_anchors(&r);
-                why = "ending the session";
-                end = STREAM_PG_LOST;
-            }
-            if (end != STREAM_PG_LOST)
-                break;
-            /* PostgreSQL ends the session of a slot it invalidates: stop now rather than wait
-             * for every event in flight (NATS may be what held the slot back). */
-            if (session_slot_lost(&r)) {
-                r.streaming = false;
-                if (session_recover_lost(&r) < 0) {
-                    end = STREAM_SLOT_LOST;
-                    break;
-                }
-                why = "recovering the lost slot";
-            }
-        }
-        log_warn("%s; letting outstanding events be acknowledged, then reconnecting", why);
-        notify_systemd("STATUS=reconnecting to PostgreSQL");
-        session_end(&r);
-        if (*stop) {
-            end = STREAM_STOPPED;
-            break;
-        }
-        rc = session_reconnect(&r);
-        if (rc > 0) {
-            end = STREAM_STOPPED;
-            break;
-        }
-        if (rc < 0) {
-            end = STREAM_FATAL;
-            break;
-        }
-    }
-
-    notify_systemd("STOPPING=1");
-    if (end == STREAM_STOPPED) {
-        log_info("stopping: waiting up to %" PRId64 " ms for outstanding acknowledgements",
-                 cfg->shutdown_timeout_ms);
-        size_t left = relay_drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
-        if (left)
-            log_warn("%zu events still unacknowledged; they are sent again at the next start",
-                     left);
-    } else {
-        /* Let what was published before the failure be acknowledged (bounded), so the slot is
-         * confirmed right up to it: a restart then repeats nothing before the failure. */
-        relay_drain(&r, now_mono_us() + cfg->shutdown_timeout_ms * 1000, false);
-    }
-    if (r.pg && r.streaming) {
-        if (relay_send_status(&r, false) == 0 && pgstream_finish(r.pg, r.err, sizeof(r.err)) < 0)
-            log_warn("%s", r.err);
-    }
-    if (r.confirmed > r.checkpointed && r.have_sys)
-        relay_checkpoint_put(&r);
-    log_info("published %" PRIu64 " events this run (%" PRIu64 " acknowledged as duplicates)",
-             atomic_load(&metrics.events_published), atomic_load(&metrics.events_duplicate));
-    if (end == STREAM_STOPPED) {
-        log_info("shutting down: confirmed " LSN_FMT, LSN_ARGS(r.confirmed));
-        code = EXIT_OUTBOXD_OK;
-    } else if (end == STREAM_SLOT_LOST) {
-        log_error("stopped: replication slot \"%s\" is lost (see above for how to recover)",
-                  cfg->slot);
-        code = EXIT_OUTBOXD_FAILURE;
-    } else {
-        log_error("stopped after a failure: confirmed " LSN_FMT
-                  "; a restart resends everything after it",
-                  LSN_ARGS(r.confirmed));
-        code = EXIT_OUTBOXD_FAILURE;
-    }
-done:
-    http_stop(r.http);
-    consumers_stop(consumers);
-    publisher_free(r.pub);
-    pgstream_free(r.pg);
-    pgstream_free(r.monitor);
-    bookmarks_free(r.bookmarks);
-    outbox_mapper_free(r.mapper);
-    outbox_event_deinit(&r.ev);
-    outbox_event_deinit(&r.dlq);
-    ring_free(&r.marks);
-    backfill_free(&r);
-    free(r.msg);
-    return code;
-}
-

@@ -1,6 +1,7 @@
 /*
- * relay_internal.h - what relay.c, session.c and backfill.c share: the relay's state and the
- * primitives of its loop. Not an interface for any other module.
+ * relay_internal.h - the relay's rooms, in layers that call only down (see run.c):
+ * run.c -> session.c -> backfill.c -> relay.c. This header holds the relay's state and each
+ * room's interface to the ones above it. Not an interface for any other module.
  */
 #ifndef OUTBOXD_RELAY_INTERNAL_H
 #define OUTBOXD_RELAY_INTERNAL_H
@@ -142,6 +143,12 @@ int relay_wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready
 size_t relay_drain(Relay *r, int64_t deadline, bool until_stop);
 /* Sleeps up to us, taking in acknowledgements, waking early for a stop request. */
 void relay_nap(Relay *r, int64_t us);
+/* Reads the stored checkpoint into *saved and takes its backfill state and later commit time
+ * into r->cp: the relay that held the slot before may have moved both on. -1 when it cannot
+ * be read (err says why). */
+int relay_load_checkpoint(Relay *r, Checkpoint *saved);
+/* Streams until stop, a lost connection, an anchor proved false or a fatal failure. */
+StreamEnd relay_stream(Relay *r);
 
 /* session.c: connecting, taking the slot, standing by, reconnecting */
 
@@ -173,10 +180,6 @@ int session_recover_lost(Relay *r);
 /* Reconnects after a lost connection, with backoff. Returns 0, 1 on stop, -1 when it must not
  * go on (logged). */
 int session_reconnect(Relay *r);
-/* Reads the stored checkpoint into *saved and takes its backfill state and later commit time
- * into r->cp: the relay that held the slot before may have moved both on. -1 when it cannot
- * be read (err says why). */
-int session_load_checkpoint(Relay *r, Checkpoint *saved);
 /* After a lost connection: lets every published event be acknowledged, so the session that
  * follows starts exactly after what is stored. */
 void session_end(Relay *r);

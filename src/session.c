@@ -25,18 +25,6 @@
 #include "outboxd/slot.h"
 #include "relay_internal.h"
 
-int session_load_checkpoint(Relay *r, Checkpoint *saved)
-{
-    if (publisher_checkpoint_get(r->pub, r->checkpoint_key, saved, r->err, sizeof(r->err)) < 0)
-        return -1;
-    r->cp.backfill = saved->backfill;
-    if (saved->commit_time > r->cp.commit_time) {
-        r->cp.commit_time = saved->commit_time;
-        r->cp.commit_lsn = saved->commit_lsn;
-    }
-    return 0;
-}
-
 /*
  * The checkpoint says a relay streamed from this system's slot, but the slot is gone: after a
  * failover to a standby that did not have it (PostgreSQL 15 and 16, or 17 without failover
@@ -54,7 +42,7 @@ static int refuse_missing_slot(Relay *r, const Checkpoint *saved)
     }
     if (info.exists)
         return 0;
-    /* This run may have confirmed more than the stored checkpoint says (session_load_checkpoint keeps
+    /* This run may have confirmed more than the stored checkpoint says (relay_load_checkpoint keeps
      * the later commit time): name the latest, so the runbook's recovery starts no earlier. */
     uint64_t lsn = saved->lsn > r->confirmed ? saved->lsn : r->confirmed;
     if (r->cfg->slot_recovery[0] == 'a') {
@@ -115,7 +103,7 @@ int session_connect(Relay *r)
     anchor_source_format(sys.system_id, cfg->slot, r->source);
     outbox_mapper_set_source(r->mapper, r->source);
     Checkpoint saved;
-    if (session_load_checkpoint(r, &saved) < 0) {
+    if (relay_load_checkpoint(r, &saved) < 0) {
         log_error("%s", r->err);
         rc = -1;
         goto fail;
@@ -303,7 +291,7 @@ static void start_position(Relay *r, uint64_t slot_confirmed)
     /* Read again at every start: while this relay stood by, the one that held the slot moved
      * it on (and may have finished a backfill). */
     Checkpoint saved;
-    if (session_load_checkpoint(r, &saved) < 0) {
+    if (relay_load_checkpoint(r, &saved) < 0) {
         log_warn("%s; not using the checkpoint", r->err);
         memset(&saved, 0, sizeof(saved));
     }

@@ -485,6 +485,30 @@ def check_word_for_word():
            problems)
 
 
+# The relay's rooms, bottom first (src/run.c says why): each may call only the rooms below it.
+LAYERS = ["src/relay.c", "src/backfill.c", "src/session.c", "src/run.c"]
+DEFINITION = re.compile(r"^(?!static\b)[A-Za-z_][\w \*]*?\b([a-z_][a-z0-9_]*)\(", re.M)
+
+
+def check_layers():
+    """No room of the relay calls a function a room above it defines: run -> session ->
+    backfill -> relay call down only."""
+    problems = []
+    defined = {}
+    for path in LAYERS:
+        text = (REPO / path).read_text()
+        defined[path] = {m.group(1) for m in DEFINITION.finditer(text)
+                         if not m.group(0).startswith(("return", "if", "while", "for", "switch"))}
+    for i, lower in enumerate(LAYERS):
+        text = re.sub(r"/\*.*?\*/", "", (REPO / lower).read_text(), flags=re.S)
+        for higher in LAYERS[i + 1:]:
+            for name in sorted(defined[higher]):
+                if re.search(rf"\b{name}\(", text):
+                    problems.append(f"{lower} calls {name}(), which {higher} defines (a room above it)")
+    report(not problems, "layers: " + " -> ".join(reversed([p.split("/")[-1] for p in LAYERS])) +
+           " call down only", problems)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -498,6 +522,7 @@ def main():
     check_commands(files, commands, settings)
     check_manpage(args.bin, settings)
     check_word_for_word()
+    check_layers()
     print(f"{'all docs checks passed' if not failed else f'{failed} docs checks failed'}")
     return 1 if failed else 0
 
