@@ -215,6 +215,7 @@ struct Publisher {
     bool fatal;
     char fatal_msg[1024];
     OutboxEvent dlq;     /* scratch for dead letters built from a refused message */
+    WireBatch batch;     /* sent since the last publisher_flush() (wire.h) */
     int wake_fd;
     atomic_bool closing; /* we are closing the connection ourselves */
     atomic_bool closed;  /* nats.c ran the closed callback: no callback of ours runs after it */
@@ -347,6 +348,7 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
 {
     Publisher *p = xcalloc(1, sizeof(*p));
     p->wake_fd = -1;
+    wire_batch_init(&p->batch);
     jsapi_redact_urls(opts->urls, p->urls, sizeof(p->urls));
     outbox_event_init(&p->dlq);
     p->retry_min_us = opts->retry_min_ms * 1000;
@@ -464,6 +466,11 @@ int publisher_new(Publisher **out, const PublisherOptions *opts, char *err, size
         nats_fail(err, errlen, "could not subscribe for publish acknowledgements", s);
         goto done;
     }
+    char check[96];
+    snprintf(check, sizeof(check), "%s.batch", p->inbox);
+    if (!wire_batch_check(&p->batch, p->nc, check))
+        log_info("this libnats does not take outboxd's batches of messages; publishing each "
+                 "through nats.c's flusher thread instead (about a millisecond later)");
     rc = 0;
 done:
     natsOptions_Destroy(no);
@@ -505,6 +512,7 @@ void publisher_free(Publisher *p)
     if (p->wake_fd >= 0)
         close(p->wake_fd);
     outbox_event_deinit(&p->dlq);
+    wire_batch_deinit(&p->batch);
     free(p->dead_letter_subject);
     free(p->table);
     free(p);
@@ -680,7 +688,7 @@ static void send_slot(Publisher *p, Slot *slot, unsigned attempt, bool in_order)
     slot->sent = true;
     char reply[96];
     reply_subject(p, slot->seq, attempt, reply, sizeof(reply));
-    natsStatus s = wire_publish(p->nc, &slot->wire, reply);
+    natsStatus s = wire_batch_add(&p->batch, p->nc, &slot->wire, reply);
     if (s != NATS_OK)
         log_debug("publish of seq %" PRIu64 " failed at once: %s", slot->seq,
                   natsStatus_GetText(s));
@@ -1165,6 +1173,14 @@ static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
     clear_slot(p, slot);
 }
 
+void publisher_flush(Publisher *p)
+{
+    natsStatus s = wire_batch_flush(&p->batch, p->nc);
+    if (s != NATS_OK)
+        log_debug("could not write published events: %s (sent again after the reconnect)",
+                  natsStatus_GetText(s));
+}
+
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
 {
     /* A disconnect loses the answers to everything in flight: send it all again. */
@@ -1243,6 +1259,7 @@ void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st)
         p->paused = false;
         resend_window(p, probe);
     }
+    publisher_flush(p); /* what the caller published since the last poll, and the resends */
 
     st->next_seq = p->next;
     st->first_unacked = p->head;

@@ -425,6 +425,7 @@ static int handle_copy(Relay *r, const char *buf, size_t len, bool *reply)
  * *pg_ready tells whether the socket has data. */
 int relay_wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready)
 {
+    publisher_flush(r->pub); /* nothing published waits while this thread sleeps */
     struct pollfd fds[2] = {
         {.fd = publisher_wake_fd(r->pub), .events = POLLIN},
         {.fd = want_pg ? pgstream_socket(r->pg) : -1, .events = POLLIN},

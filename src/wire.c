@@ -10,6 +10,23 @@
  * as written (wire_raw_supported()), and otherwise publishes through the documented header API,
  * which works everywhere, only slower. meson defines OUTBOXD_NATS_RAW when libnats exports the
  * two functions at all.
+ *
+ * Batches. nats.c writes what is published from its flusher thread: the first publish after a
+ * write signals the thread, which then waits a millisecond for more before it writes. On a
+ * live outbox that is a millisecond on every event's way and two thread wake-ups per relay
+ * wake-up; its only alternative (natsOptions_SetSendAsap) writes every message with a system
+ * call of its own, which cost more than it saved. A WireBatch instead gathers the HPUB frames
+ * of what one wake-up of the relay publishes and hands them to the connection in one go:
+ * under the connection's lock (nats.c's mutexes are recursive), while it is connected, it
+ * appends them to the connection's write buffer and writes that buffer out
+ * (natsConn_bufferWrite/natsConn_bufferFlush, what nats.c's own publish and flusher call). The
+ * flusher is never signalled for them. These four functions are exported by libnats but not
+ * declared, like natsMsg_create: meson defines OUTBOXD_NATS_BATCH when they exist, and
+ * wire_batch_check() sends one message this way to itself at start and uses the direct path
+ * only when it comes back as written. Not connected, a batch is dropped: the publisher sends
+ * everything unacknowledged again after a reconnect anyway. nats.c's write deadline
+ * (NATS_DEFAULT_LIB_WRITE_DEADLINE, natsOptions_SetWriteDeadline) is not re-armed on this path,
+ * so it is not used with a deadline.
  */
 #include "outboxd/wire.h"
 
@@ -32,6 +49,15 @@ natsStatus natsMsg_create(natsMsg **newMsg, const char *subject, int subjLen, co
 /* Frees a message at once, where natsMsg_Destroy() hands it to nats.c's collector thread. */
 void natsMsg_free(void *object);
 #endif
+#ifdef OUTBOXD_NATS_BATCH
+/* libnats's own: the connection's lock (recursive) with a reference, and its write buffer. */
+void natsConn_lockAndRetain(natsConnection *nc);
+void natsConn_unlockAndRelease(natsConnection *nc);
+natsStatus natsConn_bufferWrite(natsConnection *nc, const char *buffer, int len);
+natsStatus natsConn_bufferFlush(natsConnection *nc);
+#endif
+/* A batch writes itself out once it holds this much. */
+#define WIRE_BATCH_MAX (64 * 1024)
 
 void wire_init(WireMsg *w)
 {
@@ -294,4 +320,129 @@ natsStatus wire_publish(natsConnection *nc, const WireMsg *w, const char *reply)
     s = natsConnection_PublishMsg(nc, msg);
     wire_msg_free(msg, raw);
     return s;
+}
+
+/* ---- batches ---------------------------------------------------------------------------- */
+
+void wire_batch_init(WireBatch *b)
+{
+    memset(b, 0, sizeof(*b));
+    buf_init(&b->frames);
+}
+
+void wire_batch_deinit(WireBatch *b)
+{
+    buf_deinit(&b->frames);
+    wire_batch_init(b);
+}
+
+static char *put_uint(char *p, size_t v)
+{
+    char digits[24], *d = digits + sizeof(digits);
+    do
+        *--d = (char)('0' + v % 10);
+    while ((v /= 10) != 0);
+    return put(p, d, (size_t)(digits + sizeof(digits) - d));
+}
+
+/* "HPUB <subject> <reply> <header bytes> <total bytes>\r\n<headers><body>\r\n" */
+static void append_frame(Buf *out, const WireMsg *w, const char *reply)
+{
+    size_t rlen = reply ? strlen(reply) : 0;
+    buf_reserve(out, 5 + w->subject_len + 1 + rlen + 1 + 48 + w->hdr_len + w->body_len + 2);
+    char *p = out->data + out->len;
+    p = put(p, "HPUB ", 5);
+    p = put(p, wire_subject(w), w->subject_len);
+    *p++ = ' ';
+    if (rlen) {
+        p = put(p, reply, rlen);
+        *p++ = ' ';
+    }
+    p = put_uint(p, w->hdr_len);
+    *p++ = ' ';
+    p = put_uint(p, w->hdr_len + w->body_len);
+    p = put(p, "\r\n", 2);
+    p = put(p, wire_hdr(w), w->hdr_len + w->body_len);
+    p = put(p, "\r\n", 2);
+    out->len = (size_t)(p - out->data);
+}
+
+natsStatus wire_batch_flush(WireBatch *b, natsConnection *nc)
+{
+    if (b->count == 0)
+        return NATS_OK;
+    natsStatus s = NATS_NOT_YET_CONNECTED;
+#ifdef OUTBOXD_NATS_BATCH
+    natsConn_lockAndRetain(nc);
+    if (natsConnection_Status(nc) == NATS_CONN_STATUS_CONNECTED) {
+        s = natsConn_bufferWrite(nc, b->frames.data, (int)b->frames.len);
+        if (s == NATS_OK)
+            s = natsConn_bufferFlush(nc);
+    }
+    natsConn_unlockAndRelease(nc);
+#else
+    (void)nc;
+#endif
+    b->frames.len = 0;
+    b->count = 0;
+    return s;
+}
+
+natsStatus wire_batch_add(WireBatch *b, natsConnection *nc, const WireMsg *w, const char *reply)
+{
+    if (!b->direct)
+        return wire_publish(nc, w, reply);
+    append_frame(&b->frames, w, reply);
+    b->count++;
+    return b->frames.len >= WIRE_BATCH_MAX ? wire_batch_flush(b, nc) : NATS_OK;
+}
+
+bool wire_batch_check(WireBatch *b, natsConnection *nc, const char *subject)
+{
+    b->direct = false;
+#ifdef OUTBOXD_NATS_BATCH
+    OutboxEvent ev;
+    outbox_event_init(&ev);
+    buf_puts(&ev.subject, subject);
+    outbox_event_add_header(&ev, OUTBOX_HDR_MSG_ID, "batch-check", 11);
+    ev.body = "{\"batch\":1}";
+    ev.body_len = strlen(ev.body);
+    WireMsg w;
+    wire_init(&w);
+    wire_encode(&w, &ev, NULL);
+    natsSubscription *sub = NULL;
+    natsMsg *msg = NULL;
+    natsStatus s = natsConnection_SubscribeSync(&sub, nc, subject);
+    if (s == NATS_OK)
+        s = natsConnection_FlushTimeout(nc, 5000);
+    if (s == NATS_OK) {
+        b->direct = true;
+        append_frame(&b->frames, &w, subject);
+        b->count++;
+        s = wire_batch_flush(b, nc);
+        b->direct = false;
+    }
+    if (s == NATS_OK)
+        s = natsSubscription_NextMsg(&msg, sub, 5000);
+    if (s == NATS_OK) {
+        const char *id = NULL;
+        b->direct = strcmp(natsMsg_GetSubject(msg), subject) == 0 && natsMsg_GetReply(msg) &&
+                    strcmp(natsMsg_GetReply(msg), subject) == 0 &&
+                    natsMsg_GetDataLength(msg) == (int)ev.body_len &&
+                    memcmp(natsMsg_GetData(msg), ev.body, ev.body_len) == 0 &&
+                    natsMsgHeader_Get(msg, OUTBOX_HDR_MSG_ID, &id) == NATS_OK && id &&
+                    strcmp(id, "batch-check") == 0;
+    }
+    natsMsg_Destroy(msg);
+    if (sub) {
+        natsSubscription_Unsubscribe(sub);
+        natsSubscription_Destroy(sub);
+    }
+    wire_deinit(&w);
+    outbox_event_deinit(&ev);
+#else
+    (void)nc;
+    (void)subject;
+#endif
+    return b->direct;
 }

@@ -88,13 +88,18 @@ bool publisher_has_room(const Publisher *p);
 int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uint64_t *seq,
                       char *err, size_t errlen);
 
+/* Writes what was published since the last flush to the connection in one go (wire.h's
+ * batches). publisher_poll() flushes too; call it before waiting, or events published since
+ * the last poll sit unsent until the next one. */
+void publisher_flush(Publisher *p);
+
 /* The largest body a dead letter may carry (the server's max_payload less room for headers). */
 size_t publisher_max_body(const Publisher *p);
 
 /*
  * Takes in acknowledgements, releases acknowledged events from the head of the window, and
  * drives recovery: notices failures, pauses, and sends the window again after the backoff.
- * now is CLOCK_MONOTONIC µs.
+ * Ends with publisher_flush(). now is CLOCK_MONOTONIC µs.
  */
 void publisher_poll(Publisher *p, int64_t now, PublisherStatus *st);
 

@@ -93,4 +93,27 @@ bool wire_raw_supported(void);
 /* Publishes w with the reply subject; the message is copied into the connection's buffer. */
 natsStatus wire_publish(natsConnection *nc, const WireMsg *w, const char *reply);
 
+/*
+ * A batch of messages on their way out: what one wake-up of the relay publishes, written to
+ * the socket in one system call when wire_batch_flush() is called (see wire.c for why and
+ * how). Without the direct path (wire_batch_check() failed or was not called) every message
+ * goes through wire_publish() at once and nats.c's flusher thread writes it.
+ */
+typedef struct WireBatch {
+    Buf frames;   /* HPUB protocol lines with their messages, not yet handed to nats.c */
+    size_t count; /* messages in frames */
+    bool direct;  /* frames are written into the connection's buffer by outboxd */
+} WireBatch;
+
+void wire_batch_init(WireBatch *b);
+void wire_batch_deinit(WireBatch *b);
+/* Checks once on nc that a message sent the direct way arrives as written (a round trip
+ * through the server on subject, which nothing else may subscribe to); sets b->direct. */
+bool wire_batch_check(WireBatch *b, natsConnection *nc, const char *subject);
+/* Adds w with the reply subject; flushes when the batch grows large. */
+natsStatus wire_batch_add(WireBatch *b, natsConnection *nc, const WireMsg *w, const char *reply);
+/* Writes every message added since the last flush. Messages that cannot be written (not
+ * connected) are dropped: the caller sends again what is not acknowledged. */
+natsStatus wire_batch_flush(WireBatch *b, natsConnection *nc);
+
 #endif
