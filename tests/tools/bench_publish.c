@@ -19,6 +19,7 @@
  * Usage:
  *   bench_publish --count N [--url URL] [--stream NAME] [--subject-prefix P] [--body-bytes B]
  *                 [--window W] [--mode core|async] [--chain]
+ *   bench_publish --rate R --duration S [...]      (paced: "NATS alone" of scripts/bench's live)
  *
  * Modes:
  *   core   (default) what outboxd does: the header block encoded once (src/wire.c), a core NATS
@@ -27,6 +28,14 @@
  *          messages (default 4096, outboxd's --max-inflight default) are unacknowledged at once.
  *   async  nats.c's JetStream async API: js_PublishMsgAsync with PublishAsync.MaxPending =
  *          --window and an AckHandler counting the acks, then js_PublishAsyncComplete.
+ *
+ * Paced (--rate R --duration S, core mode only): the live floor of scripts/bench. Like its paced
+ * writer (1000 transactions/s of R/1000 rows), it publishes a burst of R/1000 messages every
+ * millisecond (fewer bursts below 1000/s), each stamped Outbox-Commit-Time = the wall clock at
+ * the burst, so a subscriber measures publish to receipt as it measures outboxd's commit to
+ * receipt. The cheapest way to hand a burst to the server: a WireBatch (src/wire.c), one write
+ * per burst; where that is not available nats.c's flusher writes it ("flush" in the output).
+ * "start_unix"/"end_unix" bound the bursts; "behind_max_s" is how late the latest burst was.
  *
  * The clock starts before the first publish and stops when the last PubAck arrived. With
  * --stream NAME the stream must exist before the start, and its message count afterwards is
@@ -70,6 +79,8 @@ typedef struct Args {
     int64_t count;
     int64_t body_bytes;
     int64_t window;
+    double rate;     /* paced: messages per second (0: as fast as the window allows) */
+    double duration; /* paced: seconds */
     bool chain;
 } Args;
 
@@ -151,8 +162,19 @@ static void parse_args(int argc, char **argv, Args *a)
             a->body_bytes = parse_int(name, val);
         else if (strcmp(name, "--window") == 0)
             a->window = parse_int(name, val);
+        else if (strcmp(name, "--rate") == 0)
+            a->rate = (double)parse_int(name, val);
+        else if (strcmp(name, "--duration") == 0)
+            a->duration = (double)parse_int(name, val);
         else
             usage("unknown option", name);
+    }
+    if (a->rate > 0) {
+        if (a->duration <= 0)
+            usage("--rate needs", "--duration");
+        if (strcmp(a->mode, "core") != 0)
+            usage("--rate works with", "--mode core");
+        a->count = 0; /* decided by rate and duration */
     }
     if (a->count < 0)
         usage("missing option", "--count");
@@ -340,6 +362,7 @@ typedef struct Gen {
     uint64_t base_lsn;
     OutboxEvent ev;
     double header_bytes; /* sum over messages of the encoded header block size */
+    int64_t commit_us;   /* paced: the burst's wall clock, for Outbox-Commit-Time (0: synthetic) */
 } Gen;
 
 static void gen_init(Gen *g, const Args *a)
@@ -389,7 +412,7 @@ static void build(Gen *g, int64_t i, WireMsg *w)
     make_uuid(id);
     snprintf(aggid, sizeof(aggid), "agg-%" PRId64, i % 100000);
     rfc3339(occurred, sizeof(occurred), g->base_us + i);
-    rfc3339(committed, sizeof(committed), g->base_us + i + 50);
+    rfc3339(committed, sizeof(committed), g->commit_us ? g->commit_us : g->base_us + i + 50);
     hex(trace, rng_next(), 16);
     hex(trace + 16, rng_next(), 16);
     trace[32] = '\0';
@@ -422,6 +445,84 @@ static void build(Gen *g, int64_t i, WireMsg *w)
     snprintf(expected, sizeof(expected), "%" PRId64, i);
     wire_encode(w, ev, a->chain ? expected : NULL);
     g->header_bytes += (double)w->hdr_len;
+}
+
+static int fail_nats(const char *what, natsStatus s);
+
+static int64_t unix_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void sleep_until(double t)
+{
+    struct timespec ts = {.tv_sec = (time_t)t, .tv_nsec = (long)((t - (double)(time_t)t) * 1e9)};
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+        ;
+}
+
+typedef struct Paced {
+    double start_unix, end_unix, behind_max;
+    bool batched;
+} Paced;
+
+/* The paced mode: bursts of rate/1000 messages every millisecond for duration seconds. Returns
+ * the number sent, or -1 (reported) on a failed publish or a stall. */
+static int64_t run_paced(const Args *a, natsConnection *nc, const char *inbox, Gen *g, Paced *pc)
+{
+    WireBatch batch;
+    wire_batch_init(&batch);
+    char check[192];
+    snprintf(check, sizeof(check), "%s-check", inbox);
+    pc->batched = wire_batch_check(&batch, nc, check);
+    double bursts = a->rate < 1000 ? a->rate : 1000;
+    int64_t per = (int64_t)(a->rate / bursts + 0.5);
+    bursts = a->rate / (double)per;
+    int64_t nbursts = (int64_t)(a->duration * bursts + 0.5);
+    WireMsg w;
+    wire_init(&w);
+    int64_t sent = 0;
+    double t0 = now_s();
+    pc->start_unix = (double)unix_us() / 1e6;
+    for (int64_t j = 0; j < nbursts; j++) {
+        double due = t0 + (double)j / bursts;
+        double now = now_s();
+        if (now < due)
+            sleep_until(due);
+        else if (now - due > pc->behind_max)
+            pc->behind_max = now - due;
+        g->commit_us = unix_us();
+        for (int64_t k = 0; k < per; k++, sent++) {
+            if (!wait_for_room(sent, a->window)) {
+                fprintf(stderr, "bench_publish: no ack for %d s; giving up\n",
+                        STALL_LIMIT_MS / 1000);
+                sent = -1;
+                goto done;
+            }
+            build(g, sent, &w);
+            char reply[192];
+            snprintf(reply, sizeof(reply), "%s.%" PRId64, inbox, sent);
+            natsStatus s = wire_batch_add(&batch, nc, &w, reply);
+            if (s != NATS_OK) {
+                fail_nats("publish", s);
+                sent = -1;
+                goto done;
+            }
+        }
+        natsStatus s = wire_batch_flush(&batch, nc);
+        if (s != NATS_OK) {
+            fail_nats("publish", s);
+            sent = -1;
+            goto done;
+        }
+    }
+done:
+    pc->end_unix = (double)unix_us() / 1e6;
+    wire_deinit(&w);
+    wire_batch_deinit(&batch);
+    return sent;
 }
 
 static int fail_nats(const char *what, natsStatus s)
@@ -501,7 +602,16 @@ int main(int argc, char **argv)
     WireMsg w;
     wire_init(&w);
     double t0 = now_s();
-    for (int64_t i = 0; i < a.count; i++) {
+    Paced pc = {0};
+    if (a.rate > 0) {
+        sent = run_paced(&a, nc, inbox, &g, &pc);
+        if (sent < 0) {
+            rc = 1;
+            sent = 0;
+        }
+        a.count = sent;
+    }
+    for (int64_t i = 0; a.rate <= 0 && i < a.count; i++) {
         build(&g, i, &w);
         if (!async) {
             if (!wait_for_room(sent, a.window)) {
@@ -569,6 +679,11 @@ int main(int argc, char **argv)
            (int64_t)atomic_load(&st.duplicates), stored, a.mode, a.window,
            a.chain ? "true" : "false", a.body_bytes,
            sent > 0 ? g.header_bytes / (double)sent : 0.0);
+    if (a.rate > 0)
+        printf(",\"paced_rate\":%.1f,\"start_unix\":%.6f,\"end_unix\":%.6f,\"behind_max_s\":%.4f,"
+               "\"flush\":\"%s\"",
+               pc.end_unix > pc.start_unix ? (double)sent / (pc.end_unix - pc.start_unix) : 0.0,
+               pc.start_unix, pc.end_unix, pc.behind_max, pc.batched ? "batch" : "flusher");
     if (errors > 0) {
         printf(",\"first_error\":\"");
         for (const char *p = st.first_error; *p; p++)
