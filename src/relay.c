@@ -40,7 +40,10 @@
  * place, or stops the relay (--on-poison=stop) without confirming anything past it.
  *
  * One thread does everything here; nats.c's reader thread queues publish acknowledgements, and
- * the publisher takes them in on this thread in publisher_poll().
+ * the publisher takes them in on this thread in publisher_poll(). This thread waits for nothing
+ * but its own work: the WAL position for the lag gauge and the bookmarks, synchronous queries,
+ * are made by the monitoring thread (monitor.c); the checkpoint is written without waiting for
+ * its answer; consumer lag has a thread of its own (consumers.c).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -444,28 +447,6 @@ int relay_wait_for_work(Relay *r, bool want_pg, int64_t deadline, bool *pg_ready
     return 0;
 }
 
-/* Reads the server's WAL position for the replication lag gauge. Best effort: a failure only
- * leaves the gauge as it was, and the session is opened again next time. */
-static void monitor_wal(Relay *r, int64_t now)
-{
-    if (now < r->next_monitor)
-        return;
-    r->next_monitor = now + MONITOR_US;
-    if (!r->monitor && pgstream_connect_plain(&r->monitor, r->cfg->pg_url, r->err,
-                                              sizeof(r->err)) != 0) {
-        log_debug("monitoring session: %s", r->err);
-        return;
-    }
-    uint64_t lsn;
-    if (pgstream_wal_lsn(r->monitor, &lsn, r->err, sizeof(r->err)) < 0) {
-        log_debug("monitoring session: %s", r->err);
-        pgstream_free(r->monitor);
-        r->monitor = NULL;
-        return;
-    }
-    atomic_store_explicit(&metrics.server_wal_lsn, lsn, memory_order_relaxed);
-}
-
 static void summary(Relay *r, int64_t now, const PublisherStatus *st)
 {
     if (now < r->next_summary)
@@ -553,12 +534,6 @@ StreamEnd relay_stream(Relay *r)
         if (check_silence(r, now) < 0)
             return STREAM_PG_LOST;
         checkpoint_async(r, now);
-        monitor_wal(r, now);
-        if (r->bookmarks && r->monitor &&
-            bookmark_tick(r->bookmarks, r->monitor, now_unix_us()) < 0) {
-            pgstream_free(r->monitor); /* monitor_wal opens it again */
-            r->monitor = NULL;
-        }
         summary(r, now, &st);
         if (more)
             continue;
@@ -568,8 +543,7 @@ StreamEnd relay_stream(Relay *r)
          * doubling it again and again over a long backlog. */
         if (want_pg && !drained)
             continue;
-        int64_t deadline = min64(min64(r->next_status, r->next_monitor),
-                                 publisher_next_deadline(r->pub));
+        int64_t deadline = min64(r->next_status, publisher_next_deadline(r->pub));
         deadline = min64(deadline, pgstream_liveness_deadline(r->last_received, r->reply_asked,
                                                               r->cfg->pg_receive_timeout_ms * 1000));
         bool pg_ready;

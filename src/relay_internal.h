@@ -24,7 +24,7 @@
 #define BATCH 512
 /* How often a standby looks whether the slot became free. */
 #define STANDBY_POLL_US INT64_C(1000000)
-/* How often the server's WAL position is read for the lag gauge. */
+/* How often the server's WAL position is read for the lag gauge (by monitor.c's thread). */
 #define MONITOR_US INT64_C(5000000)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
@@ -55,9 +55,8 @@ typedef struct Relay {
     const Config *cfg;
     volatile sig_atomic_t *stop;
     PgStream *pg;
-    PgStream *monitor; /* an ordinary session for the server's WAL position */
-    Bookmarks *bookmarks; /* NULL with --bookmark-every=0 */
-    int64_t next_monitor;
+    PgStream *monitor; /* an ordinary session for checks between sessions (the monitoring
+                        * thread, monitor.c, has its own) */
     Publisher *pub;
     OutboxMapper *mapper;
     HttpServer *http;

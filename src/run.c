@@ -18,6 +18,7 @@
 #include "outboxd/consumers.h"
 #include "outboxd/log.h"
 #include "outboxd/metrics.h"
+#include "outboxd/monitor.h"
 #include "outboxd/notify.h"
 #include "relay_internal.h"
 
@@ -128,6 +129,8 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 {
     Relay r = {.cfg = cfg, .stop = stop};
     ConsumerWatch *consumers = NULL;
+    Monitor *monitor = NULL;
+    Bookmarks *bookmarks = NULL;
     int code = EXIT_OUTBOXD_FAILURE;
     outbox_event_init(&r.ev);
     outbox_event_init(&r.dlq);
@@ -142,7 +145,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     }
     outbox_mapper_describe_tables(r.mapper, r.tables, sizeof(r.tables));
     if (cfg->bookmark_every_ms > 0 &&
-        bookmarks_new(&r.bookmarks, cfg->slot, cfg->bookmark_every_ms, cfg->bookmark_keep_ms,
+        bookmarks_new(&bookmarks, cfg->slot, cfg->bookmark_every_ms, cfg->bookmark_keep_ms,
                       r.err, sizeof(r.err)) < 0) {
         log_error("%s", r.err);
         code = EXIT_OUTBOXD_USAGE;
@@ -157,6 +160,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
     if ((code = start_nats(&r)) != 0)
         goto done;
     consumers_start(&consumers, cfg, r.stream.name);
+    monitor_start(&monitor, cfg->pg_url, &bookmarks, MONITOR_US);
     code = EXIT_OUTBOXD_FAILURE;
     int rc = session_connect(&r);
     if (rc != 0) {
@@ -187,7 +191,9 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
             atomic_store(&metrics.pg_connected, 1);
             if (r.confirmed > r.reported)
                 relay_send_status(&r, false);
+            monitor_set_streaming(monitor, true);
             end = relay_stream(&r);
+            monitor_set_streaming(monitor, false);
             if (end == STREAM_ANCHOR_FALSE) {
                 /* Start from the slot again, publishing what the false anchor skipped; the
                  * checkpoint no longer names its transaction. */
@@ -263,10 +269,11 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
 done:
     http_stop(r.http);
     consumers_stop(consumers);
+    monitor_stop(monitor);
     publisher_free(r.pub);
     pgstream_free(r.pg);
     pgstream_free(r.monitor);
-    bookmarks_free(r.bookmarks);
+    bookmarks_free(bookmarks); /* when the monitor did not take them */
     outbox_mapper_free(r.mapper);
     outbox_event_deinit(&r.ev);
     outbox_event_deinit(&r.dlq);
