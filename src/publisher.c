@@ -11,8 +11,10 @@
  * the subscription is synchronous, so nats.c's reader thread only queues an answer and wakes no
  * other thread for it (an asynchronous subscription hands every answer to a delivery thread,
  * which cost a thread switch per event). The relay does not learn of an answer the moment it
- * arrives: while events are in flight, publisher_next_deadline() is at most ACK_POLL_US away,
- * so the relay looks that often and takes in every answer queued by then in one go. Each answer
+ * arrives: it takes in every answer queued by then at each of its wake-ups (a live relay wakes
+ * for every transaction PostgreSQL sends), and while events are in flight
+ * publisher_next_deadline() is at most ACK_POLL_US away, so that the last answers are taken in
+ * when PostgreSQL goes quiet. Each answer
  * compare-and-swaps its slot's state word, which packs (seq, attempt, error code, state): an
  * answer for an event whose slot was already reused, or for an earlier attempt, fails the swap
  * and is ignored. nats.c's connection callbacks still run on its thread; they poke an eventfd.
@@ -133,9 +135,13 @@ enum {
 #define SEQ_MASK ((UINT64_C(1) << SEQ_BITS) - 1)
 /* Room left for a dead letter's headers below max_payload. */
 #define DEAD_LETTER_HEADER_ROOM 4096
-/* How often the relay takes in acknowledgements while events are in flight. Longer batches
- * more answers per wake-up; it adds up to this much to the commit-to-ack latency. */
-#define ACK_POLL_US INT64_C(1000)
+/* The longest the relay goes without taking in acknowledgements while events are in flight.
+ * Every wake-up takes them in anyway; this one is for when nothing else wakes the relay. At
+ * 1 ms it was a second wake-up for nearly every transaction of a live outbox (1000 commits a
+ * second come about every millisecond), and wake-ups are what a live relay spends its CPU on;
+ * 5 ms is still far below anything that waits for acknowledgements (the status interval, the
+ * ack timeout), and adds at most that to the commit-to-ack histogram of a quiet outbox. */
+#define ACK_POLL_US INT64_C(5000)
 
 static inline uint64_t state_word(uint64_t seq, unsigned attempt, unsigned code, unsigned st)
 {
