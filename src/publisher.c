@@ -222,6 +222,7 @@ struct Publisher {
     char fatal_msg[1024];
     OutboxEvent dlq;     /* scratch for dead letters built from a refused message */
     WireBatch batch;     /* sent since the last publisher_flush() (wire.h) */
+    bool hold;           /* publisher_hold() */
     int wake_fd;
     atomic_bool closing; /* we are closing the connection ourselves */
     atomic_bool closed;  /* nats.c ran the closed callback: no callback of ours runs after it */
@@ -1179,8 +1180,17 @@ static void release(Publisher *p, Slot *slot, unsigned state, int64_t now_unix)
     clear_slot(p, slot);
 }
 
+void publisher_hold(Publisher *p, bool hold)
+{
+    p->hold = hold;
+    if (!hold)
+        publisher_flush(p);
+}
+
 void publisher_flush(Publisher *p)
 {
+    if (p->hold)
+        return;
     natsStatus s = wire_batch_flush(&p->batch, p->nc);
     if (s != NATS_OK)
         log_debug("could not write published events: %s (sent again after the reconnect)",

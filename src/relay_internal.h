@@ -26,6 +26,9 @@
 #define STANDBY_POLL_US INT64_C(1000000)
 /* How often the server's WAL position is read for the lag gauge (by monitor.c's thread). */
 #define MONITOR_US INT64_C(5000000)
+/* Inside a transaction, events wait for the rest of it at most this long after the last data
+ * from PostgreSQL before they are written to NATS (see stream()). */
+#define TXN_HOLD_US INT64_C(200)
 /* How often the summary line is logged. */
 #define SUMMARY_US INT64_C(60000000)
 /* A session that streamed this long was real progress: the reconnect backoff starts afresh.

@@ -193,6 +193,7 @@ int relay_run(const Config *cfg, volatile sig_atomic_t *stop)
                 relay_send_status(&r, false);
             monitor_set_streaming(monitor, true);
             end = relay_stream(&r);
+            publisher_hold(r.pub, false); /* what a transaction left held goes out */
             monitor_set_streaming(monitor, false);
             if (end == STREAM_ANCHOR_FALSE) {
                 /* Start from the slot again, publishing what the false anchor skipped; the

@@ -92,6 +92,9 @@ int publisher_publish(Publisher *p, const OutboxEvent *ev, bool dead_letter, uin
  * batches). publisher_poll() flushes too; call it before waiting, or events published since
  * the last poll sit unsent until the next one. */
 void publisher_flush(Publisher *p);
+/* While hold, publisher_flush() and publisher_poll() keep the batch (it still goes out when it
+ * grows large); publisher_hold(p, false) flushes. */
+void publisher_hold(Publisher *p, bool hold);
 
 /* The largest body a dead letter may carry (the server's max_payload less room for headers). */
 size_t publisher_max_body(const Publisher *p);
