@@ -503,8 +503,10 @@ static int check_silence(Relay *r, int64_t now)
  * and the relay's reader thread one more for the answers. PostgreSQL's walsender sends every
  * change of a transaction with a send() of its own, so the rows of one transaction arrive in
  * several pieces and woke the relay for each: eight wake-ups for a transaction of ten rows. When
- * a read ends inside a transaction, the relay now sleeps TXN_HOLD_US without watching the
- * socket and then reads everything that came meanwhile, and the transaction's events are held
+ * a read ends inside a transaction and the socket holds nothing more yet, the relay now sleeps
+ * TXN_HOLD_US without watching the socket and then reads everything that came meanwhile (while
+ * the socket has data, as in a backlog or a large transaction, it reads on without sleeping),
+ * and the transaction's events are held
  * back (publisher_hold) until its Commit, or until TXN_HOLD_US passed without more data, and go
  * to NATS in one write: they all committed at the same moment, and the rest of the transaction
  * follows within microseconds. A transaction costs two wake-ups, whatever its size.
@@ -563,6 +565,15 @@ StreamEnd relay_stream(Relay *r)
          * doubling it again and again over a long backlog. */
         if (want_pg && !drained)
             continue;
+        if (want_pg && hold && i > 0) {
+            /* The read ended inside a transaction: take what the socket holds already (a
+             * backlog, a large transaction) before sleeping for the rest. */
+            if (pgstream_consume(r->pg, r->err, sizeof(r->err)) < 0) {
+                log_warn("%s", r->err);
+                return STREAM_PG_LOST;
+            }
+            continue;
+        }
         int64_t deadline = min64(r->next_status, publisher_next_deadline(r->pub));
         deadline = min64(deadline, pgstream_liveness_deadline(r->last_received, r->reply_asked,
                                                               r->cfg->pg_receive_timeout_ms * 1000));
