@@ -478,7 +478,7 @@ bool session_slot_lost(Relay *r)
                                                   sizeof(r->err)) != 0)
             return false;
         if (pgstream_slot_info(r->monitor, r->cfg->slot, &info, r->err, sizeof(r->err)) < 0) {
-            pgstream_free(r->monitor); /* monitor_wal opens it again */
+            pgstream_free(r->monitor); /* opened again when next needed */
             r->monitor = NULL;
             return false;
         }

@@ -226,8 +226,26 @@ static void test_round_trip(void)
     CHECK(probe("--http-addr=off", NULL, NULL) == 1);
 }
 
+extern char **environ;
+
+/* health_main reads its settings as the relay does, and refuses OUTBOXD_* variables it does
+ * not know: run it in an environment without the caller's (a test runner's OUTBOXD_TEST_*). */
+static void clean_environment(void)
+{
+    for (size_t i = 0; environ[i];) {
+        if (strncmp(environ[i], "OUTBOXD_", 8) == 0) {
+            char name[128];
+            snprintf(name, sizeof(name), "%.*s", (int)strcspn(environ[i], "="), environ[i]);
+            unsetenv(name); /* environ changes: look at the same index again */
+        } else {
+            i++;
+        }
+    }
+}
+
 int main(void)
 {
+    clean_environment();
     test_target();
     test_parse();
     test_body_line();
