@@ -9,11 +9,38 @@ import time
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def stat_fields(path):
+    """The fields of a /proc/.../stat file after the command name: [0] is field 3 (state), so
+    ppid is [1], utime [11], stime [12], cutime [13], cstime [14], starttime [19]."""
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def all_stats():
+    """(pid, stat_fields) of every process; one that ends meanwhile is left out."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            yield int(d), stat_fields(f"/proc/{d}/stat")
+        except OSError:
+            pass
+
+
+def ctx_switches(path):
+    """Voluntary + involuntary context switches from a /proc/.../status file."""
+    n = 0
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                n += int(line.split()[1])
+    return n
+
+
 def proc_cpu(pid, children=False):
     """utime+stime (and, with children, cutime+cstime) of pid in seconds; None when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = stat_fields(f"/proc/{pid}/stat")
     except OSError:
         return None
     # fields[0] is field 3 (state): utime is field 14 -> index 11
@@ -36,18 +63,7 @@ def proc_status(pid, key):
 
 
 def proc_children(ppid):
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) == ppid:
-                out.append(int(d))
-        except OSError:
-            pass
-    return out
+    return [pid for pid, fields in all_stats() if int(fields[1]) == ppid]
 
 
 def postgres_cpu(pm_pid):
@@ -64,10 +80,7 @@ def relay_ctx_switches(pid):
     n = 0
     try:
         for t in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{t}/status") as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        n += int(line.split()[1])
+            n += ctx_switches(f"/proc/{pid}/task/{t}/status")
     except OSError:
         pass
     return n
@@ -84,13 +97,8 @@ def relay_threads(pid):
         return out
     for t in tids:
         try:
-            with open(f"/proc/{pid}/task/{t}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            cs = 0
-            with open(f"/proc/{pid}/task/{t}/status") as f:
-                for line in f:
-                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                        cs += int(line.split()[1])
+            fields = stat_fields(f"/proc/{pid}/task/{t}/stat")
+            cs = ctx_switches(f"/proc/{pid}/task/{t}/status")
         except OSError:
             continue
         out.append({"tid": t, "cpu_s": round((int(fields[11]) + int(fields[12])) / tick, 2), "ctx": cs})
@@ -113,17 +121,9 @@ class ForeignMeter:
         self.th.start()
 
     def scan(self):
-        cur = {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            # (ppid, cpu seconds, start time)
-            cur[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK, fields[19])
+        # pid -> (ppid, cpu seconds, start time)
+        cur = {pid: (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK, fields[19])
+               for pid, fields in all_stats()}
         mine = {}
 
         def is_mine(pid, depth=0):
