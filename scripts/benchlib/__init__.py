@@ -23,4 +23,8 @@ each can be read knowing only what comes before it; scripts/bench, the entry poi
   run       the order of the phases (one run, its results dict) and the machine's description
 
 Every function that acts on the run takes the Bench as its first argument, `bench`.
+tests/docs/check.py holds the modules to LAYERS: each imports only those before it.
 """
+
+LAYERS = ["common", "procfs", "stats", "servers", "backlog", "limits", "drain", "live", "profile",
+          "report", "run"]
