@@ -509,6 +509,34 @@ def check_layers():
            " call down only", problems)
 
 
+def check_bench_layers():
+    """The modules of scripts/benchlib import only the modules listed before them in its
+    LAYERS (scripts/benchlib/__init__.py), and LAYERS lists every module, in the order its
+    docstring gives."""
+    pkg = REPO / "scripts" / "benchlib"
+    init = ast.parse((pkg / "__init__.py").read_text())
+    layers = next(ast.literal_eval(n.value) for n in init.body if isinstance(n, ast.Assign)
+                  and [t.id for t in n.targets if isinstance(t, ast.Name)] == ["LAYERS"])
+    problems = []
+    files = sorted(p.stem for p in pkg.glob("*.py") if p.stem != "__init__")
+    if sorted(layers) != files:
+        problems.append(f"LAYERS {layers} and the modules {files} differ")
+    listed = re.findall(r"^  ([a-z]+) +\S", ast.get_docstring(init), re.M)
+    if listed != layers:
+        problems.append(f"the docstring lists {listed}, LAYERS {layers}")
+    for i, name in enumerate(layers):
+        path = pkg / f"{name}.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                for target in [node.module] if node.module else [a.name for a in node.names]:
+                    if target not in layers[:i]:
+                        problems.append(f"benchlib/{name}.py imports .{target}, not below it in LAYERS")
+    report(not problems, "layers: scripts/benchlib " + " -> ".join(reversed(layers)) + " import down only",
+           problems)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -523,6 +551,7 @@ def main():
     check_manpage(args.bin, settings)
     check_word_for_word()
     check_layers()
+    check_bench_layers()
     print(f"{'all docs checks passed' if not failed else f'{failed} docs checks failed'}")
     return 1 if failed else 0
 
