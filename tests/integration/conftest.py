@@ -126,6 +126,16 @@ PG_MATRIX = {
     ],
 }
 
+# The sanitizer build (scripts/test, stage asan) runs PG_MATRIX and these: the paths of the relay
+# that the core subset does not take (silent connections and lost acknowledgements, proven skips,
+# a recovery, the audit). Whole modules are named by None.
+SANITIZE = {
+    "test_network": None,
+    "test_positions": None,
+    "test_audit": None,
+    "test_outages": ["test_a_lost_slot_is_recovered_in_commit_order_with_nothing_twice"],
+}
+
 # Tests that need a newer PostgreSQL than some under test: {module: {test: (major, reason)}}. On an
 # older server they are deselected, not skipped (scripts/test counts a skip as a failure: a
 # missing test), and the end of the run lists them with the reason; they are in PG_MATRIX too, so
@@ -148,6 +158,7 @@ PG_MIN = {
 def pytest_configure(config):
     config.addinivalue_line("markers", "timeout(seconds): per-test time bound (pytest-timeout)")
     config.addinivalue_line("markers", "pg_matrix: in the core subset run on every PostgreSQL version")
+    config.addinivalue_line("markers", "sanitize: run by the sanitizer build beside the core subset")
 
 
 def pytest_report_header(config):
@@ -162,10 +173,13 @@ def pytest_collection_modifyitems(session, config, items):
     modules = {}
     for item in items:
         modules[item.module.__name__] = item.module
-        if (item.originalname or item.name) in PG_MATRIX.get(item.module.__name__, ()):
+        name, module = item.originalname or item.name, item.module.__name__
+        if name in PG_MATRIX.get(module, ()):
             item.add_marker(pytest.mark.pg_matrix)
-    for table, what in ((PG_MATRIX, "PG_MATRIX"), (PG_MIN, "PG_MIN")):
-        missing = [f"{m}::{n}" for m, mod in modules.items() for n in table.get(m, ())
+        if module in SANITIZE and (SANITIZE[module] is None or name in SANITIZE[module]):
+            item.add_marker(pytest.mark.sanitize)
+    for table, what in ((PG_MATRIX, "PG_MATRIX"), (PG_MIN, "PG_MIN"), (SANITIZE, "SANITIZE")):
+        missing = [f"{m}::{n}" for m, mod in modules.items() for n in table.get(m) or ()
                    if not callable(getattr(mod, n, None))]
         if missing:
             raise pytest.UsageError(f"{what} names tests that do not exist: " + ", ".join(missing))
