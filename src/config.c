@@ -538,6 +538,22 @@ static bool parse_with_unit(const char *s, const Unit *units, size_t nunits, boo
     return true;
 }
 
+const char *config_option_value(int argc, char **argv, int *i, const char *name, bool *bad)
+{
+    size_t n = strlen(name);
+    const char *a = argv[*i];
+    if (strncmp(a, name, n) != 0 || (a[n] != '=' && a[n] != '\0'))
+        return NULL;
+    if (a[n] == '=')
+        return a + n + 1;
+    if (*i + 1 == argc) {
+        fprintf(stderr, "outboxd: option %s needs a value\n", name);
+        *bad = true;
+        return NULL;
+    }
+    return argv[++*i];
+}
+
 bool config_parse_duration_ms(const char *s, int64_t *out)
 {
     static const Unit units[] = {{"ms", 1}, {"s", SEC}, {"m", MIN}, {"h", HOUR}};

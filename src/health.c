@@ -256,24 +256,6 @@ static long fetch(const char *host, const char *port, const char *path, int64_t 
     return (long)got;
 }
 
-/* "--name VALUE" or "--name=VALUE" at argv[*i]: the value, or NULL when argv[*i] is not that
- * option. A missing value is reported and sets *bad. */
-static const char *option_value(int argc, char **argv, int *i, const char *name, bool *bad)
-{
-    size_t n = strlen(name);
-    const char *a = argv[*i];
-    if (strncmp(a, name, n) != 0 || (a[n] != '=' && a[n] != '\0'))
-        return NULL;
-    if (a[n] == '=')
-        return a + n + 1;
-    if (*i + 1 == argc) {
-        fprintf(stderr, "outboxd: option %s needs a value\n", name);
-        *bad = true;
-        return NULL;
-    }
-    return argv[++*i];
-}
-
 int health_main(int argc, char **argv)
 {
     bool ready = false;
@@ -289,7 +271,7 @@ int health_main(int argc, char **argv)
         const char *v;
         if (strcmp(argv[i], "--ready") == 0) {
             ready = true;
-        } else if ((v = option_value(argc, argv, &i, "--timeout", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--timeout", &bad))) {
             if (!config_parse_duration_ms(v, &timeout_ms) || timeout_ms < 1 ||
                 timeout_ms > 600000) {
                 fprintf(stderr, "outboxd: invalid value '%s' for --timeout: expected a duration "

@@ -233,24 +233,6 @@ static int cmd_run(int argc, char **argv)
     return code;
 }
 
-/* Takes "--name VALUE" or "--name=VALUE" at argv[*i]: returns the value, or NULL when argv[*i]
- * is not that option. A missing value is reported and sets *bad. */
-static const char *option_value(int argc, char **argv, int *i, const char *name, bool *bad)
-{
-    size_t n = strlen(name);
-    const char *a = argv[*i];
-    if (strncmp(a, name, n) != 0 || (a[n] != '=' && a[n] != '\0'))
-        return NULL;
-    if (a[n] == '=')
-        return a + n + 1;
-    if (*i + 1 == argc) {
-        fprintf(stderr, "outboxd: option %s needs a value\n", name);
-        *bad = true;
-        return NULL;
-    }
-    return argv[++*i];
-}
-
 /* Runs a command over the settings; its own options are already taken out of argv. */
 static int with_config(int argc, char **argv, int (*fn)(const Config *, void *), void *arg)
 {
@@ -287,7 +269,7 @@ static int cmd_status(int argc, char **argv)
         const char *lag;
         if (strcmp(argv[i], "--json") == 0) {
             a.json = true;
-        } else if ((lag = option_value(argc, argv, &i, "--max-lag", &bad))) {
+        } else if ((lag = config_option_value(argc, argv, &i, "--max-lag", &bad))) {
             if (!config_parse_bytes(lag, &a.max_lag)) {
                 fprintf(stderr, "outboxd: invalid value '%s' for --max-lag: expected bytes such "
                                 "as 64MiB or 1GiB\n",
@@ -323,9 +305,9 @@ static int cmd_setup(int argc, char **argv)
         const char *v;
         if (strcmp(argv[i], "--apply") == 0) {
             opts.apply = true;
-        } else if ((v = option_value(argc, argv, &i, "--role", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--role", &bad))) {
             opts.role = v;
-        } else if ((v = option_value(argc, argv, &i, "--stream-replicas", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--stream-replicas", &bad))) {
             char *end;
             long n = strtol(v, &end, 10);
             if (*v == '\0' || *end != '\0' || n < 1 || n > 5) {
@@ -335,7 +317,7 @@ static int cmd_setup(int argc, char **argv)
                 return EXIT_OUTBOXD_USAGE;
             }
             opts.replicas = (int)n;
-        } else if ((v = option_value(argc, argv, &i, "--stream", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--stream", &bad))) {
             opts.stream = v;
         } else if (bad) {
             return EXIT_OUTBOXD_USAGE;
@@ -386,15 +368,15 @@ static int cmd_replay(int argc, char **argv)
             opts.new_ids = true;
         } else if (strcmp(argv[i], "--dry-run") == 0) {
             opts.dry_run = true;
-        } else if ((v = option_value(argc, argv, &i, "--since", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--since", &bad))) {
             opts.since = v;
-        } else if ((v = option_value(argc, argv, &i, "--until", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--until", &bad))) {
             opts.until = v;
-        } else if ((v = option_value(argc, argv, &i, "--aggregate-id", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--aggregate-id", &bad))) {
             opts.aggregate_id = v;
-        } else if ((v = option_value(argc, argv, &i, "--event-type", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--event-type", &bad))) {
             opts.event_type = v;
-        } else if ((v = option_value(argc, argv, &i, "--rate", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--rate", &bad))) {
             char *end;
             long long n = strtoll(v, &end, 10);
             if (*v == '\0' || *end != '\0' || n < 1) {
@@ -447,10 +429,10 @@ static int cmd_slot(int argc, char **argv)
         } else if (strcmp(argv[i], "--bookmarks-only") == 0 && opts.action == SLOT_DROP) {
             opts.bookmarks_only = true;
         } else if (opts.action == SLOT_ADVANCE &&
-                   (v = option_value(argc, argv, &i, "--to", &bad))) {
+                   (v = config_option_value(argc, argv, &i, "--to", &bad))) {
             opts.to = v;
         } else if (opts.action == SLOT_ADVANCE &&
-                   (v = option_value(argc, argv, &i, "--past-commit", &bad))) {
+                   (v = config_option_value(argc, argv, &i, "--past-commit", &bad))) {
             opts.past_commit = v;
         } else if (bad) {
             return EXIT_OUTBOXD_USAGE;
@@ -477,7 +459,7 @@ static int cmd_rewind(int argc, char **argv)
         const char *v;
         if (strcmp(argv[i], "--yes") == 0) {
             opts.yes = true;
-        } else if ((v = option_value(argc, argv, &i, "--to", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--to", &bad))) {
             opts.to = v;
         } else if (bad) {
             return EXIT_OUTBOXD_USAGE;
@@ -529,21 +511,21 @@ static int cmd_prune(int argc, char **argv)
         const char *v;
         if (strcmp(argv[i], "--dry-run") == 0) {
             opts.dry_run = true;
-        } else if ((v = option_value(argc, argv, &i, "--older-than", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--older-than", &bad))) {
             if (!prune_parse_age(v, &opts.older_than_ms)) {
                 fprintf(stderr, "outboxd: invalid value '%s' for --older-than: expected an age "
                                 "such as 90s, 12h or 7d\n",
                         v);
                 return EXIT_OUTBOXD_USAGE;
             }
-        } else if ((v = option_value(argc, argv, &i, "--wait", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--wait", &bad))) {
             if (!config_parse_duration_ms(v, &opts.wait_ms)) {
                 fprintf(stderr, "outboxd: invalid value '%s' for --wait: expected a duration "
                                 "such as 500ms, 10s or 2m\n",
                         v);
                 return EXIT_OUTBOXD_USAGE;
             }
-        } else if ((v = option_value(argc, argv, &i, "--batch", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--batch", &bad))) {
             char *end;
             long long n = strtoll(v, &end, 10);
             if (*v == '\0' || *end != '\0' || n < 1 || n > 1000000) {
@@ -582,11 +564,11 @@ static int cmd_audit(int argc, char **argv)
         const char *v;
         if (strcmp(argv[i], "--json") == 0) {
             opts.json = true;
-        } else if ((v = option_value(argc, argv, &i, "--since", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--since", &bad))) {
             opts.since = v;
-        } else if ((v = option_value(argc, argv, &i, "--until", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--until", &bad))) {
             opts.until = v;
-        } else if ((v = option_value(argc, argv, &i, "--wait", &bad))) {
+        } else if ((v = config_option_value(argc, argv, &i, "--wait", &bad))) {
             if (!config_parse_duration_ms(v, &opts.wait_ms)) {
                 fprintf(stderr, "outboxd: invalid value '%s' for --wait: expected a duration "
                                 "such as 500ms, 10s or 2m\n",

@@ -137,6 +137,11 @@ void config_deinit(Config *cfg);
 /* Prints the settings table as --help text: flag, env var, default and help for each setting. */
 void config_print_help(FILE *out);
 
+/* A subcommand's own option at argv[*i], "--name VALUE" or "--name=VALUE": the value (moving *i
+ * past it), or NULL when argv[*i] is not that option. A missing value is reported on stderr
+ * and sets *bad. */
+const char *config_option_value(int argc, char **argv, int *i, const char *name, bool *bad);
+
 /* Parses durations such as "500ms", "5s", "2m", "1h", or a bare number of milliseconds. */
 bool config_parse_duration_ms(const char *s, int64_t *out);
 /* Parses sizes such as "512", "64KiB", "8MiB", "1GiB" (also kB/MB/GB as powers of 1000). */
