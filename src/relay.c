@@ -346,7 +346,6 @@ static int handle_xlogdata(Relay *r, const PgCopyMsg *cm)
         r->txn.commit_lsn = m->u.begin.final_lsn;
         r->txn.commit_time = m->u.begin.commit_time;
         r->txn.timeline = r->sys.timeline;
-        r->txn_first_seq = publisher_next_seq(r->pub);
         r->txn_rows = 0;
         if (r->proving) {
             AnchorVerdict v = anchor_on_begin(&r->anchor, m->u.begin.final_lsn,
@@ -536,14 +535,13 @@ StreamEnd relay_stream(Relay *r)
                 drained = true;
                 break;
             }
-            r->last_received = now_mono_us();
             int rc = handle_copy(r, buf, len, &reply);
             if (rc < 0)
                 return rc == -2 ? STREAM_ANCHOR_FALSE : STREAM_FATAL;
         }
         int64_t now = now_mono_us();
         if (i > 0) /* i messages were read */
-            last_data = now;
+            last_data = r->last_received = now;
         bool hold = r->in_txn && now - last_data < TXN_HOLD_US && publisher_has_room(r->pub);
         publisher_hold(r->pub, hold);
         metrics_beat(now);

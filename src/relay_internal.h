@@ -73,7 +73,6 @@ typedef struct Relay {
     /* the transaction being received */
     bool in_txn;
     OutboxTxn txn;
-    uint64_t txn_first_seq;
     uint32_t txn_rows; /* outbox rows seen in it so far */
     char source[ANCHOR_SOURCE_MAX]; /* "<system id>/<slot>": this relay's Outbox-Source */
     /* the skip rule (anchor.h): every event at or before the anchor is stored */
